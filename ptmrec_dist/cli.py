@@ -1,0 +1,188 @@
+"""``ptmrec`` command line: parses, loads the config, calls one function per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from ptmrec_dist import __version__
+from ptmrec_dist.config import Config, load_config, to_yaml
+from ptmrec_dist.errors import ConfigError, PtmrecError
+from ptmrec_dist.io import dumps_json
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="experiment YAML (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. stage2.kt_weight=0.5 data.split=random")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ptmrec", description="PTMRec: parameter-efficient CLIP tuning for multimodal "
+                                   "recommendation, distributed.")
+    parser.add_argument("--version", action="version", version=f"ptmrec_dist {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("make-data", help="generate the built-in synthetic benchmark data")
+    p.add_argument("kind", choices=["synthetic"])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--items", type=int, help="number of items (synthetic.n_items)")
+    p.add_argument("--users", type=int, help="number of users (synthetic.n_users)")
+    p.add_argument("--seed", type=int, help="generator seed (synthetic.seed)")
+    p.add_argument("--image-size", type=int, help="image side in pixels (synthetic.image_size)")
+    _common(p)
+
+    p = sub.add_parser("stats", help="users, items, interactions and split sizes of a data set")
+    p.add_argument("path", nargs="?", help=".inter / .csv file, or a folder holding one "
+                                           "(default: data.path)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _common(p)
+
+    p = sub.add_parser("shard", help="write a catalog as WebDataset tar shards + manifest.json")
+    p.add_argument("catalog", nargs="?",
+                   help="folder with items.jsonl and the images it names (default: data.catalog)")
+    p.add_argument("--out", help="output folder for the shards (default: data.shards)")
+    p.add_argument("--shard-size", type=int, help="items per shard (data.shard_size)")
+    p.add_argument("--image-size", type=int,
+                   help="resize the shorter image side at shard time (data.image_size; 0 keeps)")
+    p.add_argument("--interactions", help="interactions defining item indices (default: the "
+                                          "one in the catalog folder, if any)")
+    p.add_argument("--workers", type=int, help="image encoding processes (default: min(2, CPUs))")
+    _common(p)
+
+    p = sub.add_parser("demo", help="run the whole flow on built-in synthetic data")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per step)")
+    p.add_argument("--size", choices=["tiny", "default"], default="default")
+    _common(p)
+
+    p = sub.add_parser("config", help="print the resolved configuration as YAML")
+    _common(p)
+    return parser
+
+
+def _flags_to_overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
+    return [f"{key}={getattr(args, flag)}" for flag, key in mapping.items()
+            if getattr(args, flag, None) is not None]
+
+
+def _positional_overrides(args: argparse.Namespace, names: list[str]) -> None:
+    """An optional positional that got ``key=value`` (``ptmrec stats a.b=c``) is an override."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value and "=" in value and not Path(value).exists():
+            args.overrides.insert(0, value)
+            setattr(args, name, None)
+
+
+def resolve_config(args: argparse.Namespace, flags: dict[str, str] | None = None,
+                   base: Config | None = None) -> Config:
+    _positional_overrides(args, ["path", "catalog"])
+    overrides = list(args.overrides) + _flags_to_overrides(args, flags or {})
+    return load_config(args.config, overrides, base=base)
+
+
+def cmd_make_data(args) -> int:
+    from ptmrec_dist.config import save_config
+    from ptmrec_dist.data.synthetic import generate
+
+    cfg = resolve_config(args, {"items": "synthetic.n_items", "users": "synthetic.n_users",
+                                "seed": "synthetic.seed", "image_size": "synthetic.image_size"})
+    summary = generate(cfg.synthetic, args.out, split_seed=cfg.data.split_seed, progress=True)
+    save_config(cfg, args.out)
+    print(dumps_json(summary))
+    return 0
+
+
+def format_stats(stats: dict) -> str:
+    s = stats["splits"]
+    per_user = stats["interactions_per_user"]
+    lines = [
+        f"data:          {stats['path']} ({stats['format']})",
+        f"users:         {stats['users']}",
+        f"items:         {stats['items']}",
+        f"interactions:  {stats['interactions']}  (density {stats['density']:.5f})",
+        f"split:         train {s['train']} / valid {s['valid']} / test {s['test']}"
+        f"  (rule: {stats['split_rule']})",
+        f"per user:      min {per_user['min']}, median {per_user['median']:g}, max {per_user['max']}",
+    ]
+    if stats["duplicates_removed"]:
+        lines.append(f"duplicates:    {stats['duplicates_removed']} removed")
+    if stats["dropped_eval_without_train"]:
+        lines.append(f"dropped:       {stats['dropped_eval_without_train']} valid/test rows of "
+                     "users without train rows")
+    return "\n".join(lines)
+
+
+def cmd_stats(args) -> int:
+    from ptmrec_dist.data.interactions import load_interactions
+
+    cfg = resolve_config(args, {"path": "data.path"})
+    if not cfg.data.path:
+        raise ConfigError("no interactions given: pass PATH or set data.path")
+    stats = load_interactions(cfg.data.path, cfg.data).stats()
+    print(dumps_json(stats) if args.json else format_stats(stats))
+    return 0
+
+
+def cmd_shard(args) -> int:
+    from ptmrec_dist.config import save_config
+    from ptmrec_dist.data.shards import write_shards
+
+    cfg = resolve_config(args, {"catalog": "data.catalog", "out": "data.shards",
+                                "shard_size": "data.shard_size", "image_size": "data.image_size"})
+    for key, value in (("data.catalog", cfg.data.catalog), ("data.shards", cfg.data.shards)):
+        if not value:
+            raise ConfigError(f"{key} is not set: pass it as an argument or in the config")
+    manifest = write_shards(cfg.data.catalog, cfg.data.shards, shard_size=cfg.data.shard_size,
+                            image_size=cfg.data.image_size, on_bad_sample=cfg.data.on_bad_sample,
+                            interactions=args.interactions, quality=cfg.data.jpeg_quality,
+                            workers=args.workers)
+    save_config(cfg, cfg.data.shards)
+    total = sum(s["bytes"] for s in manifest["shards"])
+    print(f"wrote {manifest['n_written']} items in {len(manifest['shards'])} shards "
+          f"({total / 1e6:.1f} MB) to {cfg.data.shards}; skipped {manifest['skipped']['total']}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ptmrec_dist.demo import demo_config, run_demo
+
+    cfg = resolve_config(args, base=demo_config(args.size))
+    run_demo(cfg, Path(args.out), args.size)
+    return 0
+
+
+def cmd_config(args) -> int:
+    print(to_yaml(resolve_config(args)), end="")
+    return 0
+
+
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+COMMANDS = {"make-data": cmd_make_data, "stats": cmd_stats, "shard": cmd_shard,
+            "demo": cmd_demo, "config": cmd_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may also follow options (`ptmrec shard C --out O data.x=y`)
+    unknown = [x for x in extra if not OVERRIDE.match(x)]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(getattr(args, "overrides", [])) + extra
+    try:
+        return COMMANDS[args.command](args)
+    except PtmrecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

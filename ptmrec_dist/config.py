@@ -1,0 +1,335 @@
+"""One typed dataclass tree for every setting; a YAML file plus ``key=value`` overrides.
+
+Unknown keys and wrong types raise :class:`ConfigError` naming the key (the CLI exits 2).
+Every run writes the resolved tree to ``OUT/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ptmrec_dist.errors import ConfigError
+from ptmrec_dist.io import atomic_write_text
+
+
+@dataclass
+class DataConfig:
+    """Interactions, catalog and shards (used by stats, shard, demo and every stage)."""
+
+    path: str = ""                      # interactions: .inter / .csv file, or a folder holding one
+    split: Literal["auto", "x_label", "random", "loo"] = "auto"  # auto: x_label if present, else random
+    split_seed: int = 2026
+    on_bad_sample: Literal["error", "skip"] = "error"
+    catalog: str = ""                   # folder with items.jsonl + images
+    shards: str = ""                    # folder with items-*.tar + manifest.json
+    shard_size: int = 1000              # items per shard
+    image_size: int = 0                 # shorter image side at shard time; 0 keeps the original
+    jpeg_quality: int = 95
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in benchmark generator (``ptmrec make-data synthetic``)."""
+
+    n_items: int = 2000
+    n_users: int = 2000
+    seed: int = 0
+    image_size: int = 64
+    min_interactions: int = 5
+    mean_interactions: float = 12.0     # mean interactions per user (>= min_interactions)
+    temperature: float = 1.0            # softmax choice-model temperature
+    popularity_weight: float = 0.5      # weight of log-popularity in the user utility
+
+
+@dataclass
+class BackboneConfig:
+    """Vision-language backbone (the extraction issue consumes it)."""
+
+    name_or_path: str = ""              # local folder or hub id resolved through the HF cache
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+@dataclass
+class RecommenderConfig:
+    """Base recommender of stage 1 (registry name and shared sizes)."""
+
+    name: str = "vbpr"
+    embedding_dim: int = 64
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient method for the backbone in stage 2."""
+
+    method: Literal["prompt", "lora", "ia3", "full", "frozen"] = "prompt"
+    coupled: bool = False               # MaPLe-style text->vision prompt projection
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class Stage1Config:
+    epochs: int = 100
+    batch_size: int = 2048
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 20                  # MMRec's early-stopping patience (valid Recall@20)
+
+
+@dataclass
+class Stage2Config:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    prompt_len: int = 4
+    prompt_depth: int = 4
+    kt_weight: float = 1.0
+    kt_tau: float = 1.0
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "gloo", "nccl"] = "auto"   # auto: nccl with CUDA, else gloo
+    timeout_s: int = 1800
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = 8
+    max_concurrent_trials: int = 1
+    metric: str = "valid/recall@20"
+
+
+@dataclass
+class Config:
+    seed: int = 2026
+    data: DataConfig = field(default_factory=DataConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    recommender: RecommenderConfig = field(default_factory=RecommenderConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    dist: DistConfig = field(default_factory=DistConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def validate(self) -> "Config":
+        checks = [
+            ("data.shard_size", self.data.shard_size >= 1, "must be >= 1"),
+            ("data.image_size", self.data.image_size >= 0, "must be >= 0 (0 keeps the original)"),
+            ("data.jpeg_quality", 1 <= self.data.jpeg_quality <= 100, "must be in 1..100"),
+            ("synthetic.n_items", self.synthetic.n_items >= 10, "must be >= 10"),
+            ("synthetic.n_users", self.synthetic.n_users >= 1, "must be >= 1"),
+            ("synthetic.image_size", self.synthetic.image_size >= 16, "must be >= 16"),
+            ("synthetic.min_interactions", self.synthetic.min_interactions >= 3, "must be >= 3"),
+            ("synthetic.mean_interactions",
+             self.synthetic.mean_interactions >= self.synthetic.min_interactions,
+             "must be >= synthetic.min_interactions"),
+            ("synthetic.min_interactions",
+             self.synthetic.min_interactions <= self.synthetic.n_items // 2,
+             "must be <= synthetic.n_items / 2"),
+            ("synthetic.temperature", self.synthetic.temperature > 0, "must be > 0"),
+            ("stage1.patience", self.stage1.patience >= 1, "must be >= 1"),
+            ("stage2.prompt_len", self.stage2.prompt_len >= 0, "must be >= 0"),
+            ("stage2.prompt_depth", self.stage2.prompt_depth >= 0, "must be >= 0"),
+            ("stage2.kt_tau", self.stage2.kt_tau > 0, "must be > 0"),
+        ]
+        for key, ok, what in checks:
+            if not ok:
+                raise ConfigError(f"config key '{key}' {what} (got {get_key(self, key)!r})")
+        return self
+
+
+# --------------------------------------------------------------------------- type checking
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, raw: str | None = None) -> Any:
+    """Check ``value`` against ``tp``; ``raw`` is the override's text (taken as-is for str)."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key, raw)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is not None:
+            raise bad
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise bad
+        return float(value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if raw is not None and value is not None and not isinstance(value, (list, dict)):
+            return raw  # `data.path=2024` is the string "2024"
+        raise bad
+    raise ConfigError(f"config key '{key}': unsupported type {tp!r}")
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(cls=Config, prefix: str = "") -> list[str]:
+    keys = []
+    hints = _hints(cls)
+    for name in _fields(cls):
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            keys += all_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _build(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, "
+                          f"got {data!r}")
+    fields, hints = _fields(cls), _hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise _unknown(key)
+        tp = hints[name]
+        kwargs[name] = _build(tp, value, key + ".") if dataclasses.is_dataclass(tp) \
+            else _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def get_key(cfg: Any, key: str) -> Any:
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_key(cfg: Config, key: str, raw: str) -> None:
+    """Apply one override ``key=raw``; the value is parsed as YAML (``0.5``, ``true``, ``[a, b]``)."""
+    parts = key.split(".")
+    obj: Any = cfg
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(obj) or part not in _fields(type(obj)):
+            raise _unknown(key)
+        if i < len(parts) - 1:
+            obj = getattr(obj, part)
+    tp = _hints(type(obj))[parts[-1]]
+    if dataclasses.is_dataclass(tp):
+        raise ConfigError(f"config key '{key}' is a section; set one of its keys, "
+                          f"e.g. '{key}.{next(iter(_fields(tp)))}=...'")
+    if tp is str:   # paths and names are taken verbatim, never YAML-parsed
+        setattr(obj, parts[-1], raw)
+        return
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    setattr(obj, parts[-1], _coerce(value, tp, key, raw=raw))
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    return key, raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (),
+                base: Config | None = None) -> Config:
+    """Defaults (or ``base``) <- YAML file <- ``key=value`` overrides; then validated."""
+    cfg = base if base is not None else Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        merged = merge_dicts(to_dict(cfg), data, path)
+        cfg = _build(Config, merged, "")
+    for item in overrides:
+        set_key(cfg, *parse_override(item))
+    return cfg.validate()
+
+
+def merge_dicts(base: dict, update: Any, source: Path | str = "") -> dict:
+    if not isinstance(update, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_dicts(out[k], v, source)
+        else:
+            out[k] = v
+    return out
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def save_config(cfg: Config, out_dir: str | Path) -> Path:
+    path = Path(out_dir) / "config.yaml"
+    atomic_write_text(path, to_yaml(cfg))
+    return path

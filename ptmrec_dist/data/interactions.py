@@ -1,0 +1,238 @@
+"""User-item interactions: MMRec ``.inter`` and plain CSV in, split CSR matrices out.
+
+* ``.inter`` (MMRec): tab-separated with a header; ``userID itemID`` plus optional ``rating``,
+  ``timestamp``, ``x_label``. The integer ids are the indices.
+* CSV: ``user,item[,timestamp]`` (a header line is optional); raw ids are strings, mapped to
+  indices in sorted order; :meth:`Interactions.save_mappings` writes the mapping.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from ptmrec_dist.config import DataConfig
+from ptmrec_dist.data.splits import SPLIT_NAMES, TEST, TRAIN, leave_last_out_labels, \
+    random_split_labels
+from ptmrec_dist.data.table import Table, read_table
+from ptmrec_dist.errors import InputError
+from ptmrec_dist.io import atomic_write_text
+
+ALIASES = {
+    "userid": "user", "user_id": "user", "user": "user", "uid": "user",
+    "itemid": "item", "item_id": "item", "item": "item", "iid": "item",
+    "rating": "rating", "timestamp": "timestamp", "time": "timestamp", "x_label": "x_label",
+}
+CSV_POSITIONAL = ["user", "item", "timestamp"]
+NOT_INTERACTIONS = ("_mapping.csv", "_url.csv")   # MMRec's companion files in a data folder
+
+
+@dataclass
+class Interactions:
+    path: Path
+    format: str                          # "inter" | "csv"
+    n_users: int
+    n_items: int
+    users: np.ndarray                    # int64 index per interaction (after dedup and drops)
+    items: np.ndarray
+    labels: np.ndarray                   # int8: 0 train, 1 valid, 2 test
+    split_rule: str
+    user_ids: np.ndarray | None = None   # raw ids by index (CSV); None: the index is the id
+    item_ids: np.ndarray | None = None
+    timestamps: np.ndarray | None = None
+    raw_rows: int = 0
+    duplicates_removed: int = 0
+    dropped_eval: int = 0                # valid/test rows of users with no train row (MMRec drops)
+    _csr: dict = field(default_factory=dict, repr=False)
+
+    def csr(self, split: str = "train") -> sp.csr_matrix:
+        """Binary users x items CSR matrix of one split (cached)."""
+        if split not in self._csr:
+            mask = self.labels == SPLIT_NAMES.index(split)
+            u, i = self.users[mask], self.items[mask]
+            self._csr[split] = sp.csr_matrix(
+                (np.ones(len(u), dtype=np.float32), (u, i)), shape=(self.n_users, self.n_items))
+        return self._csr[split]
+
+    @property
+    def train(self) -> sp.csr_matrix:
+        return self.csr("train")
+
+    @property
+    def valid(self) -> sp.csr_matrix:
+        return self.csr("valid")
+
+    @property
+    def test(self) -> sp.csr_matrix:
+        return self.csr("test")
+
+    def split_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.labels, minlength=3)
+        return {name: int(counts[k]) for k, name in enumerate(SPLIT_NAMES)}
+
+    def stats(self) -> dict:
+        per_user = np.bincount(self.users, minlength=self.n_users)
+        present = per_user[per_user > 0]
+        train_users = np.bincount(self.users[self.labels == TRAIN], minlength=self.n_users)
+        return {
+            "path": str(self.path), "format": self.format,
+            "users": self.n_users, "items": self.n_items, "interactions": len(self.users),
+            "splits": self.split_counts(), "split_rule": self.split_rule,
+            "density": len(self.users) / max(1, self.n_users * self.n_items),
+            "users_with_interactions": int(len(present)),
+            "items_with_interactions": int((np.bincount(self.items, minlength=self.n_items) > 0).sum()),
+            "users_without_train": int((train_users == 0).sum()),
+            "interactions_per_user": {
+                "min": int(present.min()) if len(present) else 0,
+                "median": float(np.median(present)) if len(present) else 0.0,
+                "max": int(present.max()) if len(present) else 0},
+            "raw_rows": self.raw_rows, "duplicates_removed": self.duplicates_removed,
+            "dropped_eval_without_train": self.dropped_eval,
+        }
+
+    def item_index(self, raw_ids) -> np.ndarray:
+        """Indices of raw item ids (strings or ints); -1 where the id is unknown."""
+        return _lookup(self.item_ids, self.n_items, raw_ids)
+
+    def save_mappings(self, out_dir: str | Path) -> list[Path]:
+        """Write ``user_mapping.tsv`` / ``item_mapping.tsv`` (raw id <tab> index), CSV input only."""
+        written = []
+        for name, ids in (("user", self.user_ids), ("item", self.item_ids)):
+            if ids is None:
+                continue
+            path = Path(out_dir) / f"{name}_mapping.tsv"
+            body = "\n".join(f"{raw}\t{k}" for k, raw in enumerate(ids.tolist()))
+            atomic_write_text(path, f"{name}_id\t{name}_index\n{body}\n")
+            written.append(path)
+        return written
+
+
+def _lookup(sorted_ids: np.ndarray | None, n: int, raw_ids) -> np.ndarray:
+    raw = np.asarray([str(r) for r in raw_ids])
+    if sorted_ids is None:
+        ok = np.strings.isdecimal(raw) if len(raw) else np.zeros(0, bool)
+        out = np.full(len(raw), -1, dtype=np.int64)
+        out[ok] = raw[ok].astype(np.int64)
+        out[out >= n] = -1
+        return out
+    pos = np.searchsorted(sorted_ids, raw)
+    pos_c = np.minimum(pos, len(sorted_ids) - 1)
+    return np.where(sorted_ids[pos_c] == raw, pos_c, -1).astype(np.int64)
+
+
+def find_interactions_file(path: str | Path) -> Path:
+    """``path`` itself if a file; in a folder the single ``*.inter``, else the single ``*.csv``."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+    for pattern in ("*.inter", "*.csv"):
+        found = sorted(p for p in path.glob(pattern) if not p.name.endswith(NOT_INTERACTIONS))
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            names = ", ".join(p.name for p in found)
+            raise InputError(path, f"several interaction files ({names}); name one explicitly")
+    raise InputError(path, "no interactions file (*.inter or *.csv) in this folder")
+
+
+def _read(path: Path) -> tuple[Table, str]:
+    if path.suffix == ".inter":
+        table = read_table(path, "\t", None, ALIASES)
+        return table, "inter"
+    first = ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                first = line
+                break
+    head = [c.strip().lower() for c in first.split(",")]
+    has_header = bool(head) and head[0] in ALIASES and ALIASES[head[0]] == "user"
+    if has_header:
+        return read_table(path, ",", None, ALIASES), "csv"
+    n_fields = len(head)
+    if n_fields not in (2, 3):
+        raise InputError(path, f"expected user,item[,timestamp], found {n_fields} fields", line=1)
+    return read_table(path, ",", CSV_POSITIONAL[:n_fields], ALIASES), "csv"
+
+
+def load_interactions(path: str | Path, cfg: DataConfig | None = None, warn=None) -> Interactions:
+    """Parse, validate, deduplicate and split. ``warn`` gets human-readable notices (stderr)."""
+    cfg = cfg or DataConfig()
+    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    path = find_interactions_file(path)
+    table, fmt = _read(path)
+    for required in ("user", "item"):
+        if required not in table.values:
+            raise InputError(path, f"missing column {required!r} (header has "
+                                   f"{', '.join(table.columns)})", line=int(table.line_no[0]) - 1)
+    user_ids = item_ids = None
+    if fmt == "inter":
+        users, items = table.ints("user"), table.ints("item")
+        n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
+    else:
+        user_ids, users = np.unique(table.values["user"], return_inverse=True)
+        item_ids, items = np.unique(table.values["item"], return_inverse=True)
+        n_users, n_items = len(user_ids), len(item_ids)
+        for name, col in (("user", table.values["user"]), ("item", table.values["item"])):
+            empty = np.flatnonzero(np.strings.str_len(col) == 0)
+            if len(empty):
+                raise table.fail(int(empty[0]), name, "empty id")
+    timestamps = table.floats("timestamp") if "timestamp" in table.values else None
+    if "rating" in table.values:
+        table.floats("rating")   # validated; implicit feedback ignores its value
+    labels = None
+    if "x_label" in table.values:
+        labels = table.ints("x_label", "an x_label of 0, 1 or 2")
+        bad = np.flatnonzero(labels > TEST)
+        if len(bad):
+            raise table.fail(int(bad[0]), "x_label",
+                             f"unknown x_label {labels[bad[0]]} (0 train, 1 valid, 2 test)")
+    raw_rows = len(table)
+
+    # duplicates: keep the first occurrence in file order
+    key = users * np.int64(n_items) + items
+    _, first = np.unique(key, return_index=True)
+    duplicates = raw_rows - len(first)
+    if duplicates:
+        keep = np.sort(first)
+        dup_rows = np.setdiff1d(np.arange(raw_rows), keep)
+        warn(f"{path}: {duplicates} duplicate (user, item) rows removed, first at line "
+             f"{int(table.line_no[dup_rows[0]])}")
+        users, items = users[keep], items[keep]
+        timestamps = timestamps[keep] if timestamps is not None else None
+        labels = labels[keep] if labels is not None else None
+
+    rule = cfg.split
+    if rule == "auto":
+        rule = "x_label" if labels is not None else "random"
+    if rule == "x_label":
+        if labels is None:
+            raise InputError(path, "data.split=x_label but the file has no x_label column")
+        labels = labels.astype(np.int8)
+    elif rule == "random":
+        labels = random_split_labels(users, cfg.split_seed)
+    else:
+        if timestamps is None:
+            raise InputError(path, "data.split=loo needs a timestamp column")
+        labels = leave_last_out_labels(users, timestamps)
+
+    # MMRec drops valid/test interactions of users that have no training interaction
+    has_train = np.bincount(users[labels == TRAIN], minlength=n_users) > 0
+    drop = (labels != TRAIN) & ~has_train[users]
+    dropped = int(drop.sum())
+    if dropped:
+        warn(f"{path}: {dropped} valid/test interactions of "
+             f"{len(np.unique(users[drop]))} users with no training interaction dropped")
+        keep = ~drop
+        users, items, labels = users[keep], items[keep], labels[keep]
+        timestamps = timestamps[keep] if timestamps is not None else None
+    return Interactions(path=path, format=fmt, n_users=n_users, n_items=n_items, users=users,
+                        items=items, labels=labels, split_rule=rule, user_ids=user_ids,
+                        item_ids=item_ids, timestamps=timestamps, raw_rows=raw_rows,
+                        duplicates_removed=duplicates, dropped_eval=dropped)

@@ -1,0 +1,229 @@
+"""Readers of item shards, as ``IterableDataset``s for ``torch.utils.data.DataLoader``.
+
+* :class:`ExactlyOnceItems` (extraction): every item exactly once across ranks x workers.
+  With at least as many shards as readers (ranks x workers) shards are dealt round-robin; with
+  fewer, WebDataset's own splitters fail or give uneven ranks (see docs/data.md), so every reader
+  scans all shards and keeps the items whose ``index % readers`` is its own (``split="item"``).
+* :class:`StreamingItems` (training): resampled; an epoch is a fixed number of samples per rank,
+  equal on every rank (a collective per batch never waits for a rank that ran dry). The shard
+  order of an epoch is shuffled from ``(seed, epoch)``, so all ranks agree on it; the epoch is a
+  :class:`SharedEpoch`, which persistent dataloader workers see change.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import sys
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+from webdataset.tariterators import group_by_keys, tar_file_expander
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ptmrec_dist.data.shards import item_key, load_manifest, verify_shards
+from ptmrec_dist.errors import ShardError
+
+Decode = Literal["pil", "bytes", "none"]
+
+
+class SharedEpoch:
+    """An epoch counter shared with dataloader worker processes."""
+
+    def __init__(self, epoch: int = 0):
+        self._value = mp.Value("i", epoch)
+
+    def set(self, epoch: int) -> None:
+        self._value.value = epoch
+
+    def get(self) -> int:
+        return self._value.value
+
+
+def iter_shard(path: Path, on_bad_sample: str = "error",
+               n_items: int | None = None) -> Iterator[dict]:
+    """Raw samples of one shard; a truncated or corrupt tar raises ShardError naming it.
+
+    ``n_items`` (from the manifest): a tar cut at a member boundary reads as a shorter valid tar,
+    so a shard yielding another number of samples is a truncated one too."""
+    n = 0
+    try:
+        with open(path, "rb") as stream:   # ours to close, unlike webdataset's url opener
+            files = tar_file_expander([{"url": str(path), "stream": stream}])
+            for sample in group_by_keys(files):
+                n += 1
+                yield sample
+    except Exception as exc:   # tarfile.ReadError, EOFError, ValueError from webdataset
+        if isinstance(exc, ShardError):
+            raise
+        detail = f"{type(exc).__name__}: {exc.args[0] if exc.args else exc}"
+        if on_bad_sample == "error":
+            raise ShardError(path, f"unreadable tar ({detail})") from None
+        print(f"warning: {path}: unreadable tar, rest of shard skipped ({detail})",
+              file=sys.stderr)
+        return
+    if n_items is not None and n != n_items:
+        if on_bad_sample == "error":
+            raise ShardError(path, f"truncated shard: {n} items read, manifest.json says "
+                                   f"{n_items}")
+        print(f"warning: {path}: truncated shard, {n} of {n_items} items read", file=sys.stderr)
+
+
+def decode_sample(sample: dict, decode: Decode = "pil") -> dict:
+    url = sample.get("__url__", "?")
+    for part in ("jpg", "txt", "json"):
+        if part not in sample:
+            raise ShardError(url, f"sample {sample.get('__key__')!r} has no {part!r} member")
+    meta = json.loads(sample["json"])
+    if sample["__key__"] != item_key(meta["index"]):
+        raise ShardError(url, f"sample key {sample['__key__']!r} does not match its index "
+                              f"{meta['index']}")
+    out = {"index": int(meta["index"]), "item_id": meta["item_id"],
+           "text": sample["txt"].decode("utf-8")}
+    if decode == "pil":
+        out["image"] = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+    elif decode == "bytes":
+        out["image"] = sample["jpg"]
+    return out
+
+
+def collate_items(batch: list[dict]) -> dict:
+    """Batch of item dicts -> ``{"index": LongTensor, "item_id": [...], "text": [...], ...}``."""
+    out = {key: [b[key] for b in batch] for key in batch[0]}
+    out["index"] = torch.tensor(out["index"], dtype=torch.long)
+    return out
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class _ShardReader(IterableDataset):
+    """What both readers share: the manifest, the slot arithmetic, shard verification."""
+
+    def __init__(self, shard_dir, rank: int, world_size: int, num_workers: int,
+                 decode: Decode, on_bad_sample: str, split: str):
+        super().__init__()
+        self.shard_dir = Path(shard_dir)
+        self.manifest = load_manifest(self.shard_dir)
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = max(1, num_workers)
+        self.n_slots = world_size * self.num_workers
+        self.decode, self.on_bad_sample = decode, on_bad_sample
+        n_shards = len(self.manifest["shards"])
+        if split == "auto":
+            split = "shard" if n_shards >= self.n_slots else "item"
+        if split == "shard" and n_shards < self.n_slots:
+            raise ShardError(self.shard_dir, f"{n_shards} shards for {world_size} ranks x "
+                                             f"{self.num_workers} workers = {self.n_slots} readers: "
+                                             "use fewer workers, a smaller --shard-size, or split='item'")
+        self.split = split
+
+    def _slot(self) -> int:
+        wid, n = _worker()
+        if n != self.num_workers:
+            raise RuntimeError(f"reader built for num_workers={self.num_workers} but the "
+                               f"DataLoader runs {n} workers: pass the same number to both")
+        return self.rank * self.num_workers + wid
+
+    def _verify(self, names) -> list[dict]:
+        good, bad = verify_shards(self.shard_dir, self.manifest, names=names,
+                                  on_bad_sample=self.on_bad_sample)
+        self.skipped = bad
+        if bad.total:
+            lost = sum(e["n_items"] for e in self.manifest["shards"] if e["name"] in
+                       {i for ids in bad.first_ids.values() for i in ids})
+            print(f"warning: {self.shard_dir}: {bad.message('shards')} (at least {lost} items "
+                  "not read)", file=sys.stderr)
+        return good
+
+    def _samples(self, entries, slot: int | None) -> Iterator[dict]:
+        for entry in entries:
+            for sample in iter_shard(self.shard_dir / entry["name"], self.on_bad_sample,
+                                     entry["n_items"]):
+                if slot is not None and int(sample["__key__"]) % self.n_slots != slot:
+                    continue
+                yield sample
+
+
+class ExactlyOnceItems(_ShardReader):
+    def __init__(self, shard_dir, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 decode: Decode = "pil", on_bad_sample: str = "error",
+                 split: Literal["auto", "shard", "item"] = "auto", verify: bool = True):
+        super().__init__(shard_dir, rank, world_size, num_workers, decode, on_bad_sample, split)
+        entries = self.manifest["shards"]
+        if self.split == "shard":   # this rank reads the shards dealt to its workers' slots
+            mine = [e for k, e in enumerate(entries)
+                    if (k % self.n_slots) // self.num_workers == rank]
+        else:
+            mine = entries
+        self.entries = self._verify({e["name"] for e in mine}) if verify else mine
+
+    def __iter__(self) -> Iterator[dict]:
+        slot = self._slot()
+        if self.split == "shard":
+            index = {e["name"]: k for k, e in enumerate(self.manifest["shards"])}
+            entries = [e for e in self.entries if index[e["name"]] % self.n_slots == slot]
+            samples = self._samples(entries, None)
+        else:
+            samples = self._samples(self.entries, slot)
+        for sample in samples:
+            yield decode_sample(sample, self.decode)
+
+
+class StreamingItems(_ShardReader):
+    def __init__(self, shard_dir, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 seed: int = 0, epoch: SharedEpoch | None = None,
+                 samples_per_epoch: int | None = None, shuffle_buffer: int = 256,
+                 decode: Decode = "pil", on_bad_sample: str = "error", verify: bool = True):
+        super().__init__(shard_dir, rank, world_size, num_workers, decode, on_bad_sample, "auto")
+        self.seed = seed
+        self.epoch = epoch if epoch is not None else SharedEpoch(0)
+        self.entries = self._verify(None) if verify else list(self.manifest["shards"])
+        if not self.entries:
+            raise ShardError(self.shard_dir, "no readable shards")
+        total = samples_per_epoch or sum(e["n_items"] for e in self.entries)
+        self.samples_per_rank = -(-total // world_size)
+        self.shuffle_buffer = shuffle_buffer
+
+    def worker_quota(self, worker: int) -> int:
+        base, extra = divmod(self.samples_per_rank, self.num_workers)
+        return base + (1 if worker < extra else 0)
+
+    def __len__(self) -> int:
+        return self.samples_per_rank
+
+    def _cycle(self, entries, slot, rng) -> Iterator[dict]:
+        while True:
+            n = 0
+            for k in rng.permutation(len(entries)):
+                for sample in self._samples([entries[k]], slot):
+                    n += 1
+                    yield sample
+            if n == 0:
+                raise ShardError(self.shard_dir, f"reader slot {slot} found no samples")
+
+    def __iter__(self) -> Iterator[dict]:
+        slot = self._slot()
+        epoch = self.epoch.get()
+        if self.split == "shard":
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.entries))
+            entries = [self.entries[k] for k in order[slot::self.n_slots]] or \
+                [self.entries[order[slot % len(order)]]]
+            source = self._cycle(entries, None, np.random.default_rng([self.seed, epoch, slot]))
+        else:
+            source = self._cycle(self.entries, slot, np.random.default_rng([self.seed, epoch, slot]))
+        rng = np.random.default_rng([self.seed, epoch, slot, 1])
+        quota = self.worker_quota(slot % self.num_workers)
+        buffer: list[dict] = []
+        for _ in range(quota):
+            while len(buffer) < max(1, self.shuffle_buffer):
+                buffer.append(next(source))
+            k = int(rng.integers(len(buffer)))
+            buffer[k], buffer[-1] = buffer[-1], buffer[k]
+            yield decode_sample(buffer.pop(), self.decode)

@@ -1,0 +1,204 @@
+"""Write and verify WebDataset shards of the item catalog.
+
+Layout: ``items-000000.tar ...`` with, per item, ``<key>.jpg``, ``<key>.txt`` (what the text
+encoder reads) and ``<key>.json`` (``index``, ``item_id``, ``title``, ``text``); the key is the
+zero-padded item index, items are in index order. ``manifest.json`` records counts, bytes and the
+sha256 of every shard. Each shard is written under a temporary name and renamed when complete;
+the manifest is written last, so a folder with a manifest is a finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import webdataset as wds
+
+from ptmrec_dist import __version__
+from ptmrec_dist.data.catalog import CatalogItem, check_text, load_image_bytes, read_catalog, \
+    resolve_indices
+from ptmrec_dist.data.interactions import find_interactions_file, load_interactions
+from ptmrec_dist.errors import InputError, ShardError, SkipReport
+from ptmrec_dist.io import atomic_write_json, sha256_file
+
+MANIFEST = "manifest.json"
+FORMAT = "ptmrec-shards/1"
+KEY_DIGITS = 9
+
+
+def shard_name(k: int) -> str:
+    return f"items-{k:06d}.tar"
+
+
+def item_key(index: int) -> str:
+    return f"{index:0{KEY_DIGITS}d}"
+
+
+@dataclass
+class ShardJob:
+    catalog_dir: Path
+    items: list[CatalogItem]
+    image_size: int
+    quality: int
+
+
+def _encode_items(job: ShardJob) -> list[tuple[bytes | None, str | None]]:
+    out = []
+    for it in job.items:
+        reason = check_text(it)
+        if reason:
+            out.append((None, reason))
+        else:
+            out.append(load_image_bytes(job.catalog_dir, it, job.image_size, job.quality))
+    return out
+
+
+def _encode_all(catalog_dir: Path, items: list[CatalogItem], image_size: int, quality: int,
+                workers: int) -> list[tuple[bytes | None, str | None]]:
+    chunk = 256
+    jobs = [ShardJob(catalog_dir, items[i:i + chunk], image_size, quality)
+            for i in range(0, len(items), chunk)]
+    if workers <= 1 or len(jobs) <= 1:
+        results = map(_encode_items, jobs)
+        return [r for part in results for r in part]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return [r for part in pool.map(_encode_items, jobs) for r in part]
+
+
+def _write_one(path: Path, items: list[CatalogItem], images: list[bytes]) -> dict:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        # encoder=False: we hand over bytes; mtime fixed so identical input gives identical tars
+        with wds.TarWriter(f, encoder=False, mtime=0.0) as tar:
+            for it, jpg in zip(items, images):
+                meta = {"index": it.index, "item_id": it.item_id, "title": it.title,
+                        "text": it.text}
+                tar.write({"__key__": item_key(it.index), "jpg": jpg,
+                           "txt": it.encoder_text.encode("utf-8"),
+                           "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")})
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {"name": path.name, "n_items": len(items), "first_index": items[0].index,
+            "last_index": items[-1].index, "bytes": path.stat().st_size,
+            "sha256": sha256_file(path)}
+
+
+def write_shards(catalog_dir: str | Path, out_dir: str | Path, shard_size: int = 1000,
+                 image_size: int = 0, on_bad_sample: str = "error",
+                 interactions: str | Path | None = None, quality: int = 95,
+                 workers: int | None = None, log=None) -> dict:
+    """Shard a catalog; returns the manifest. ``interactions`` (default: the one in the catalog
+    folder, if any) defines the item index space; without one, ``item_id`` must be the index."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    catalog_dir, out_dir = Path(catalog_dir), Path(out_dir)
+    catalog_file = catalog_dir / "items.jsonl"
+    items = read_catalog(catalog_dir)
+    skips = SkipReport()
+    inter_path = None
+    if interactions is not None:
+        inter_path = find_interactions_file(interactions)
+    else:
+        try:
+            inter_path = find_interactions_file(catalog_dir)
+        except InputError:
+            inter_path = None
+    n_space = -1
+    if inter_path is not None:
+        inter = load_interactions(inter_path, warn=lambda m: None)
+        items, _ = resolve_indices(items, inter.item_index([it.item_id for it in items]),
+                                   catalog_file, skips, on_bad_sample)
+        n_space = inter.n_items
+    else:
+        items, n_space = resolve_indices(items, None, catalog_file, skips, on_bad_sample)
+
+    workers = workers if workers is not None else min(2, os.cpu_count() or 1)
+    encoded = _encode_all(catalog_dir, items, image_size, quality, workers)
+    good_items, good_images = [], []
+    for it, (jpg, reason) in zip(items, encoded):
+        if reason is None:
+            good_items.append(it)
+            good_images.append(jpg)
+        elif on_bad_sample == "error":
+            field = "text" if reason == "empty text" else "image"
+            detail = f" ({it.image})" if field == "image" and it.image else ""
+            raise InputError(catalog_file, f"{reason}{detail} for item {it.item_id!r} "
+                                           "(data.on_bad_sample=skip skips such items)",
+                             line=it.line, field=field)
+        else:
+            skips.add(reason, it.item_id)
+    if not good_items:
+        raise InputError(catalog_file, f"no usable items: {skips.message()}")
+    if skips.total:
+        log(f"warning: {catalog_file}: {skips.message()}")
+
+    present = {it.index for it in good_items}
+    missing = n_space - len(present)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)   # the folder is unfinished until rewritten
+    shards = []
+    for k, start in enumerate(range(0, len(good_items), shard_size)):
+        shards.append(_write_one(out_dir / shard_name(k), good_items[start:start + shard_size],
+                                 good_images[start:start + shard_size]))
+    names = {s["name"] for s in shards}
+    for stale in out_dir.glob("items-*.tar"):
+        if stale.name not in names:
+            stale.unlink()
+    manifest = {
+        "format": FORMAT, "created_by": f"ptmrec_dist {__version__}",
+        "catalog": str(catalog_dir), "interactions": str(inter_path) if inter_path else None,
+        "n_items": n_space, "n_written": len(good_items), "n_missing": missing,
+        "image_size": image_size, "key_digits": KEY_DIGITS, "shard_size": shard_size,
+        "skipped": skips.to_dict(), "shards": shards,
+    }
+    atomic_write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def load_manifest(shard_dir: str | Path) -> dict:
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise ShardError(path, "no manifest.json: not a finished shard folder (run `ptmrec shard`)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ShardError(path, f"invalid JSON: {exc.msg}", line=exc.lineno) from None
+    if manifest.get("format") != FORMAT:
+        raise ShardError(path, f"unknown format {manifest.get('format')!r} (expected {FORMAT})")
+    return manifest
+
+
+def verify_shards(shard_dir: str | Path, manifest: dict | None = None, names=None,
+                  on_bad_sample: str = "error", check_hash: bool = True) -> tuple[list[dict], SkipReport]:
+    """Check existence, size and sha256 of the shards (all, or those in ``names``).
+
+    Returns the good shard entries and a report of the bad ones (``skip``), or raises
+    :class:`ShardError` naming the first bad shard (``error``).
+    """
+    shard_dir = Path(shard_dir)
+    manifest = manifest or load_manifest(shard_dir)
+    bad = SkipReport()
+    good = []
+    for entry in manifest["shards"]:
+        if names is not None and entry["name"] not in names:
+            continue
+        path = shard_dir / entry["name"]
+        kind = detail = None
+        if not path.is_file():
+            kind, detail = "missing shard", "listed in manifest.json but not found"
+        elif path.stat().st_size != entry["bytes"]:
+            kind = "truncated shard"
+            detail = f"{path.stat().st_size} bytes, manifest.json says {entry['bytes']}"
+        elif check_hash and sha256_file(path) != entry["sha256"]:
+            kind, detail = "corrupt shard", "sha256 does not match manifest.json"
+        if kind is None:
+            good.append(entry)
+        elif on_bad_sample == "error":
+            raise ShardError(path, f"{kind}: {detail}")
+        else:
+            bad.add(kind, entry["name"])
+    return good, bad

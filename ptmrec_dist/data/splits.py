@@ -1,0 +1,66 @@
+"""Train/valid/test split rules, vectorised (no Python loop over users or interactions).
+
+Labels follow MMRec's ``x_label``: 0 train, 1 valid, 2 test.
+
+MMRec's random per-user rule, as its released splits show it: a user with n interactions gets
+``max(1, floor(0.1 n))`` valid and as many test interactions, the rest train (so users with < 10
+interactions get n-2/1/1, others about 80/10/10 %). This reproduces the per-user counts of the
+Amazon Baby release exactly (tests/test_interactions.py). Users with fewer than 3 interactions keep
+them all in train (there is nothing to hold out without leaving train empty).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TRAIN, VALID, TEST = 0, 1, 2
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+def holdout_sizes(counts: np.ndarray) -> np.ndarray:
+    """Per-user number of valid (= number of test) interactions under MMRec's rule."""
+    counts = np.asarray(counts, dtype=np.int64)
+    k = np.maximum(1, counts // 10)
+    return np.where(counts >= 3, k, 0)
+
+
+def _rank_within_user(users: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Given interactions sorted by ``order`` (grouped by user), each one's rank in its group."""
+    sorted_users = users[order]
+    n = len(users)
+    starts = np.r_[0, np.flatnonzero(sorted_users[1:] != sorted_users[:-1]) + 1] if n else \
+        np.zeros(0, np.int64)
+    group_start = np.repeat(starts, np.diff(np.r_[starts, n]))
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n) - group_start
+    return rank
+
+
+def _labels_from_rank_from_end(users: np.ndarray, rank_from_end: np.ndarray,
+                               sizes: np.ndarray) -> np.ndarray:
+    k = sizes[users]
+    labels = np.full(len(users), TRAIN, dtype=np.int8)
+    labels[rank_from_end < 2 * k] = VALID
+    labels[rank_from_end < k] = TEST
+    return labels
+
+
+def random_split_labels(users: np.ndarray, seed: int) -> np.ndarray:
+    """MMRec's random per-user split, seeded. ``users``: user index of each interaction."""
+    users = np.asarray(users, dtype=np.int64)
+    counts = np.bincount(users, minlength=int(users.max()) + 1 if len(users) else 0)
+    keys = np.random.default_rng(seed).random(len(users))
+    order = np.lexsort((keys, users))          # by user, then random key
+    return _labels_from_rank_from_end(users, _rank_within_user(users, order), holdout_sizes(counts))
+
+
+def leave_last_out_labels(users: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
+    """Per user (>= 3 interactions): the latest interaction is test, the one before valid.
+
+    Ties in time keep file order (a stable sort), so the split is deterministic.
+    """
+    users = np.asarray(users, dtype=np.int64)
+    counts = np.bincount(users, minlength=int(users.max()) + 1 if len(users) else 0)
+    order = np.lexsort((-np.arange(len(users)), -np.asarray(timestamps, dtype=np.float64), users))
+    sizes = np.where(counts >= 3, 1, 0)
+    return _labels_from_rank_from_end(users, _rank_within_user(users, order), sizes)

@@ -1,0 +1,122 @@
+"""Rank, world size and master address from the launcher's environment; process-group set-up.
+
+The only module that knows how a job was launched: ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK),
+``srun`` (SLURM_PROCID/SLURM_STEP_NUM_TASKS/...), or a plain single process. Everything else asks
+:func:`detect` (or receives a :class:`DistEnv`) and never reads the environment itself.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = DEFAULT_PORT
+    launcher: str = "single"          # single | torchrun | slurm
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def expand_hostlist(spec: str) -> list[str]:
+    """SLURM hostlist syntax (``n[1-3,7],gpu[01-02]``) to host names, like
+    ``scontrol show hostnames``; zero padding is kept."""
+    hosts: list[str] = []
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", spec):
+        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
+        if not m:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for rng in ranges.split(","):
+            lo, _, hi = rng.partition("-")
+            hi = hi or lo
+            width = len(lo)
+            for k in range(int(lo), int(hi) + 1):
+                hosts.append(f"{prefix}{k:0{width}d}{suffix}")
+    return hosts
+
+
+def _int(env: Mapping[str, str], key: str, default: int) -> int:
+    value = env.get(key, "")
+    m = re.match(r"\d+", value)
+    return int(m.group()) if m else default
+
+
+def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
+    env = os.environ if environ is None else environ
+    addr = env.get("MASTER_ADDR")
+    if "RANK" in env and "WORLD_SIZE" in env:          # torchrun (also inside an sbatch script)
+        return DistEnv(rank=_int(env, "RANK", 0), world_size=_int(env, "WORLD_SIZE", 1),
+                       local_rank=_int(env, "LOCAL_RANK", 0),
+                       local_world_size=_int(env, "LOCAL_WORLD_SIZE", 1),
+                       node_rank=_int(env, "GROUP_RANK", 0),
+                       master_addr=addr or "127.0.0.1",
+                       master_port=_int(env, "MASTER_PORT", DEFAULT_PORT), launcher="torchrun")
+    if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:   # inside an srun step
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
+        if not addr:
+            hosts = expand_hostlist(nodelist) if nodelist else []
+            addr = hosts[0] if hosts else "127.0.0.1"
+        port = _int(env, "MASTER_PORT", 0) or 20000 + _int(env, "SLURM_JOB_ID", 0) % 20000
+        return DistEnv(rank=_int(env, "SLURM_PROCID", 0),
+                       world_size=_int(env, "SLURM_STEP_NUM_TASKS", 1),
+                       local_rank=_int(env, "SLURM_LOCALID", 0),
+                       local_world_size=_int(env, "SLURM_STEP_TASKS_PER_NODE", 1),
+                       node_rank=_int(env, "SLURM_NODEID", 0), master_addr=addr,
+                       master_port=port, launcher="slurm")
+    return DistEnv(master_addr=addr or "127.0.0.1",
+                   master_port=_int(env, "MASTER_PORT", DEFAULT_PORT))
+
+
+def resolve_backend(backend: str) -> str:
+    if backend != "auto":
+        return backend
+    import torch
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init(backend: str = "auto", timeout_s: int = 1800, env: DistEnv | None = None) -> DistEnv:
+    """Initialise torch.distributed for ``env`` (default: :func:`detect`). A single process also
+    gets the rank/master variables set, since DeepSpeed expects them (else it tries MPI)."""
+    import torch.distributed as tdist
+
+    env = env or detect()
+    os.environ.update({"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size),
+                       "LOCAL_RANK": str(env.local_rank), "MASTER_ADDR": env.master_addr,
+                       "MASTER_PORT": str(env.master_port)})
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend=resolve_backend(backend), rank=env.rank,
+                                 world_size=env.world_size,
+                                 timeout=datetime.timedelta(seconds=timeout_s))
+    return env
+
+
+def teardown() -> None:
+    import torch.distributed as tdist
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def barrier() -> None:
+    import torch.distributed as tdist
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()

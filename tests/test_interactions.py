@@ -1,0 +1,199 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from ptmrec_dist.cli import main
+from ptmrec_dist.config import DataConfig
+from ptmrec_dist.data.interactions import find_interactions_file, load_interactions
+from ptmrec_dist.data.splits import holdout_sizes, leave_last_out_labels, random_split_labels
+from ptmrec_dist.errors import InputError
+
+BABY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-baby"
+needs_baby = pytest.mark.skipif(not (BABY / "baby.inter").is_file(),
+                                reason=f"real data set not found at {BABY}")
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def quiet(_msg):
+    pass
+
+
+@needs_baby
+def test_amazon_baby_counts():
+    inter = load_interactions(BABY, warn=quiet)
+    stats = inter.stats()
+    assert (stats["users"], stats["items"], stats["interactions"]) == (19445, 7050, 160792)
+    assert stats["splits"] == {"train": 119674, "valid": 20559, "test": 20559}
+    assert stats["split_rule"] == "x_label"
+    assert inter.train.shape == (19445, 7050) and inter.train.nnz == 119674
+    assert inter.valid.nnz == 20559 and inter.test.nnz == 20559
+
+
+@needs_baby
+def test_random_rule_reproduces_mmrec_per_user_counts():
+    """MMRec's released split has, per user, max(1, n // 10) valid and as many test rows."""
+    given_split = load_interactions(BABY, warn=quiet)
+    ours = load_interactions(BABY, DataConfig(split="random", split_seed=3), warn=quiet)
+    assert ours.split_rule == "random"
+    for split in ("train", "valid", "test"):
+        a = np.asarray(given_split.csr(split).sum(1)).ravel()
+        b = np.asarray(ours.csr(split).sum(1)).ravel()
+        np.testing.assert_array_equal(a, b)
+    # same per-user counts, different items held out
+    assert (given_split.test != ours.test).nnz > 0
+
+
+@needs_baby
+def test_stats_cli_json(capsys):
+    assert main(["stats", str(BABY), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["users"] == 19445 and stats["splits"]["valid"] == 20559
+
+
+def test_holdout_rule_by_hand():
+    np.testing.assert_array_equal(holdout_sizes([1, 2, 3, 5, 9, 10, 19, 20, 125]),
+                                  [0, 0, 1, 1, 1, 1, 1, 2, 12])
+    users = np.repeat(np.arange(4), [2, 3, 12, 25])
+    labels = random_split_labels(users, seed=0)
+    per = lambda u, k: int(((users == u) & (labels == k)).sum())
+    assert [per(0, 0), per(0, 1), per(0, 2)] == [2, 0, 0]        # too short to hold out
+    assert [per(1, 0), per(1, 1), per(1, 2)] == [1, 1, 1]        # n-2/1/1
+    assert [per(2, 0), per(2, 1), per(2, 2)] == [10, 1, 1]
+    assert [per(3, 0), per(3, 1), per(3, 2)] == [21, 2, 2]
+    np.testing.assert_array_equal(labels, random_split_labels(users, seed=0))
+    assert not np.array_equal(labels, random_split_labels(users, seed=1))
+
+
+def test_leave_last_out_by_timestamp(tmp_path):
+    path = write(tmp_path, "d.inter", "userID\titemID\ttimestamp\n"
+                 "0\t0\t5\n0\t1\t1\n0\t2\t3\n0\t3\t2\n"     # latest: item 0, then item 2
+                 "1\t0\t1\n1\t1\t1\n1\t2\t1\n"              # ties: file order decides
+                 "2\t4\t9\n2\t3\t8\n")                      # 2 rows: all train
+    inter = load_interactions(path, DataConfig(split="loo"), warn=quiet)
+    test, valid = inter.test.toarray(), inter.valid.toarray()
+    assert test[0].nonzero()[0].tolist() == [0] and valid[0].nonzero()[0].tolist() == [2]
+    assert test[1].nonzero()[0].tolist() == [2] and valid[1].nonzero()[0].tolist() == [1]
+    assert inter.train[2].nnz == 2 and test[2].sum() == 0
+    np.testing.assert_array_equal(leave_last_out_labels([0, 0, 0], [3, 2, 1]), [2, 1, 0])
+
+
+def test_inter_with_mmrec_header_and_optional_columns(tmp_path):
+    path = write(tmp_path, "x.inter", "userID:token\titemID:token\trating:float\ttimestamp:float"
+                 "\tx_label:token\r\n0\t1\t5.0\t100\t0\r\n0\t2\t4\t101\t0\r\n\n1\t2\t3\t99\t0\r\n"
+                 "1\t0\t1\t98\t1\n0\t0\t2\t97\t2\n")
+    inter = load_interactions(path, warn=quiet)
+    assert (inter.n_users, inter.n_items) == (2, 3)
+    assert inter.split_counts() == {"train": 3, "valid": 1, "test": 1}
+    assert inter.train.toarray().tolist() == [[0, 1, 1], [0, 0, 1]]
+    assert inter.timestamps.tolist() == [100, 101, 99, 98, 97]
+
+
+def test_csv_raw_ids_are_mapped_and_saved(tmp_path):
+    path = write(tmp_path, "d.csv", "user,item,timestamp\nbob,B07,3\namy,A01,1\nbob,A01,2\n"
+                 "amy,C9,5\namy,B07,4\n")
+    inter = load_interactions(path, DataConfig(split="random"), warn=quiet)
+    assert inter.user_ids.tolist() == ["amy", "bob"]
+    assert inter.item_ids.tolist() == ["A01", "B07", "C9"]
+    assert inter.item_index(["C9", "A01", "nope"]).tolist() == [2, 0, -1]
+    full = (inter.train + inter.valid + inter.test).toarray()
+    assert full.tolist() == [[1, 1, 1], [1, 1, 0]]
+    written = inter.save_mappings(tmp_path / "maps")
+    assert [p.name for p in written] == ["user_mapping.tsv", "item_mapping.tsv"]
+    assert (tmp_path / "maps" / "item_mapping.tsv").read_text().splitlines() == \
+        ["item_id\titem_index", "A01\t0", "B07\t1", "C9\t2"]
+    headerless = write(tmp_path, "h.csv", "bob,B07\namy,A01\n")
+    assert load_interactions(headerless, warn=quiet).n_items == 2
+
+
+def test_duplicates_are_reported_and_removed(tmp_path):
+    path = write(tmp_path, "d.inter", "userID\titemID\tx_label\n0\t1\t0\n0\t1\t0\n0\t2\t0\n"
+                 "0\t1\t1\n0\t3\t0\n")
+    notes = []
+    inter = load_interactions(path, warn=notes.append)
+    assert inter.duplicates_removed == 2 and inter.raw_rows == 5
+    assert len(inter.users) == 3 and inter.split_counts()["valid"] == 0   # first occurrence kept
+    assert any("2 duplicate (user, item) rows removed, first at line 3" in n for n in notes)
+
+
+def test_users_without_train_are_dropped_from_eval(tmp_path):
+    path = write(tmp_path, "d.inter", "userID\titemID\tx_label\n0\t0\t0\n0\t1\t2\n"
+                 "1\t0\t1\n1\t1\t2\n")
+    notes = []
+    inter = load_interactions(path, warn=notes.append)
+    assert inter.dropped_eval == 2
+    assert inter.split_counts() == {"train": 1, "valid": 0, "test": 1}
+    assert "2 valid/test interactions of 1 users with no training interaction" in notes[0]
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("0\t1\t0\n0\t2\n", "d.inter:3: expected 3 tab-separated fields"),
+    ("0\t1\t0\nx\t2\t0\n", "d.inter:3: user: expected a non-negative integer, got 'x'"),
+    ("0\t1\t0\n0\t-2\t0\n", "d.inter:3: item: expected a non-negative integer, got '-2'"),
+    ("0\t1\t0\n0\t2\t7\n", "d.inter:3: x_label: unknown x_label 7 (0 train, 1 valid, 2 test)"),
+    ("0\t1\t0\n\n0\t2\t\n", "d.inter:4: x_label: expected an x_label of 0, 1 or 2, got ''"),
+    ("", "d.inter: no data rows"),
+])
+def test_bad_rows_name_file_line_and_field(tmp_path, body, needle):
+    path = write(tmp_path, "d.inter", "userID\titemID\tx_label\n" + body)
+    with pytest.raises(InputError) as exc:
+        load_interactions(path, warn=quiet)
+    assert needle in str(exc.value)
+
+
+def test_bad_timestamp_and_missing_columns(tmp_path):
+    path = write(tmp_path, "t.csv", "user,item,timestamp\na,b,1\na,c,soon\n")
+    with pytest.raises(InputError, match=r"t.csv:3: timestamp: expected a finite number, got 'soon'"):
+        load_interactions(path, warn=quiet)
+    path = write(tmp_path, "m.inter", "userID\tfoo\n1\t2\n")
+    with pytest.raises(InputError, match="missing column 'item'"):
+        load_interactions(path, warn=quiet)
+    path = write(tmp_path, "n.inter", "userID\titemID\n1\t2\n")
+    with pytest.raises(InputError, match="data.split=loo needs a timestamp column"):
+        load_interactions(path, DataConfig(split="loo"), warn=quiet)
+    with pytest.raises(InputError, match="has no x_label column"):
+        load_interactions(path, DataConfig(split="x_label"), warn=quiet)
+
+
+def test_cli_bad_file_exits_2(tmp_path, capsys):
+    path = write(tmp_path, "d.inter", "userID\titemID\n0\t1\n0\tz\n")
+    assert main(["stats", str(path)]) == 2
+    assert f"error: {path}:3: item: expected a non-negative integer, got 'z'" in \
+        capsys.readouterr().err
+
+
+def test_find_interactions_file(tmp_path):
+    (tmp_path / "a").mkdir()
+    write(tmp_path / "a", "x_mapping.csv", "a\tb\n")
+    write(tmp_path / "a", "d.inter", "userID\titemID\n0\t0\n")
+    assert find_interactions_file(tmp_path / "a").name == "d.inter"
+    write(tmp_path / "a", "e.inter", "userID\titemID\n0\t0\n")
+    with pytest.raises(InputError, match="several interaction files"):
+        find_interactions_file(tmp_path / "a")
+    with pytest.raises(InputError, match="no such file"):
+        find_interactions_file(tmp_path / "nope")
+
+
+lines = st.lists(st.lists(st.sampled_from(["0", "1", "2", "17", "x", "", "-1", " 3", "2.5",
+                                            "\u00e9", "3\r"]), min_size=0, max_size=4),
+                 min_size=0, max_size=8)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines, st.sampled_from(["auto", "random"]))
+def test_fuzz_parser_only_raises_input_errors(tmp_path, rows, split):
+    path = tmp_path / "f.inter"
+    path.write_text("userID\titemID\tx_label\n" + "\n".join("\t".join(r) for r in rows))
+    try:
+        inter = load_interactions(path, DataConfig(split=split), warn=quiet)
+    except InputError as exc:
+        assert str(exc).startswith(str(path))
+        return
+    assert len(inter.users) == inter.train.nnz + inter.valid.nnz + inter.test.nnz
