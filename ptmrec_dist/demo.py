@@ -1,7 +1,8 @@
 """``ptmrec demo``: the whole flow on built-in synthetic data, one folder per step.
 
 Layout (a contract later steps fill in): ``OUT/data/ OUT/shards/ OUT/backbone/ OUT/features/
-OUT/stage1/ OUT/stage2/ OUT/summary.json``, plus the resolved ``OUT/config.yaml``. Steps that
+OUT/stage1/ OUT/stage2/ OUT/summary.json``, plus the resolved ``OUT/config.yaml`` and
+``OUT/log.jsonl`` (one record per step). Steps that
 exist so far: data generation, sharding, statistics. ``summary.json`` lists the steps that ran
 and those not yet available in this version.
 """
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 from ptmrec_dist.config import Config, save_config
+from ptmrec_dist.run import RunDir
 from ptmrec_dist.io import atomic_write_json
 
 SIZES = {
@@ -37,8 +39,7 @@ def run_demo(cfg: Config, out: Path, size: str, log=print) -> dict:
     from ptmrec_dist.data.shards import write_shards
     from ptmrec_dist.data.synthetic import generate
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
+    run = RunDir(out, cfg).start()
     steps: dict[str, dict] = {}
 
     t0 = time.perf_counter()
@@ -48,6 +49,7 @@ def run_demo(cfg: Config, out: Path, size: str, log=print) -> dict:
     save_config(cfg, out / "data")
     steps["data"] = {"dir": "data", "seconds": round(time.perf_counter() - t0, 2),
                      "n_interactions": gen["n_interactions"]}
+    run.log(step="data", **steps["data"])
 
     t0 = time.perf_counter()
     log(f"[2/3] shards: {cfg.data.shard_size} items per shard -> {out / 'shards'}")
@@ -59,6 +61,7 @@ def run_demo(cfg: Config, out: Path, size: str, log=print) -> dict:
                        "n_shards": len(manifest["shards"]), "n_written": manifest["n_written"],
                        "bytes": sum(s["bytes"] for s in manifest["shards"]),
                        "skipped": manifest["skipped"]["total"]}
+    run.log(step="shards", **steps["shards"])
 
     log("[3/3] statistics")
     stats = load_interactions(out / "data", cfg.data).stats()

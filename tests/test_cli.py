@@ -30,6 +30,8 @@ def check_demo(out: Path, size: str, n_items: int, n_users: int):
     assert summary["not_yet_available"] == ["backbone", "features", "stage1", "stage2"]
     for sub in ("data", "shards"):
         assert (out / sub / "config.yaml").is_file()
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == ["data", "shards"]
     cfg = load_config(out / "config.yaml")
     assert (cfg.synthetic.n_items, cfg.synthetic.n_users) == (n_items, n_users)
     stats = load_interactions(out / "data").stats()
@@ -109,7 +111,7 @@ def test_version_and_console_script():
     assert script.is_file(), "console script `ptmrec` missing from the venv"
     res = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0
-    for command in ("make-data", "stats", "shard", "demo", "config"):
+    for command in ("make-data", "stats", "shard", "verify", "demo", "config"):
         assert command in res.stdout
 
 
@@ -119,3 +121,41 @@ def test_demo_default_size(tmp_path):
     res = run_module("demo", "--out", str(out), "--size", "default", timeout=900)
     assert res.returncode == 0, res.stderr
     check_demo(out, "default", 3000, 3000)
+
+
+def test_verify_names_bad_shards(tmp_path, capsys):
+    data, shards = tmp_path / "syn", tmp_path / "sh"
+    assert main(["make-data", "synthetic", "--out", str(data), "--items", "30", "--users", "10",
+                 "--image-size", "20"]) == 0
+    assert main(["shard", str(data), "--out", str(shards), "--shard-size", "10"]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(shards)]) == 0
+    assert "ok: 3 shards, 30 items" in capsys.readouterr().out
+    tar = shards / "items-000001.tar"
+    raw = bytearray(tar.read_bytes())
+    raw[700] ^= 0xFF
+    tar.write_bytes(bytes(raw))
+    (shards / "items-000002.tar").unlink()
+    assert main(["verify", str(shards)]) == 2
+    err = capsys.readouterr().err
+    assert "1 corrupt shard(s): items-000001.tar" in err
+    assert "1 missing shard(s): items-000002.tar" in err
+    assert main(["verify", str(tmp_path)]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_run_dir_contract(tmp_path):
+    from ptmrec_dist.run import RunDir
+    cfg = load_config(None, ["stage2.kt_weight=0.5"])
+    run = RunDir(tmp_path / "r", cfg).start()
+    run.log(epoch=0, loss=1.5)
+    run.log(epoch=1, loss=1.25)
+    run.write_metrics({"valid": {"recall@20": 0.1}, "test": {"recall@20": 0.09}})
+    lines = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0, 1] and all("elapsed_s" in x for x in lines)
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["valid"]["recall@20"] == 0.1
+    assert load_config(tmp_path / "r" / "config.yaml").stage2.kt_weight == 0.5
+    quiet = RunDir(tmp_path / "q", cfg, is_main=False).start()   # non-main ranks write nothing
+    quiet.log(epoch=0)
+    quiet.write_metrics({})
+    assert not (tmp_path / "q").exists()

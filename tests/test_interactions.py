@@ -197,3 +197,32 @@ def test_fuzz_parser_only_raises_input_errors(tmp_path, rows, split):
         assert str(exc).startswith(str(path))
         return
     assert len(inter.users) == inter.train.nnz + inter.valid.nnz + inter.test.nnz
+
+
+valid_rows = st.lists(st.tuples(st.integers(0, 30), st.integers(0, 40), st.integers(0, 2),
+                                st.floats(-1e6, 1e9, allow_nan=False), st.booleans()),
+                      min_size=1, max_size=40)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(valid_rows, st.booleans())
+def test_fast_and_validating_parsers_agree(tmp_path, rows, crlf):
+    from ptmrec_dist.data.interactions import _parse
+    eol = "\r\n" if crlf else "\n"
+    body = "".join(f"{u}\t{i}\t{x}\t{t!r}{eol}" + (eol if blank else "")
+                   for u, i, x, t, blank in rows)
+    path = tmp_path / "p.inter"
+    path.write_text(f"userID\titemID\tx_label\ttimestamp{eol}" + body, newline="")
+    fast, slow = _parse(path), _parse(path, fast=False)
+    assert fast.line_no is None and slow.line_no is not None   # both paths really ran
+    for name in ("users", "items", "labels", "timestamps"):
+        np.testing.assert_array_equal(getattr(fast, name), getattr(slow, name))
+    assert (fast.n_users, fast.n_items, fast.raw_rows) == (slow.n_users, slow.n_items, slow.raw_rows)
+
+
+def test_empty_and_header_only_files(tmp_path):
+    for text, needle in (("", "empty file"), ("userID\titemID\n", "no data rows"),
+                         ("\n\n", "empty file")):
+        path = write(tmp_path, "e.inter", text)
+        with pytest.raises(InputError, match=needle):
+            load_interactions(path, warn=quiet)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,11 +162,64 @@ def _read(path: Path) -> tuple[Table, str]:
     return read_table(path, ",", CSV_POSITIONAL[:n_fields], ALIASES), "csv"
 
 
-def load_interactions(path: str | Path, cfg: DataConfig | None = None, warn=None) -> Interactions:
-    """Parse, validate, deduplicate and split. ``warn`` gets human-readable notices (stderr)."""
-    cfg = cfg or DataConfig()
-    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
-    path = find_interactions_file(path)
+@dataclass
+class _Parsed:
+    fmt: str
+    users: np.ndarray
+    items: np.ndarray
+    n_users: int
+    n_items: int
+    raw_rows: int
+    line_no: np.ndarray | None          # None on the fast path (no error can follow)
+    user_ids: np.ndarray | None = None
+    item_ids: np.ndarray | None = None
+    timestamps: np.ndarray | None = None
+    labels: np.ndarray | None = None
+
+
+def _parse_fast(path: Path) -> _Parsed | None:
+    """All-numeric ``.inter`` through numpy's C reader (~10x the validating parser); None when
+    anything is off, so that the validating parser names the exact line and field."""
+    header_lines, line = 0, ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            header_lines += 1
+            if line.strip():
+                break
+    if not line.strip():
+        return None
+    names = [ALIASES.get(h.strip().split(":")[0].lower(), "?") for h in line.split("\t")]
+    if "?" in names or len(set(names)) != len(names) or not {"user", "item"} <= set(names):
+        return None
+    ints = [k for k, n in enumerate(names) if n in ("user", "item", "x_label")]
+    floats = [k for k, n in enumerate(names) if n in ("timestamp", "rating")]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)   # "input contained no data"
+            cols = np.loadtxt(path, delimiter="\t", skiprows=header_lines, dtype=np.int64,
+                              comments=None, usecols=ints, ndmin=2, encoding="utf-8")
+            fcols = np.loadtxt(path, delimiter="\t", skiprows=header_lines, dtype=np.float64,
+                               comments=None, usecols=floats, ndmin=2, encoding="utf-8") \
+                if floats else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not len(cols) or cols.min() < 0 or (fcols is not None and not np.isfinite(fcols).all()):
+        return None
+    col = {names[k]: cols[:, j] for j, k in enumerate(ints)}
+    if "x_label" in col and col["x_label"].max() > TEST:
+        return None
+    users, items = col["user"], col["item"]
+    ts = fcols[:, [names[k] for k in floats].index("timestamp")] \
+        if "timestamp" in names else None
+    return _Parsed("inter", users, items, int(users.max()) + 1, int(items.max()) + 1, len(users),
+                   None, timestamps=ts, labels=col.get("x_label"))
+
+
+def _parse(path: Path, fast: bool = True) -> _Parsed:
+    if fast and path.suffix == ".inter":
+        fast = _parse_fast(path)
+        if fast is not None:
+            return fast
     table, fmt = _read(path)
     for required in ("user", "item"):
         if required not in table.values:
@@ -176,13 +230,13 @@ def load_interactions(path: str | Path, cfg: DataConfig | None = None, warn=None
         users, items = table.ints("user"), table.ints("item")
         n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
     else:
+        for name in ("user", "item"):
+            empty = np.flatnonzero(np.strings.str_len(table.values[name]) == 0)
+            if len(empty):
+                raise table.fail(int(empty[0]), name, "empty id")
         user_ids, users = np.unique(table.values["user"], return_inverse=True)
         item_ids, items = np.unique(table.values["item"], return_inverse=True)
         n_users, n_items = len(user_ids), len(item_ids)
-        for name, col in (("user", table.values["user"]), ("item", table.values["item"])):
-            empty = np.flatnonzero(np.strings.str_len(col) == 0)
-            if len(empty):
-                raise table.fail(int(empty[0]), name, "empty id")
     timestamps = table.floats("timestamp") if "timestamp" in table.values else None
     if "rating" in table.values:
         table.floats("rating")   # validated; implicit feedback ignores its value
@@ -193,17 +247,49 @@ def load_interactions(path: str | Path, cfg: DataConfig | None = None, warn=None
         if len(bad):
             raise table.fail(int(bad[0]), "x_label",
                              f"unknown x_label {labels[bad[0]]} (0 train, 1 valid, 2 test)")
-    raw_rows = len(table)
+    return _Parsed(fmt, users, items, n_users, n_items, len(table), table.line_no, user_ids,
+                   item_ids, timestamps, labels)
+
+
+def _line_of_row(path: Path, row: int) -> int:
+    """File line of data row ``row`` (0-based, after the header, blank lines not counted).
+    Only for messages, after the fast path, which keeps no line numbers."""
+    seen = -1
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if line.strip():
+                if seen == row:
+                    return line_no
+                seen += 1
+    return -1
+
+
+def _first_occurrences(key: np.ndarray) -> np.ndarray:
+    """Sorted row indices of the first occurrence of each key (a stable sort, no hashing)."""
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    first = np.r_[True, sorted_key[1:] != sorted_key[:-1]] if len(key) else np.zeros(0, bool)
+    return np.sort(order[first])
+
+
+def load_interactions(path: str | Path, cfg: DataConfig | None = None, warn=None) -> Interactions:
+    """Parse, validate, deduplicate and split. ``warn`` gets human-readable notices (stderr)."""
+    cfg = cfg or DataConfig()
+    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    path = find_interactions_file(path)
+    p = _parse(path)
+    users, items, labels, timestamps = p.users, p.items, p.labels, p.timestamps
+    n_users, n_items, raw_rows = p.n_users, p.n_items, p.raw_rows
+    user_ids, item_ids = p.user_ids, p.item_ids
 
     # duplicates: keep the first occurrence in file order
-    key = users * np.int64(n_items) + items
-    _, first = np.unique(key, return_index=True)
-    duplicates = raw_rows - len(first)
+    keep = _first_occurrences(users * np.int64(n_items) + items)
+    duplicates = raw_rows - len(keep)
     if duplicates:
-        keep = np.sort(first)
-        dup_rows = np.setdiff1d(np.arange(raw_rows), keep)
-        warn(f"{path}: {duplicates} duplicate (user, item) rows removed, first at line "
-             f"{int(table.line_no[dup_rows[0]])}")
+        first_dup = int(np.flatnonzero(np.diff(np.r_[keep, raw_rows]) > 1)[0])
+        dup_row = int(keep[first_dup]) + 1   # the first row that is not a first occurrence
+        line = int(p.line_no[dup_row]) if p.line_no is not None else _line_of_row(path, dup_row)
+        warn(f"{path}: {duplicates} duplicate (user, item) rows removed, first at line {line}")
         users, items = users[keep], items[keep]
         timestamps = timestamps[keep] if timestamps is not None else None
         labels = labels[keep] if labels is not None else None
@@ -232,7 +318,7 @@ def load_interactions(path: str | Path, cfg: DataConfig | None = None, warn=None
         keep = ~drop
         users, items, labels = users[keep], items[keep], labels[keep]
         timestamps = timestamps[keep] if timestamps is not None else None
-    return Interactions(path=path, format=fmt, n_users=n_users, n_items=n_items, users=users,
+    return Interactions(path=path, format=p.fmt, n_users=n_users, n_items=n_items, users=users,
                         items=items, labels=labels, split_rule=rule, user_ids=user_ids,
                         item_ids=item_ids, timestamps=timestamps, raw_rows=raw_rows,
                         duplicates_removed=duplicates, dropped_eval=dropped)

@@ -1,0 +1,41 @@
+"""The run-directory contract: ``OUT/config.yaml``, ``OUT/log.jsonl``, ``OUT/metrics.json``.
+
+Every command that trains or evaluates writes the resolved config when it starts, one JSON object
+per epoch or evaluation to ``log.jsonl`` while it runs, and its final metrics (e.g.
+``{"valid": {"recall@20": ...}, "test": {...}}``) to ``metrics.json`` at the end. Only the main
+rank writes; all writes are atomic or single-line appends, so a killed run leaves whole records.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ptmrec_dist.config import Config, save_config
+from ptmrec_dist.io import append_jsonl, atomic_write_json
+
+CONFIG, LOG, METRICS = "config.yaml", "log.jsonl", "metrics.json"
+
+
+class RunDir:
+    def __init__(self, path: str | Path, cfg: Config, is_main: bool = True):
+        self.path = Path(path)
+        self.cfg = cfg
+        self.is_main = is_main
+        self._t0 = time.time()
+
+    def start(self) -> "RunDir":
+        if self.is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.path)
+        return self
+
+    def log(self, **record) -> None:
+        """Append one record; ``elapsed_s`` (since start) is added."""
+        if self.is_main:
+            append_jsonl(self.path / LOG, {**record,
+                                           "elapsed_s": round(time.time() - self._t0, 3)})
+
+    def write_metrics(self, metrics: dict) -> None:
+        if self.is_main:
+            atomic_write_json(self.path / METRICS, metrics)
