@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="image encoding processes (default: min(2, CPUs))")
     _common(p)
 
+    p = sub.add_parser("extract", help="frozen-backbone image and text features of every item")
+    p.add_argument("--shards", help="shard folder (data.shards)")
+    p.add_argument("--backbone", help="CLIP: local folder or hub id (backbone.name_or_path)")
+    p.add_argument("--out", required=True, help="features folder: image.npy, text.npy, meta.json")
+    _common(p)
+
     p = sub.add_parser("verify", help="check shards against their manifest (size, sha256, tar)")
     p.add_argument("shards", help="folder with items-*.tar and manifest.json")
     p.add_argument("--no-hash", action="store_true", help="check sizes only (fast)")
@@ -151,6 +157,21 @@ def cmd_shard(args) -> int:
     return 0
 
 
+def cmd_extract(args) -> int:
+    from ptmrec_dist import dist
+    from ptmrec_dist.clip.extract import run_extract
+
+    cfg = resolve_config(args, {"shards": "data.shards", "backbone": "backbone.name_or_path"})
+    if not cfg.data.shards:
+        raise ConfigError("data.shards is not set: pass --shards or set it in the config")
+    env = dist.detect()
+    meta = run_extract(cfg, Path(cfg.data.shards), Path(args.out), env)
+    if meta is not None:
+        print(f"features of {meta['n_present']} items ({meta['image_dim']}-d image, "
+              f"{meta['text_dim']}-d text, {meta['dtype']}) in {args.out}; {meta['seconds']} s")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from ptmrec_dist.data.readers import iter_shard
     from ptmrec_dist.data.shards import load_manifest, verify_shards
@@ -186,7 +207,7 @@ def cmd_config(args) -> int:
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 COMMANDS = {"make-data": cmd_make_data, "stats": cmd_stats, "shard": cmd_shard,
-            "verify": cmd_verify, "demo": cmd_demo, "config": cmd_config}
+            "extract": cmd_extract, "verify": cmd_verify, "demo": cmd_demo, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,33 @@ class BackboneConfig:
     name_or_path: str = ""              # local folder or hub id resolved through the HF cache
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    text_tower: str = ""                # optional BERT-style text encoder (path or hub id)
+
+
+@dataclass
+class DemoBackboneConfig:
+    """The small CLIP that ``ptmrec make-backbone`` pretrains on the generic captions."""
+
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    image_size: int = 64
+    patch_size: int = 8
+    projection_dim: int = 128
+    max_text_len: int = 32
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 1e-3
+    holdout: float = 0.1                # fraction of items held out for retrieval accuracy
+
+
+@dataclass
+class ExtractConfig:
+    """``ptmrec extract``: frozen-backbone features of every item."""
+
+    batch_size: int = 64
+    num_workers: int = 2
+    feature_dtype: Literal["fp16", "fp32"] = "fp16"
 
 
 @dataclass
@@ -115,6 +142,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    demo_backbone: DemoBackboneConfig = field(default_factory=DemoBackboneConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
     recommender: RecommenderConfig = field(default_factory=RecommenderConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
@@ -138,6 +167,14 @@ class Config:
              self.synthetic.min_interactions <= self.synthetic.n_items // 2,
              "must be <= synthetic.n_items / 2"),
             ("synthetic.temperature", self.synthetic.temperature > 0, "must be > 0"),
+            ("demo_backbone.width", self.demo_backbone.width % self.demo_backbone.heads == 0,
+             "must be a multiple of demo_backbone.heads"),
+            ("demo_backbone.image_size",
+             self.demo_backbone.image_size % self.demo_backbone.patch_size == 0,
+             "must be a multiple of demo_backbone.patch_size"),
+            ("demo_backbone.holdout", 0 < self.demo_backbone.holdout < 1, "must be in (0, 1)"),
+            ("extract.batch_size", self.extract.batch_size >= 1, "must be >= 1"),
+            ("extract.num_workers", self.extract.num_workers >= 0, "must be >= 0"),
             ("stage1.patience", self.stage1.patience >= 1, "must be >= 1"),
             ("stage2.prompt_len", self.stage2.prompt_len >= 0, "must be >= 0"),
             ("stage2.prompt_depth", self.stage2.prompt_depth >= 0, "must be >= 0"),

@@ -13,7 +13,8 @@ def test_defaults_are_valid_and_cover_every_section():
     cfg = load_config()
     assert isinstance(cfg, Config)
     sections = {k.split(".")[0] for k in all_keys() if "." in k}
-    assert sections == {"data", "synthetic", "backbone", "recommender", "peft", "stage1",
+    assert sections == {"data", "synthetic", "backbone", "demo_backbone", "extract",
+                        "recommender", "peft", "stage1",
                         "stage2", "dist", "tune"}
 
 

@@ -107,10 +107,13 @@ class _ShardReader(IterableDataset):
     """What both readers share: the manifest, the slot arithmetic, shard verification."""
 
     def __init__(self, shard_dir, rank: int, world_size: int, num_workers: int,
-                 decode: Decode, on_bad_sample: str, split: str):
+                 decode: Decode, on_bad_sample: str, split: str, names=None):
         super().__init__()
         self.shard_dir = Path(shard_dir)
         self.manifest = load_manifest(self.shard_dir)
+        if names is not None:   # read only these shards (e.g. the unfinished ones of a rank)
+            self.manifest = {**self.manifest,
+                             "shards": [e for e in self.manifest["shards"] if e["name"] in names]}
         self.rank, self.world_size = rank, world_size
         self.num_workers = max(1, num_workers)
         self.n_slots = world_size * self.num_workers
@@ -154,8 +157,10 @@ class _ShardReader(IterableDataset):
 class ExactlyOnceItems(_ShardReader):
     def __init__(self, shard_dir, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  decode: Decode = "pil", on_bad_sample: str = "error",
-                 split: Literal["auto", "shard", "item"] = "auto", verify: bool = True):
-        super().__init__(shard_dir, rank, world_size, num_workers, decode, on_bad_sample, split)
+                 split: Literal["auto", "shard", "item"] = "auto", verify: bool = True,
+                 names=None):
+        super().__init__(shard_dir, rank, world_size, num_workers, decode, on_bad_sample, split,
+                         names)
         entries = self.manifest["shards"]
         if self.split == "shard":   # this rank reads the shards dealt to its workers' slots
             mine = [e for k, e in enumerate(entries)

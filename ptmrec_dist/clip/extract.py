@@ -1,0 +1,198 @@
+"""``ptmrec extract``: frozen-backbone features of every item, on 1..N ranks, resumable.
+
+Shards are dealt to ranks round-robin; each rank streams its unfinished shards through the
+exactly-once reader (dataloader workers decode, preprocess and tokenise), runs the frozen towers
+under ``torch.inference_mode()``, and writes one part per finished shard
+(``OUT/parts/items-000003.npz``, atomically). After a barrier rank 0 merges the parts into
+``OUT/image.npy`` and ``OUT/text.npy`` (item-index order) and ``OUT/meta.json``, checking that
+every written item is present exactly once. A rerun skips shards whose part exists and was made
+by the same backbone weights. ``OUT`` must be on storage all ranks share.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ptmrec_dist import __version__
+from ptmrec_dist.clip.backbone import FrozenBackbone, load_backbone
+from ptmrec_dist.config import Config
+from ptmrec_dist.data.readers import ExactlyOnceItems
+from ptmrec_dist.data.shards import load_manifest
+from ptmrec_dist.dist import DistEnv
+from ptmrec_dist.errors import PtmrecError, ShardError
+from ptmrec_dist.io import atomic_save_npy, atomic_write_json, sha256_file
+
+PARTS = "parts"
+
+
+class Preprocess:
+    """Collate in the dataloader workers: images -> pixel_values, texts -> token ids."""
+
+    def __init__(self, backbone: FrozenBackbone):
+        self.image_processor = backbone.processor.image_processor
+        self.tokenizer = backbone.tokenizer
+        self.max_len = backbone.max_text_len
+
+    def __call__(self, batch: list[dict]) -> dict:
+        pixels = self.image_processor(images=[b["image"] for b in batch],
+                                      return_tensors="pt")["pixel_values"]
+        enc = self.tokenizer([b["text"] for b in batch], padding=True, truncation=True,
+                             max_length=self.max_len, return_tensors="pt")
+        return {"index": torch.tensor([b["index"] for b in batch], dtype=torch.long),
+                "pixel_values": pixels, "input_ids": enc["input_ids"],
+                "attention_mask": enc["attention_mask"]}
+
+
+def _part_path(out: Path, shard_name: str) -> Path:
+    return out / PARTS / (shard_name.removesuffix(".tar") + ".npz")
+
+
+def _part_is_valid(path: Path, weights: str, n_items: int) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as part:
+            return str(part["weights_hash"]) == weights and len(part["index"]) == n_items
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _save_part(path: Path, index, image, text, weights: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, index=index, image=image, text=text, weights_hash=np.array(weights))
+    os.replace(tmp, path)
+
+
+def extract_rank(backbone: FrozenBackbone, weights: str, shards: Path, out: Path,
+                 entries: list[dict], cfg: Config, device: torch.device,
+                 show_progress: bool) -> int:
+    """Features of the shards in ``entries`` (this rank's unfinished ones); returns items done."""
+    if not entries:
+        return 0
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    workers = cfg.extract.num_workers
+    reader = ExactlyOnceItems(shards, num_workers=workers, decode="pil",
+                              on_bad_sample=cfg.data.on_bad_sample,
+                              names={e["name"] for e in entries})
+    loader = DataLoader(reader, batch_size=cfg.extract.batch_size, num_workers=workers,
+                        collate_fn=Preprocess(backbone), persistent_workers=False)
+    first = np.array([e["first_index"] for e in entries])
+    order = np.argsort(first)
+    pending = {e["name"]: ([], [], []) for e in entries}
+    expected = {e["name"]: e["n_items"] for e in entries}
+    done = 0
+    bar = tqdm(total=sum(expected.values()), unit="item", desc="extract", disable=not show_progress,
+               file=sys.stderr)
+    with torch.inference_mode():
+        for batch in loader:
+            img = backbone.encode_images(batch["pixel_values"].to(device)).float().cpu().numpy()
+            txt = backbone.encode_texts(batch["input_ids"].to(device),
+                                        batch["attention_mask"].to(device)).float().cpu().numpy()
+            idx = batch["index"].numpy()
+            # which shard each item came from: shards hold disjoint, sorted index ranges
+            which = order[np.searchsorted(first[order], idx, side="right") - 1]
+            for k in np.unique(which):
+                name = entries[k]["name"]
+                sel = which == k
+                buf = pending[name]
+                buf[0].append(idx[sel]), buf[1].append(img[sel]), buf[2].append(txt[sel])
+                if sum(len(a) for a in buf[0]) == expected[name]:
+                    _save_part(_part_path(out, name), np.concatenate(buf[0]),
+                               np.concatenate(buf[1]), np.concatenate(buf[2]), weights)
+                    del pending[name]
+            done += len(idx)
+            bar.update(len(idx))
+    bar.close()
+    if pending:   # a shard yielded fewer items than its manifest says (skipped bad samples)
+        names = ", ".join(sorted(pending))
+        raise ShardError(shards, f"incomplete shards after extraction: {names}")
+    return done
+
+
+def merge_parts(shards: Path, out: Path, manifest: dict, weights: str, dtype: str) -> dict:
+    """Rank 0: parts -> image.npy / text.npy in item-index order; every item exactly once."""
+    n_items = manifest["n_items"]
+    seen = np.zeros(n_items, dtype=np.int64)
+    image = text = None
+    for entry in manifest["shards"]:
+        path = _part_path(out, entry["name"])
+        if not _part_is_valid(path, weights, entry["n_items"]):
+            raise ShardError(path, f"missing or stale feature part for {entry['name']}")
+        with np.load(path, allow_pickle=False) as part:
+            idx = part["index"]
+            if image is None:
+                np_dtype = np.float16 if dtype == "fp16" else np.float32
+                image = np.zeros((n_items, part["image"].shape[1]), dtype=np_dtype)
+                text = np.zeros((n_items, part["text"].shape[1]), dtype=np_dtype)
+            np.add.at(seen, idx, 1)
+            image[idx], text[idx] = part["image"], part["text"]
+    written = manifest["n_written"]
+    if int((seen > 1).sum()) or int((seen == 1).sum()) != written:
+        raise PtmrecError(f"{out}: merge check failed: {int((seen == 1).sum())} items once, "
+                          f"{int((seen > 1).sum())} more than once, manifest says {written}")
+    atomic_save_npy(out / "image.npy", image)
+    atomic_save_npy(out / "text.npy", text)
+    atomic_save_npy(out / "present.npy", seen == 1)
+    return {"n_items": n_items, "n_present": written, "n_missing": n_items - written,
+            "image_dim": int(image.shape[1]), "text_dim": int(text.shape[1])}
+
+
+def run_extract(cfg: Config, shards: Path, out: Path, env: DistEnv, log=print) -> dict | None:
+    """The whole command on one rank of ``env``; rank 0 returns the meta, others None."""
+    from ptmrec_dist import dist
+
+    t0 = time.perf_counter()
+    if not env.distributed:
+        return _run(cfg, shards, out, env, log, t0)
+    dist.init(cfg.dist.backend, cfg.dist.timeout_s, env)
+    try:
+        return _run(cfg, shards, out, env, log, t0)
+    finally:
+        dist.teardown()
+
+
+def _run(cfg: Config, shards: Path, out: Path, env: DistEnv, log, t0: float) -> dict | None:
+    from ptmrec_dist import dist
+    from ptmrec_dist.run import RunDir
+    device = torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() \
+        else torch.device("cpu")
+    manifest = load_manifest(shards)
+    run = RunDir(out, cfg, is_main=env.is_main).start()
+    backbone = load_backbone(cfg.backbone, device)
+    weights = backbone.weights_hash()
+    mine = [e for k, e in enumerate(manifest["shards"]) if k % env.world_size == env.rank]
+    todo = [e for e in mine if not _part_is_valid(_part_path(out, e["name"]), weights,
+                                                  e["n_items"])]
+    if env.is_main and len(todo) < len(mine):
+        log(f"resume: {len(mine) - len(todo)} of {len(mine)} shards of rank 0 already done")
+    t1 = time.perf_counter()
+    n = extract_rank(backbone, weights, shards, out, todo, cfg, device,
+                     show_progress=env.is_main)
+    rank_seconds = time.perf_counter() - t1
+    dist.barrier()
+    meta = None
+    if env.is_main:
+        merged = merge_parts(shards, out, manifest, weights, cfg.extract.feature_dtype)
+        meta = {"backbone": backbone.name_or_path, "text_tower": cfg.backbone.text_tower or None,
+                "weights_hash": weights, "dtype": cfg.extract.feature_dtype,
+                "backbone_dtype": cfg.backbone.dtype, **merged,
+                "shards": str(shards), "manifest_sha256": sha256_file(shards / "manifest.json"),
+                "world_size": env.world_size, "seconds": round(time.perf_counter() - t0, 2),
+                "rank0_items": n, "rank0_items_per_s": round(n / rank_seconds, 1) if n else None,
+                "created_by": f"ptmrec_dist {__version__}"}
+        atomic_write_json(out / "meta.json", meta)
+        run.log(step="extract", **{k: meta[k] for k in ("n_present", "seconds",
+                                                          "rank0_items_per_s")})
+    dist.barrier()
+    return meta
