@@ -1,4 +1,5 @@
-"""`make bench`: run every bench/bench_*.py, each writing OUT/<name>.json."""
+"""`make bench`: run every bench/*.py (not gpu_*.py, which need the GPU machine), each writing
+OUT/<name>.json; then the heavy tests."""
 
 from __future__ import annotations
 
@@ -15,10 +16,16 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
     failed = []
-    for script in sorted(HERE.glob("bench_*.py")):
+    scripts = sorted(p for p in HERE.glob("*.py")
+                     if p.name != "run_all.py" and not p.name.startswith("gpu_"))
+    for script in scripts:
         print(f"== {script.name}", flush=True)
         if subprocess.call([sys.executable, str(script), "--out", args.out]) != 0:
             failed.append(script.name)
+    print("== heavy tests", flush=True)
+    if subprocess.call([sys.executable, "-m", "pytest", "-q", "-m", "heavy",
+                        str(HERE.parent / "tests")]) != 0:
+        failed.append("heavy tests")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="image encoding processes (default: min(2, CPUs))")
     _common(p)
 
+    p = sub.add_parser("make-backbone",
+                       help="pretrain the small demo CLIP on a synthetic catalog's captions")
+    p.add_argument("--data", required=True, help="synthetic data folder (make-data output)")
+    p.add_argument("--out", required=True, help="output folder (an HF CLIP checkpoint)")
+    _common(p)
+
     p = sub.add_parser("extract", help="frozen-backbone image and text features of every item")
     p.add_argument("--shards", help="shard folder (data.shards)")
     p.add_argument("--backbone", help="CLIP: local folder or hub id (backbone.name_or_path)")
@@ -157,6 +163,18 @@ def cmd_shard(args) -> int:
     return 0
 
 
+def cmd_make_backbone(args) -> int:
+    from ptmrec_dist.clip.demo_backbone import build_demo_backbone
+    from ptmrec_dist.config import save_config
+
+    cfg = resolve_config(args)
+    summary = build_demo_backbone(args.data, args.out, cfg.demo_backbone, seed=cfg.seed,
+                                  log=lambda m: print(m, file=sys.stderr))
+    save_config(cfg, args.out)
+    print(dumps_json(summary))
+    return 0
+
+
 def cmd_extract(args) -> int:
     from ptmrec_dist import dist
     from ptmrec_dist.clip.extract import run_extract
@@ -206,7 +224,7 @@ def cmd_config(args) -> int:
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
-COMMANDS = {"make-data": cmd_make_data, "stats": cmd_stats, "shard": cmd_shard,
+COMMANDS = {"make-data": cmd_make_data, "make-backbone": cmd_make_backbone, "stats": cmd_stats, "shard": cmd_shard,
             "extract": cmd_extract, "verify": cmd_verify, "demo": cmd_demo, "config": cmd_config}
 
 

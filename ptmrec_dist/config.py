@@ -68,12 +68,12 @@ class DemoBackboneConfig:
     layers: int = 4
     heads: int = 4
     image_size: int = 64
-    patch_size: int = 8
+    patch_size: int = 16
     projection_dim: int = 128
-    max_text_len: int = 32
-    epochs: int = 8
-    batch_size: int = 128
-    lr: float = 1e-3
+    max_text_len: int = 77              # item texts run to ~45 tokens; 32 cut the material word
+    epochs: int = 16
+    batch_size: int = 64
+    lr: float = 5e-4
     holdout: float = 0.1                # fraction of items held out for retrieval accuracy
 
 

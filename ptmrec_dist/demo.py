@@ -3,7 +3,7 @@
 Layout (a contract later steps fill in): ``OUT/data/ OUT/shards/ OUT/backbone/ OUT/features/
 OUT/stage1/ OUT/stage2/ OUT/summary.json``, plus the resolved ``OUT/config.yaml`` and
 ``OUT/log.jsonl`` (one record per step). Steps that
-exist so far: data generation, sharding, statistics. ``summary.json`` lists the steps that ran
+exist so far: data generation, sharding, statistics, the demo backbone, feature extraction. ``summary.json`` lists the steps that ran
 and those not yet available in this version.
 """
 
@@ -21,7 +21,7 @@ SIZES = {
     "tiny": {"n_items": 300, "n_users": 200, "shard_size": 100},
     "default": {"n_items": 3000, "n_users": 3000, "shard_size": 500},
 }
-PENDING_STEPS = ["backbone", "features", "stage1", "stage2"]
+PENDING_STEPS = ["stage1", "stage2"]
 
 
 def demo_config(size: str) -> Config:
@@ -35,6 +35,9 @@ def demo_config(size: str) -> Config:
 
 def run_demo(cfg: Config, out: Path, size: str, log=print) -> dict:
     from ptmrec_dist.cli import format_stats
+    from ptmrec_dist.clip.demo_backbone import build_demo_backbone
+    from ptmrec_dist.clip.extract import run_extract
+    from ptmrec_dist.dist import DistEnv
     from ptmrec_dist.data.interactions import load_interactions
     from ptmrec_dist.data.shards import write_shards
     from ptmrec_dist.data.synthetic import generate
@@ -43,7 +46,7 @@ def run_demo(cfg: Config, out: Path, size: str, log=print) -> dict:
     steps: dict[str, dict] = {}
 
     t0 = time.perf_counter()
-    log(f"[1/3] synthetic data: {cfg.synthetic.n_items} items x {cfg.synthetic.n_users} users "
+    log(f"[1/5] synthetic data: {cfg.synthetic.n_items} items x {cfg.synthetic.n_users} users "
         f"-> {out / 'data'}")
     gen = generate(cfg.synthetic, out / "data", split_seed=cfg.data.split_seed, progress=True)
     save_config(cfg, out / "data")
@@ -52,7 +55,7 @@ def run_demo(cfg: Config, out: Path, size: str, log=print) -> dict:
     run.log(step="data", **steps["data"])
 
     t0 = time.perf_counter()
-    log(f"[2/3] shards: {cfg.data.shard_size} items per shard -> {out / 'shards'}")
+    log(f"[2/5] shards: {cfg.data.shard_size} items per shard -> {out / 'shards'}")
     manifest = write_shards(out / "data", out / "shards", shard_size=cfg.data.shard_size,
                             image_size=cfg.data.image_size, on_bad_sample=cfg.data.on_bad_sample,
                             quality=cfg.data.jpeg_quality)
@@ -63,9 +66,29 @@ def run_demo(cfg: Config, out: Path, size: str, log=print) -> dict:
                        "skipped": manifest["skipped"]["total"]}
     run.log(step="shards", **steps["shards"])
 
-    log("[3/3] statistics")
+    log("[3/5] statistics")
     stats = load_interactions(out / "data", cfg.data).stats()
     log(format_stats(stats))
+
+    t0 = time.perf_counter()
+    log(f"[4/5] demo backbone: pretraining a small CLIP on generic captions -> {out / 'backbone'}")
+    backbone = build_demo_backbone(out / "data", out / "backbone", cfg.demo_backbone,
+                                   seed=cfg.seed, log=log)
+    save_config(cfg, out / "backbone")
+    steps["backbone"] = {"dir": "backbone", "seconds": round(time.perf_counter() - t0, 2),
+                         "heldout": backbone.get("heldout")}
+    run.log(step="backbone", **steps["backbone"])
+
+    t0 = time.perf_counter()
+    log(f"[5/5] features: frozen backbone over the shards -> {out / 'features'}")
+    cfg.backbone.name_or_path = str(out / "backbone")
+    cfg.data.shards = str(out / "shards")
+    save_config(cfg, out)
+    meta = run_extract(cfg, out / "shards", out / "features", DistEnv(), log=log)
+    steps["features"] = {"dir": "features", "seconds": round(time.perf_counter() - t0, 2),
+                         **{k: meta[k] for k in ("n_present", "image_dim", "text_dim", "dtype")}}
+    run.log(step="features", **steps["features"])
+
     summary = {"size": size, "data": stats, "steps": steps,
                "not_yet_available": PENDING_STEPS,
                "stages": {}}   # stage results side by side, filled as stages land

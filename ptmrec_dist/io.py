@@ -13,8 +13,21 @@ import numpy as np
 
 
 def _tmp_near(path: Path) -> tuple[int, str]:
+    """A temp file beside ``path``, readable like a normally created file (mkstemp's 0600 would
+    hide outputs from the other users of shared cluster storage)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    return fd, tmp
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -53,6 +66,10 @@ def dumps_json(obj: Any, indent: int | None = 2) -> str:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, dumps_json(obj) + "\n")
+
+
+def temp_file_near(path: str | Path) -> tuple[int, str]:
+    return _tmp_near(Path(path))
 
 
 def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:

@@ -4,26 +4,14 @@ from pathlib import Path
 
 import torch
 
-
-def byte_symbols() -> list[str]:
-    """GPT-2/CLIP byte-to-unicode table: printable stand-ins for the 256 byte values."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
+from ptmrec_dist.clip.demo_backbone import bytes_to_unicode
 
 
 def save_tiny_clip(out: Path, image_size: int = 32, width: int = 32, projection: int = 16,
                    seed: int = 0) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, \
         CLIPTokenizer
-    base = byte_symbols()
+    base = list(bytes_to_unicode().values())
     vocab = {t: i for i, t in enumerate(base + [b + "</w>" for b in base] +
                                         ["<|startoftext|>", "<|endoftext|>"])}
     tok = CLIPTokenizer(vocab=vocab, merges=[])

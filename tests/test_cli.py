@@ -27,11 +27,14 @@ def run_module(*args, timeout=300):
 def check_demo(out: Path, size: str, n_items: int, n_users: int):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["size"] == size
-    assert summary["not_yet_available"] == ["backbone", "features", "stage1", "stage2"]
-    for sub in ("data", "shards"):
+    assert summary["not_yet_available"] == ["stage1", "stage2"]
+    for sub in ("data", "shards", "backbone", "features"):
         assert (out / sub / "config.yaml").is_file()
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in log] == ["data", "shards"]
+    assert [x["step"] for x in log] == ["data", "shards", "backbone", "features"]
+    features = json.loads((out / "features" / "meta.json").read_text())
+    assert features["n_present"] == n_items and features["backbone"] == str(out / "backbone")
+    assert summary["steps"]["backbone"]["heldout"]
     cfg = load_config(out / "config.yaml")
     assert (cfg.synthetic.n_items, cfg.synthetic.n_users) == (n_items, n_users)
     stats = load_interactions(out / "data").stats()
@@ -55,7 +58,9 @@ def test_demo_tiny_through_python_m(tmp_path):
 def test_demo_overrides_and_bad_key(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--size", "tiny", "synthetic.n_items=120",
-                 "synthetic.n_users=50", "data.shard_size=40"]) == 0
+                 "synthetic.n_users=50", "data.shard_size=40", "demo_backbone.width=32",
+                 "demo_backbone.heads=2", "demo_backbone.layers=1", "demo_backbone.epochs=1",
+                 "extract.num_workers=0"]) == 0
     summary = check_demo(out, "tiny", 120, 50)
     assert summary["steps"]["shards"]["n_shards"] == 3
     res = run_module("demo", "--out", str(tmp_path / "x"), "--size", "tiny", "synthetic.n_itemz=5")
@@ -111,7 +116,8 @@ def test_version_and_console_script():
     assert script.is_file(), "console script `ptmrec` missing from the venv"
     res = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0
-    for command in ("make-data", "stats", "shard", "verify", "demo", "config"):
+    for command in ("make-data", "make-backbone", "stats", "shard", "extract", "verify", "demo",
+                    "config"):
         assert command in res.stdout
 
 

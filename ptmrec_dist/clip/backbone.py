@@ -32,7 +32,7 @@ def weights_hash(module: nn.Module) -> str:
     for name, t in sorted(module.state_dict().items()):
         t = t.detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from ptmrec_dist.data.readers import ExactlyOnceItems
 from ptmrec_dist.data.shards import load_manifest
 from ptmrec_dist.dist import DistEnv
 from ptmrec_dist.errors import PtmrecError, ShardError
-from ptmrec_dist.io import atomic_save_npy, atomic_write_json, sha256_file
+from ptmrec_dist.io import atomic_save_npy, atomic_write_json, sha256_file, temp_file_near
 
 PARTS = "parts"
 
@@ -66,7 +65,7 @@ def _part_is_valid(path: Path, weights: str, n_items: int) -> bool:
 
 def _save_part(path: Path, index, image, text, weights: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_near(path)
     with os.fdopen(fd, "wb") as f:
         np.savez(f, index=index, image=image, text=text, weights_hash=np.array(weights))
     os.replace(tmp, path)

@@ -1,6 +1,6 @@
 """Data-layer figures: synthetic generation, interaction parsing, sharding, shard reading.
 
-    .venv/bin/python bench/bench_data.py [--items 5000 --users 5000] [--out bench/results]
+    .venv/bin/python bench/data.py [--items 5000 --users 5000] [--out bench/results]
 
 Prints one JSON object and writes it to OUT/data.json. Figures, not assertions.
 """
