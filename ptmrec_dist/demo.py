@@ -2,9 +2,9 @@
 
 Layout (a contract later steps fill in): ``OUT/data/ OUT/shards/ OUT/backbone/ OUT/features/
 OUT/stage1/ OUT/stage2/ OUT/summary.json``, plus the resolved ``OUT/config.yaml`` and
-``OUT/log.jsonl`` (one record per step). Steps that
-exist so far: data generation, sharding, statistics, the demo backbone, feature extraction. ``summary.json`` lists the steps that ran
-and those not yet available in this version.
+``OUT/log.jsonl`` (one record per step). Steps that exist so far: data generation, sharding,
+statistics, the demo backbone, feature extraction. ``summary.json`` lists the steps that ran and
+those not yet available in this version.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from ptmrec_dist.config import Config, save_config
-from ptmrec_dist.run import RunDir
 from ptmrec_dist.io import atomic_write_json
+from ptmrec_dist.run import RunDir
 
 SIZES = {
     # tiny: what tests and quick checks use; default: the demo people run

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from ptmrec_dist.errors import InputError
+
 
 def _tmp_near(path: Path) -> tuple[int, str]:
     """A temp file beside ``path``, readable like a normally created file (mkstemp's 0600 would
@@ -90,6 +92,23 @@ def append_jsonl(path: str | Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(dumps_json(record, indent=None) + "\n")
+
+
+def iter_jsonl(path: str | Path):
+    """``(line_no, object)`` for each non-blank line of a JSON-lines file; a line that is not a
+    JSON object raises InputError naming the file and line."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(path, f"invalid JSON: {exc.msg} (column {exc.colno})",
+                                 line=line_no) from None
+            if not isinstance(obj, dict):
+                raise InputError(path, "expected a JSON object per line", line=line_no)
+            yield line_no, obj
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -35,7 +35,7 @@ from ptmrec_dist.clip.backbone import weights_hash as state_dict_hash  # noqa: F
 from ptmrec_dist.config import DemoBackboneConfig
 from ptmrec_dist.data.catalog import read_catalog
 from ptmrec_dist.errors import ConfigError, InputError
-from ptmrec_dist.io import append_jsonl, atomic_write_json
+from ptmrec_dist.io import append_jsonl, atomic_write_json, iter_jsonl
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -264,19 +264,12 @@ def _read_captions(data_dir: Path) -> dict[str, str]:
         raise InputError(path, "captions file not found (make-backbone pretrains on the generic "
                                "captions of a synthetic catalog: ptmrec make-data synthetic)")
     out: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(path, f"invalid JSON: {exc.msg}", line=line_no) from None
-            if not isinstance(obj, dict) or "item_id" not in obj \
-                    or not isinstance(obj.get("caption"), str) or not obj["caption"].strip():
-                raise InputError(path, "expected {\"item_id\": ..., \"caption\": \"...\"}",
-                                 line=line_no)
-            out[str(obj["item_id"])] = obj["caption"]
+    for line_no, obj in iter_jsonl(path):
+        if "item_id" not in obj or not isinstance(obj.get("caption"), str) \
+                or not obj["caption"].strip():
+            raise InputError(path, "expected {\"item_id\": ..., \"caption\": \"...\"}",
+                             line=line_no)
+        out[str(obj["item_id"])] = obj["caption"]
     return out
 
 

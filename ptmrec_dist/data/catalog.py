@@ -9,7 +9,6 @@ not know) follow ``data.on_bad_sample``: ``error`` stops at the first, ``skip`` 
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ptmrec_dist.errors import InputError, SkipReport
+from ptmrec_dist.io import iter_jsonl
 
 CATALOG_FILE = "items.jsonl"
 
@@ -46,34 +46,24 @@ def read_catalog(catalog_dir: str | Path) -> list[CatalogItem]:
                                "and the images it names)")
     items: list[CatalogItem] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(path, f"invalid JSON: {exc.msg} (column {exc.colno})",
-                                 line=line_no) from None
-            if not isinstance(obj, dict):
-                raise InputError(path, "expected a JSON object per line", line=line_no)
-            if "item_id" not in obj or obj["item_id"] in (None, ""):
-                raise InputError(path, "missing", line=line_no, field="item_id")
-            if not isinstance(obj["item_id"], (str, int)) or isinstance(obj["item_id"], bool):
-                raise InputError(path, f"must be a string or an integer, got {obj['item_id']!r}",
-                                 line=line_no, field="item_id")
-            for key in ("title", "text", "image"):
-                if obj.get(key) is not None and not isinstance(obj[key], str):
-                    raise InputError(path, f"must be a string, got {obj[key]!r}",
-                                     line=line_no, field=key)
-            item_id = str(obj["item_id"])
-            if item_id in seen:
-                raise InputError(path, f"duplicate item_id {item_id!r} (first at line "
-                                       f"{seen[item_id]})", line=line_no, field="item_id")
-            seen[item_id] = line_no
-            items.append(CatalogItem(item_id=item_id, title=obj.get("title") or "",
-                                     text=obj.get("text") or "", image=obj.get("image") or "",
-                                     line=line_no))
+    for line_no, obj in iter_jsonl(path):
+        if "item_id" not in obj or obj["item_id"] in (None, ""):
+            raise InputError(path, "missing", line=line_no, field="item_id")
+        if not isinstance(obj["item_id"], (str, int)) or isinstance(obj["item_id"], bool):
+            raise InputError(path, f"must be a string or an integer, got {obj['item_id']!r}",
+                             line=line_no, field="item_id")
+        for key in ("title", "text", "image"):
+            if obj.get(key) is not None and not isinstance(obj[key], str):
+                raise InputError(path, f"must be a string, got {obj[key]!r}",
+                                 line=line_no, field=key)
+        item_id = str(obj["item_id"])
+        if item_id in seen:
+            raise InputError(path, f"duplicate item_id {item_id!r} (first at line "
+                                   f"{seen[item_id]})", line=line_no, field="item_id")
+        seen[item_id] = line_no
+        items.append(CatalogItem(item_id=item_id, title=obj.get("title") or "",
+                                 text=obj.get("text") or "", image=obj.get("image") or "",
+                                 line=line_no))
     if not items:
         raise InputError(path, "the catalog has no items")
     return items
