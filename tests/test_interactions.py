@@ -12,8 +12,13 @@ from ptmrec_dist.data.splits import holdout_sizes, leave_last_out_labels, random
 from ptmrec_dist.errors import InputError
 
 BABY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-baby"
-needs_baby = pytest.mark.skipif(not (BABY / "baby.inter").is_file(),
-                                reason=f"real data set not found at {BABY}")
+
+
+@pytest.fixture
+def baby():
+    """The real Amazon Baby interactions, beside the checkout (as in CI); missing is a failure."""
+    assert (BABY / "baby.inter").is_file(), f"real data set not found at {BABY}"
+    return BABY
 
 
 def write(tmp_path, name, text):
@@ -26,9 +31,8 @@ def quiet(_msg):
     pass
 
 
-@needs_baby
-def test_amazon_baby_counts():
-    inter = load_interactions(BABY, warn=quiet)
+def test_amazon_baby_counts(baby):
+    inter = load_interactions(baby, warn=quiet)
     stats = inter.stats()
     assert (stats["users"], stats["items"], stats["interactions"]) == (19445, 7050, 160792)
     assert stats["splits"] == {"train": 119674, "valid": 20559, "test": 20559}
@@ -37,11 +41,10 @@ def test_amazon_baby_counts():
     assert inter.valid.nnz == 20559 and inter.test.nnz == 20559
 
 
-@needs_baby
-def test_random_rule_reproduces_mmrec_per_user_counts():
+def test_random_rule_reproduces_mmrec_per_user_counts(baby):
     """MMRec's released split has, per user, max(1, n // 10) valid and as many test rows."""
-    given_split = load_interactions(BABY, warn=quiet)
-    ours = load_interactions(BABY, DataConfig(split="random", split_seed=3), warn=quiet)
+    given_split = load_interactions(baby, warn=quiet)
+    ours = load_interactions(baby, DataConfig(split="random", split_seed=3), warn=quiet)
     assert ours.split_rule == "random"
     for split in ("train", "valid", "test"):
         a = np.asarray(given_split.csr(split).sum(1)).ravel()
@@ -51,9 +54,8 @@ def test_random_rule_reproduces_mmrec_per_user_counts():
     assert (given_split.test != ours.test).nnz > 0
 
 
-@needs_baby
-def test_stats_cli_json(capsys):
-    assert main(["stats", str(BABY), "--json"]) == 0
+def test_stats_cli_json(baby, capsys):
+    assert main(["stats", str(baby), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["users"] == 19445 and stats["splits"]["valid"] == 20559
 
