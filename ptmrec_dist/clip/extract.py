@@ -53,14 +53,23 @@ def _part_path(out: Path, shard_name: str) -> Path:
     return out / PARTS / (shard_name.removesuffix(".tar") + ".npz")
 
 
-def _part_is_valid(path: Path, weights: str, n_items: int) -> bool:
+def _load_part(path: Path, weights: str, n_items: int,
+               keys=("index", "image", "text")) -> dict | None:
+    """A part's arrays (``keys``) if it exists, is readable and was made by these weights;
+    else None. npz members load lazily: checking validity reads only the index."""
     if not path.is_file():
-        return False
+        return None
     try:
         with np.load(path, allow_pickle=False) as part:
-            return str(part["weights_hash"]) == weights and len(part["index"]) == n_items
+            if str(part["weights_hash"]) != weights or len(part["index"]) != n_items:
+                return None
+            return {k: part[k] for k in keys}
     except (OSError, ValueError, KeyError):
-        return False
+        return None
+
+
+def _part_is_valid(path: Path, weights: str, n_items: int) -> bool:
+    return _load_part(path, weights, n_items, keys=()) is not None
 
 
 def _save_part(path: Path, index, image, text, weights: str) -> None:
@@ -126,16 +135,16 @@ def merge_parts(shards: Path, out: Path, manifest: dict, weights: str, dtype: st
     image = text = None
     for entry in manifest["shards"]:
         path = _part_path(out, entry["name"])
-        if not _part_is_valid(path, weights, entry["n_items"]):
+        part = _load_part(path, weights, entry["n_items"])
+        if part is None:
             raise ShardError(path, f"missing or stale feature part for {entry['name']}")
-        with np.load(path, allow_pickle=False) as part:
-            idx = part["index"]
-            if image is None:
-                np_dtype = np.float16 if dtype == "fp16" else np.float32
-                image = np.zeros((n_items, part["image"].shape[1]), dtype=np_dtype)
-                text = np.zeros((n_items, part["text"].shape[1]), dtype=np_dtype)
-            np.add.at(seen, idx, 1)
-            image[idx], text[idx] = part["image"], part["text"]
+        idx = part["index"]
+        if image is None:
+            np_dtype = np.float16 if dtype == "fp16" else np.float32
+            image = np.zeros((n_items, part["image"].shape[1]), dtype=np_dtype)
+            text = np.zeros((n_items, part["text"].shape[1]), dtype=np_dtype)
+        np.add.at(seen, idx, 1)
+        image[idx], text[idx] = part["image"], part["text"]
     written = manifest["n_written"]
     if int((seen > 1).sum()) or int((seen == 1).sum()) != written:
         raise PtmrecError(f"{out}: merge check failed: {int((seen == 1).sum())} items once, "

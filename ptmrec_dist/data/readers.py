@@ -218,8 +218,8 @@ class StreamingItems(_ShardReader):
         epoch = self.epoch.get()
         if self.split == "shard":
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.entries))
-            entries = [self.entries[k] for k in order[slot::self.n_slots]] or \
-                [self.entries[order[slot % len(order)]]]
+            # shard mode: at least as many shards as slots, so every slot gets one
+            entries = [self.entries[k] for k in order[slot::self.n_slots]]
             source = self._cycle(entries, None, np.random.default_rng([self.seed, epoch, slot]))
         else:
             source = self._cycle(self.entries, slot, np.random.default_rng([self.seed, epoch, slot]))

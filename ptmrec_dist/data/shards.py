@@ -57,16 +57,25 @@ def _encode_items(job: ShardJob) -> list[tuple[bytes | None, str | None]]:
     return out
 
 
-def _encode_all(catalog_dir: Path, items: list[CatalogItem], image_size: int, quality: int,
-                workers: int) -> list[tuple[bytes | None, str | None]]:
+def _encode_stream(catalog_dir: Path, items: list[CatalogItem], image_size: int, quality: int,
+                   workers: int):
+    """``(item, jpeg bytes or None, bad-sample reason or None)`` in item order. Encoded a window
+    of chunks at a time, so memory holds a few thousand images, never the whole catalog."""
     chunk = 256
     jobs = [ShardJob(catalog_dir, items[i:i + chunk], image_size, quality)
             for i in range(0, len(items), chunk)]
-    if workers <= 1 or len(jobs) <= 1:
-        results = map(_encode_items, jobs)
-        return [r for part in results for r in part]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return [r for part in pool.map(_encode_items, jobs) for r in part]
+    window = max(1, workers) * 4
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and len(jobs) > 1 else None
+    try:
+        for w in range(0, len(jobs), window):
+            batch = jobs[w:w + window]
+            results = pool.map(_encode_items, batch) if pool else map(_encode_items, batch)
+            for job, part in zip(batch, results):
+                for it, (jpg, reason) in zip(job.items, part):
+                    yield it, jpg, reason
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
 
 def _write_one(path: Path, items: list[CatalogItem], images: list[bytes]) -> dict:
@@ -117,12 +126,25 @@ def write_shards(catalog_dir: str | Path, out_dir: str | Path, shard_size: int =
         items, n_space = resolve_indices(items, None, catalog_file, skips, on_bad_sample)
 
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)
-    encoded = _encode_all(catalog_dir, items, image_size, quality, workers)
-    good_items, good_images = [], []
-    for it, (jpg, reason) in zip(items, encoded):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)   # the folder is unfinished until rewritten
+    shards: list[dict] = []
+    buf_items: list[CatalogItem] = []
+    buf_images: list[bytes] = []
+    n_written = 0
+
+    def flush() -> None:
+        shards.append(_write_one(out_dir / shard_name(len(shards)), buf_items, buf_images))
+        buf_items.clear()
+        buf_images.clear()
+
+    for it, jpg, reason in _encode_stream(catalog_dir, items, image_size, quality, workers):
         if reason is None:
-            good_items.append(it)
-            good_images.append(jpg)
+            buf_items.append(it)
+            buf_images.append(jpg)
+            n_written += 1
+            if len(buf_items) == shard_size:
+                flush()
         elif on_bad_sample == "error":
             field = "text" if reason == "empty text" else "image"
             detail = f" ({it.image})" if field == "image" and it.image else ""
@@ -131,19 +153,13 @@ def write_shards(catalog_dir: str | Path, out_dir: str | Path, shard_size: int =
                              line=it.line, field=field)
         else:
             skips.add(reason, it.item_id)
-    if not good_items:
+    if buf_items:
+        flush()
+    if not n_written:
         raise InputError(catalog_file, f"no usable items: {skips.message()}")
     if skips.total:
         log(f"warning: {catalog_file}: {skips.message()}")
-
-    present = {it.index for it in good_items}
-    missing = n_space - len(present)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)   # the folder is unfinished until rewritten
-    shards = []
-    for k, start in enumerate(range(0, len(good_items), shard_size)):
-        shards.append(_write_one(out_dir / shard_name(k), good_items[start:start + shard_size],
-                                 good_images[start:start + shard_size]))
+    missing = n_space - n_written   # indices are unique (resolve_indices checks it)
     names = {s["name"] for s in shards}
     for stale in out_dir.glob("items-*.tar"):
         if stale.name not in names:
@@ -151,7 +167,7 @@ def write_shards(catalog_dir: str | Path, out_dir: str | Path, shard_size: int =
     manifest = {
         "format": FORMAT, "created_by": f"ptmrec_dist {__version__}",
         "catalog": str(catalog_dir), "interactions": str(inter_path) if inter_path else None,
-        "n_items": n_space, "n_written": len(good_items), "n_missing": missing,
+        "n_items": n_space, "n_written": n_written, "n_missing": missing,
         "image_size": image_size, "key_digits": KEY_DIGITS, "shard_size": shard_size,
         "skipped": skips.to_dict(), "shards": shards,
     }
