@@ -65,6 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="features folder: image.npy, text.npy, meta.json")
     _common(p)
 
+    p = sub.add_parser("stage1", help="train a base recommender (BPR) under DeepSpeed; "
+                                      "early stopping on valid")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, representations, "
+                                                "metrics.json, log.jsonl)")
+    p.add_argument("--data", help="interactions file or folder (data.path)")
+    p.add_argument("--features", help="item features folder (data.features)")
+    p.add_argument("--model", help="base recommender: pop, bpr, vbpr, freedom, bm3 "
+                                   "(recommender.name)")
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="full-ranking metrics of a finished run")
+    p.add_argument("--run", required=True, help="run folder (stage1 output)")
+    p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.add_argument("--dump-topk", metavar="FILE",
+                   help="write each user's top-50 items (.jsonl or .npy)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides of the run's config, e.g. eval.mask_valid_at_test=true")
+
     p = sub.add_parser("verify", help="check shards against their manifest (size, sha256, tar)")
     p.add_argument("shards", help="folder with items-*.tar and manifest.json")
     p.add_argument("--no-hash", action="store_true", help="check sizes only (fast)")
@@ -190,6 +209,37 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def cmd_stage1(args) -> int:
+    from ptmrec_dist import dist
+    from ptmrec_dist.train.stage1 import run_stage1
+
+    cfg = resolve_config(args, {"data": "data.path", "features": "data.features",
+                                "model": "recommender.name"})
+    if not cfg.data.path:
+        raise ConfigError("no interactions given: pass --data or set data.path")
+    try:
+        run_stage1(cfg, Path(args.out))
+    finally:
+        dist.finish()
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from ptmrec_dist.eval.evaluate import evaluate_run, format_metrics
+
+    result = evaluate_run(args.run, args.split, args.dump_topk, args.overrides)
+    if args.json:
+        print(dumps_json(result))
+    else:
+        ks = sorted({int(k.split("@")[1]) for k in result["metrics"]})
+        print(f"{args.split}: {result['users']} users (full ranking, training items masked"
+              f"{', valid items masked' if result['mask_valid_at_test'] else ''})")
+        print(format_metrics(result["metrics"], ks))
+        if args.dump_topk:
+            print(f"top-k lists: {args.dump_topk}")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from ptmrec_dist.data.readers import iter_shard
     from ptmrec_dist.data.shards import load_manifest, verify_shards
@@ -213,8 +263,13 @@ def cmd_verify(args) -> int:
 def cmd_demo(args) -> int:
     from ptmrec_dist.demo import demo_config, run_demo
 
+    from ptmrec_dist import dist
+
     cfg = resolve_config(args, base=demo_config(args.size))
-    run_demo(cfg, Path(args.out), args.size)
+    try:
+        run_demo(cfg, Path(args.out), args.size)
+    finally:
+        dist.finish()
     return 0
 
 
@@ -224,8 +279,10 @@ def cmd_config(args) -> int:
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
-COMMANDS = {"make-data": cmd_make_data, "make-backbone": cmd_make_backbone, "stats": cmd_stats, "shard": cmd_shard,
-            "extract": cmd_extract, "verify": cmd_verify, "demo": cmd_demo, "config": cmd_config}
+COMMANDS = {"make-data": cmd_make_data, "make-backbone": cmd_make_backbone, "stats": cmd_stats,
+            "shard": cmd_shard, "extract": cmd_extract, "stage1": cmd_stage1,
+            "evaluate": cmd_evaluate, "verify": cmd_verify, "demo": cmd_demo,
+            "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,9 @@ class DataConfig:
     on_bad_sample: Literal["error", "skip"] = "error"
     catalog: str = ""                   # folder with items.jsonl + images
     shards: str = ""                    # folder with items-*.tar + manifest.json
+    features: str = ""                  # item features: `ptmrec extract` output or a folder with
+    #                                     MMRec's image_feat.npy/text_feat.npy ("" = next to the
+    #                                     interactions file)
     shard_size: int = 1000              # items per shard
     image_size: int = 0                 # shorter image side at shard time; 0 keeps the original
     jpeg_quality: int = 95
@@ -87,11 +90,44 @@ class ExtractConfig:
 
 
 @dataclass
-class RecommenderConfig:
-    """Base recommender of stage 1 (registry name and shared sizes)."""
+class BPRConfig:
+    reg_weight: float = 1e-5            # per-example squared L2 of the batch embeddings
 
-    name: str = "vbpr"
+
+@dataclass
+class VBPRConfig:
+    reg_weight: float = 1e-5
+
+
+@dataclass
+class FreedomConfig:
+    knn_k: int = 10                     # neighbours per item in the frozen item-item graph
+    mm_image_weight: float = 0.1        # image graph weight; text gets 1 - this
+    n_mm_layers: int = 1                # propagation layers on the item-item graph
+    n_ui_layers: int = 2                # LightGCN layers on the user-item graph
+    dropout: float = 0.8                # fraction of user-item edges pruned each epoch
+    reg_weight: float = 1e-4            # weight of the modal BPR terms
+
+
+@dataclass
+class BM3Config:
+    n_layers: int = 1                   # LightGCN layers
+    dropout: float = 0.3                # dropout of the target views
+    reg_weight: float = 0.1             # embedding-norm regulariser
+    cl_weight: float = 2.0              # weight of the modal alignment/masking losses
+
+
+@dataclass
+class RecommenderConfig:
+    """Base recommender of stage 1: registry name, shared sizes, per-model settings."""
+
+    name: str = "vbpr"                  # pop | bpr | vbpr | freedom | bm3
     embedding_dim: int = 64
+    feat_embed_dim: int = 64            # projection size of the modal features
+    bpr: BPRConfig = field(default_factory=BPRConfig)
+    vbpr: VBPRConfig = field(default_factory=VBPRConfig)
+    freedom: FreedomConfig = field(default_factory=FreedomConfig)
+    bm3: BM3Config = field(default_factory=BM3Config)
 
 
 @dataclass
@@ -105,11 +141,24 @@ class PeftConfig:
 
 @dataclass
 class Stage1Config:
-    epochs: int = 100
-    batch_size: int = 2048
+    epochs: int = 200
+    batch_size: int = 2048              # global (all ranks together); a multiple of the ranks
     lr: float = 1e-3
     weight_decay: float = 0.0
-    patience: int = 20                  # MMRec's early-stopping patience (valid Recall@20)
+    patience: int = 20                  # evaluations without a better valid metric before stopping
+    eval_every: int = 1                 # epochs between evaluations on valid
+    ds_config: str = "zero0"            # a name in ds_configs/ (zero0, zero1, zero2) or a JSON path
+
+
+@dataclass
+class EvalConfig:
+    """Full-ranking evaluation (MMRec protocol)."""
+
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20, 50])
+    metric: str = "recall@20"           # model selection and early stopping, on valid only
+    mask_valid_at_test: bool = False    # MMRec masks only training items at test time
+    chunk_users: int = 0                # users scored at once; 0 = from memory_mb
+    memory_mb: int = 512                # score-matrix budget per chunk when chunk_users is 0
 
 
 @dataclass
@@ -147,6 +196,7 @@ class Config:
     recommender: RecommenderConfig = field(default_factory=RecommenderConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     dist: DistConfig = field(default_factory=DistConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -176,6 +226,24 @@ class Config:
             ("extract.batch_size", self.extract.batch_size >= 1, "must be >= 1"),
             ("extract.num_workers", self.extract.num_workers >= 0, "must be >= 0"),
             ("stage1.patience", self.stage1.patience >= 1, "must be >= 1"),
+            ("stage1.epochs", self.stage1.epochs >= 1, "must be >= 1"),
+            ("stage1.batch_size", self.stage1.batch_size >= 1, "must be >= 1"),
+            ("stage1.eval_every", self.stage1.eval_every >= 1, "must be >= 1"),
+            ("stage1.lr", self.stage1.lr > 0, "must be > 0"),
+            ("recommender.embedding_dim", self.recommender.embedding_dim >= 1, "must be >= 1"),
+            ("recommender.feat_embed_dim", self.recommender.feat_embed_dim >= 1, "must be >= 1"),
+            ("recommender.freedom.knn_k", self.recommender.freedom.knn_k >= 1, "must be >= 1"),
+            ("recommender.freedom.dropout", 0 <= self.recommender.freedom.dropout < 1,
+             "must be in [0, 1)"),
+            ("recommender.freedom.mm_image_weight",
+             0 <= self.recommender.freedom.mm_image_weight <= 1, "must be in [0, 1]"),
+            ("recommender.bm3.dropout", 0 <= self.recommender.bm3.dropout < 1, "must be in [0, 1)"),
+            ("eval.ks", bool(self.eval.ks) and all(k >= 1 for k in self.eval.ks),
+             "must be a non-empty list of K >= 1"),
+            ("eval.metric", _metric_ok(self.eval.metric, self.eval.ks),
+             "must be METRIC@K with METRIC in recall, ndcg, precision, map, hit and K in eval.ks"),
+            ("eval.chunk_users", self.eval.chunk_users >= 0, "must be >= 0 (0 = from memory_mb)"),
+            ("eval.memory_mb", self.eval.memory_mb >= 1, "must be >= 1"),
             ("stage2.prompt_len", self.stage2.prompt_len >= 0, "must be >= 0"),
             ("stage2.prompt_depth", self.stage2.prompt_depth >= 0, "must be >= 0"),
             ("stage2.kt_tau", self.stage2.kt_tau > 0, "must be > 0"),
@@ -184,6 +252,11 @@ class Config:
             if not ok:
                 raise ConfigError(f"config key '{key}' {what} (got {get_key(self, key)!r})")
         return self
+
+
+def _metric_ok(metric: str, ks: list[int]) -> bool:
+    name, _, k = metric.partition("@")
+    return name in ("recall", "ndcg", "precision", "map", "hit") and k.isdigit() and int(k) in ks
 
 
 # --------------------------------------------------------------------------- type checking
@@ -232,6 +305,11 @@ def _coerce(value: Any, tp: Any, key: str, raw: str | None = None) -> Any:
             raise bad
         return value
     if tp is float:
+        if isinstance(value, str):     # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not math.isfinite(value):
             raise bad

@@ -7,8 +7,10 @@ The only module that knows how a job was launched: ``torchrun`` (RANK/WORLD_SIZE
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
+import socket
 import re
 from dataclasses import dataclass
 from typing import Mapping
@@ -87,6 +89,12 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
                    master_port=_int(env, "MASTER_PORT", DEFAULT_PORT))
 
 
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def resolve_backend(backend: str) -> str:
     if backend != "auto":
         return backend
@@ -100,6 +108,8 @@ def init(backend: str = "auto", timeout_s: int = 1800, env: DistEnv | None = Non
     import torch.distributed as tdist
 
     env = env or detect()
+    if env.launcher == "single" and "MASTER_PORT" not in os.environ:
+        env = dataclasses.replace(env, master_port=free_port())   # no clash with other jobs
     os.environ.update({"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size),
                        "LOCAL_RANK": str(env.local_rank), "MASTER_ADDR": env.master_addr,
                        "MASTER_PORT": str(env.master_port)})
@@ -113,6 +123,14 @@ def init(backend: str = "auto", timeout_s: int = 1800, env: DistEnv | None = Non
 def teardown() -> None:
     import torch.distributed as tdist
     if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def finish() -> None:
+    """End of a command: tear down a multi-process group; keep a one-process group, which
+    DeepSpeed caches and a later command in the same process (tests, the demo) reuses."""
+    import torch.distributed as tdist
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
         tdist.destroy_process_group()
 
 

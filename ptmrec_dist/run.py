@@ -25,8 +25,16 @@ class RunDir:
         self._t0 = time.time()
 
     def start(self) -> "RunDir":
+        """Create the folder and write the config; the log of an earlier run in the same folder
+        is kept as ``log.jsonl.1`` (``.2``, ...), not appended to."""
         if self.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
+            log = self.path / LOG
+            if log.exists():
+                n = 1
+                while log.with_name(f"{LOG}.{n}").exists():
+                    n += 1
+                log.rename(log.with_name(f"{LOG}.{n}"))
             save_config(self.cfg, self.path)
         return self
 

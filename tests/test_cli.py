@@ -27,11 +27,21 @@ def run_module(*args, timeout=300):
 def check_demo(out: Path, size: str, n_items: int, n_users: int):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["size"] == size
-    assert summary["not_yet_available"] == ["stage1", "stage2"]
-    for sub in ("data", "shards", "backbone", "features"):
+    assert summary["not_yet_available"] == ["stage2"]
+    for sub in ("data", "shards", "backbone", "features", "stage1", "stage1-pop"):
         assert (out / sub / "config.yaml").is_file()
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in log] == ["data", "shards", "backbone", "features"]
+    assert [x["step"] for x in log] == ["data", "shards", "backbone", "features", "stage1-pop",
+                                        "stage1"]
+    # stage 1 (vbpr on the extracted features) next to the popularity baseline
+    for folder, model in (("stage1", "vbpr"), ("stage1-pop", "pop")):
+        metrics = json.loads((out / folder / "metrics.json").read_text())
+        assert metrics["model"] == model
+        assert summary["stages"][folder]["test"]["recall@20"] == \
+            round(metrics["test"]["recall@20"], 4)
+        assert (out / folder / "user_repr.npy").is_file()
+    s1 = load_config(out / "stage1" / "config.yaml")
+    assert s1.data.features == str(out / "features") and s1.data.path == str(out / "data")
     features = json.loads((out / "features" / "meta.json").read_text())
     assert features["n_present"] == n_items and features["backbone"] == str(out / "backbone")
     assert summary["steps"]["backbone"]["heldout"]
@@ -114,8 +124,8 @@ def test_version_and_console_script():
     assert script.is_file(), "console script `ptmrec` missing from the venv"
     res = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0
-    for command in ("make-data", "make-backbone", "stats", "shard", "extract", "verify", "demo",
-                    "config"):
+    for command in ("make-data", "make-backbone", "stats", "shard", "extract", "stage1",
+                    "evaluate", "verify", "demo", "config"):
         assert command in res.stdout
 
 

@@ -19,6 +19,6 @@ def test_readme_opens_with_the_two_commands_and_names_only_real_subcommands():
     readme = (ROOT / "README.md").read_text()
     head = readme.split("## ")[0]
     assert "make demo" in head and "make test" in head
-    used = set(re.findall(r"^ptmrec ([a-z-]+)", readme, flags=re.M))
+    used = set(re.findall(r"^ptmrec ([a-z0-9-]+)", readme, flags=re.M))
     assert used and used <= set(COMMANDS)
     assert (ROOT / ".ci" / "run").read_text().strip().endswith("make test")

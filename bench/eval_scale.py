@@ -1,0 +1,91 @@
+"""Full-ranking evaluation at catalog scale: time and peak memory of ``eval.metrics.evaluate``
+for U users x I items (random 64-d representations, 10 training and 2 target items per user).
+
+    .venv/bin/python bench/eval_scale.py [--items 1000000 --users 100000 --memory-mb 512]
+
+Each size runs in a fresh process that reports its peak RSS (VmHWM) before and after the
+evaluation; the evaluation's own share stays near ``memory_mb`` whatever the number of users,
+because scores exist for one chunk of users at a time. Prints JSON, writes OUT/eval_scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _hwm_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child(items: int, users: int, dim: int, memory_mb: int) -> dict:
+    import numpy as np
+    import scipy.sparse as sp
+    import torch
+
+    from ptmrec_dist.eval.metrics import chunk_size, evaluate
+
+    rng = np.random.default_rng(0)
+    u_rep = torch.from_numpy(rng.standard_normal((users, dim), dtype=np.float32))
+    i_rep = torch.from_numpy(rng.standard_normal((items, dim), dtype=np.float32))
+    picks = rng.integers(0, items, size=(users, 12))
+    rows = np.repeat(np.arange(users), 10)
+    train = sp.csr_matrix((np.ones(users * 10, np.float32), (rows, picks[:, :10].ravel())),
+                          shape=(users, items))
+    rows = np.repeat(np.arange(users), 2)
+    target = sp.csr_matrix((np.ones(users * 2, np.float32), (rows, picks[:, 10:].ravel())),
+                           shape=(users, items))
+    target = target - target.multiply(train)     # no target item is also a training item
+    target.eliminate_zeros()
+    before = _hwm_mb()
+    t0 = time.perf_counter()
+    metrics = evaluate(lambda u: u_rep[u] @ i_rep.T, train, target, [5, 10, 20, 50],
+                       memory_mb=memory_mb)
+    seconds = time.perf_counter() - t0
+    after = _hwm_mb()
+    return {"items": items, "users": users, "dim": dim, "memory_mb": memory_mb,
+            "chunk_users": chunk_size(items, 0, memory_mb), "seconds": round(seconds, 1),
+            "users_per_s": round(users / seconds, 1),
+            "peak_rss_before_eval_mb": round(before), "peak_rss_after_eval_mb": round(after),
+            "eval_peak_increase_mb": round(after - before),
+            "recall@20": round(metrics["recall@20"], 6)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--items", type=int, default=1_000_000)
+    ap.add_argument("--users", type=int, default=100_000)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--memory-mb", type=int, default=512)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.items, args.users, args.dim, args.memory_mb)))
+        return 0
+    runs = []
+    for users in sorted({max(1, args.users // 20), args.users}):
+        cmd = [sys.executable, __file__, "--child", "--items", str(args.items), "--users",
+               str(users), "--dim", str(args.dim), "--memory-mb", str(args.memory_mb)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        print(json.dumps(runs[-1]), flush=True)
+    result = {"runs": runs}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval_scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Full-ranking evaluation (MMRec protocol), chunked over users."""

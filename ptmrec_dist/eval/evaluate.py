@@ -1,0 +1,101 @@
+"""``ptmrec evaluate --run DIR``: full-ranking metrics of a finished run from its exported
+representations (``user_repr.npy`` @ ``item_repr.npy``.T) and the interactions named in its
+``config.yaml``; ``--dump-topk FILE`` writes every evaluated user's top-50 items so anyone can
+recompute the metrics independently."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ptmrec_dist.config import load_config
+from ptmrec_dist.data.interactions import load_interactions
+from ptmrec_dist.errors import ConfigError, InputError
+from ptmrec_dist.eval.metrics import evaluate
+from ptmrec_dist.io import atomic_write_json, temp_file_near
+
+DUMP_K = 50
+
+
+class TopkWriter:
+    """Collects ``(user, top-K)`` chunks into FILE: ``.jsonl`` (one ``{"user", "user_id",
+    "items", "item_ids"}`` object per line) or ``.npy`` (int64 ``[n, 1 + K]``, column 0 the user
+    index, the rest item indices best first). Written atomically on :meth:`close`."""
+
+    def __init__(self, path: str | Path, user_ids=None, item_ids=None, k: int = DUMP_K):
+        self.path = Path(path)
+        if self.path.suffix not in (".jsonl", ".npy"):
+            raise ConfigError(f"--dump-topk {self.path}: use a .jsonl or .npy file name")
+        self.k, self.user_ids, self.item_ids = k, user_ids, item_ids
+        self.parts: list[np.ndarray] = []
+
+    def __call__(self, users: np.ndarray, topk: np.ndarray) -> None:
+        self.parts.append(np.concatenate([users[:, None], topk[:, :self.k]], axis=1))
+
+    def close(self) -> None:
+        rows = np.concatenate(self.parts) if self.parts else np.zeros((0, 1 + self.k), np.int64)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = temp_file_near(self.path)
+        with open(fd, "wb") as f:
+            if self.path.suffix == ".npy":
+                np.save(f, rows.astype(np.int64))
+            else:
+                for row in rows:
+                    rec = {"user": int(row[0]), "items": row[1:].tolist()}
+                    if self.user_ids is not None:
+                        rec["user_id"] = str(self.user_ids[row[0]])
+                    if self.item_ids is not None:
+                        rec["item_ids"] = [str(self.item_ids[i]) for i in row[1:]]
+                    f.write((json.dumps(rec) + "\n").encode())
+        Path(tmp).replace(self.path)
+
+
+def load_representations(run: Path) -> tuple[np.ndarray, np.ndarray]:
+    arrays = []
+    for name in ("user_repr.npy", "item_repr.npy"):
+        path = run / name
+        if not path.is_file():
+            raise InputError(path, "missing: not a finished stage-1/stage-2 run folder "
+                                   "(it has no exported representations)")
+        arrays.append(np.load(path, allow_pickle=False))
+    return arrays[0], arrays[1]
+
+
+def evaluate_run(run: str | Path, split: str = "test", dump_topk: str | None = None,
+                 overrides: list[str] | tuple = ()) -> dict:
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise InputError(run / "config.yaml", "missing: not a run folder")
+    cfg = load_config(run / "config.yaml", overrides)
+    inter = load_interactions(cfg.data.path, cfg.data)
+    users_r, items_r = load_representations(run)
+    if users_r.shape[0] != inter.n_users or items_r.shape[0] != inter.n_items:
+        raise InputError(run / "user_repr.npy",
+                         f"representations are {users_r.shape[0]} users x {items_r.shape[0]} "
+                         f"items, the interactions {inter.n_users} x {inter.n_items}")
+    u_t, i_t = torch.from_numpy(users_r), torch.from_numpy(items_r)
+    target = inter.csr(split)
+    extra = inter.csr("valid") if split == "test" and cfg.eval.mask_valid_at_test else None
+    sink = (TopkWriter(dump_topk, inter.user_ids, inter.item_ids,
+                       k=max(DUMP_K, max(cfg.eval.ks))) if dump_topk else None)
+    ks = sorted(set(cfg.eval.ks))
+    metrics = evaluate(lambda u: u_t[u] @ i_t.T, inter.csr("train"), target, ks,
+                       also_mask=extra, chunk=cfg.eval.chunk_users, memory_mb=cfg.eval.memory_mb,
+                       topk_sink=sink)
+    if sink is not None:
+        sink.close()
+    result = {"split": split, "users": int((np.diff(target.indptr) > 0).sum()),
+              "mask_valid_at_test": cfg.eval.mask_valid_at_test, "metrics": metrics}
+    atomic_write_json(run / f"eval_{split}.json", result)
+    return result
+
+
+def format_metrics(metrics: dict[str, float], ks: list[int]) -> str:
+    names = ("recall", "ndcg", "precision", "map", "hit")
+    lines = ["metric     " + "".join(f"@{k:<9d}" for k in ks)]
+    for n in names:
+        lines.append(f"{n:<11s}" + "".join(f"{metrics[f'{n}@{k}']:<10.4f}" for k in ks))
+    return "\n".join(lines)

@@ -1,0 +1,158 @@
+"""Full-ranking metrics with MMRec's definitions, chunked over users, no Python loop over users.
+
+For each evaluated user (one with at least one positive in the target split) every item is
+scored, the user's training items (and, as a switch, other held-out items) are masked, and the
+top ``max(ks)`` items are taken; ties are broken by the lower item index, so the result does not
+depend on the chunking or the kernel. With ``hits`` the 0/1 relevance of the ranked list and
+``P`` the user's number of positives:
+
+- Recall@K = hits in top K / P;  Precision@K = hits in top K / K;  HitRate@K = [any hit in top K]
+- NDCG@K = sum_i hits_i / log2(i + 2) over the top K, divided by the same sum over the first
+  min(P, K) positions (the ideal DCG);
+- MAP@K = sum_i Precision@i x hits_i over the top K, divided by min(P, K).
+
+Each metric is averaged over the evaluated users. Memory is O(chunk x items): the score matrix of
+one chunk of users, never users x items.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+METRICS = ("recall", "ndcg", "precision", "map", "hit")
+
+
+def topk_items(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``[n, k]`` item indices by descending score, ties by ascending index (deterministic);
+    -1 where fewer than k items have a score above -inf (the rest are masked)."""
+    n_items = scores.shape[1]
+    k = min(k, n_items)
+    # one extra place tells whether the k-th score is tied with an item left out
+    vals, idx = torch.topk(scores, min(k + 1, n_items), dim=1)
+    dev = scores.device
+    cut = (torch.nonzero(vals[:, k] == vals[:, k - 1]).squeeze(1) if n_items > k
+           else torch.zeros(0, dtype=torch.long, device=dev))
+    vals, idx = vals[:, :k].contiguous(), idx[:, :k].contiguous()
+    if cut.numel():
+        # rows where the tie is cut: keep the items above the k-th score, then the
+        # lowest-index tied ones
+        sub, kth = scores[cut], vals[cut, k - 1:k]
+        n_above = (sub > kth).sum(1)
+        r, c = torch.nonzero(sub == kth, as_tuple=True)     # row-major: c ascending
+        n_tied = torch.bincount(r, minlength=len(cut))
+        pos = torch.arange(r.numel(), device=dev) - (torch.cumsum(n_tied, 0) - n_tied)[r]
+        take = pos < (k - n_above)[r]
+        fixed = idx[cut]
+        fixed[r[take], n_above[r[take]] + pos[take]] = c[take]
+        idx[cut] = fixed
+        vals[cut] = torch.gather(sub, 1, fixed)
+    # order by (score desc, index asc): sort by index, then a stable sort by score
+    by_index = torch.argsort(idx, dim=1)
+    idx, vals = torch.gather(idx, 1, by_index), torch.gather(vals, 1, by_index)
+    by_score = torch.sort(vals, dim=1, descending=True, stable=True)
+    idx = torch.gather(idx, 1, by_score.indices)
+    # masked items (-inf) only fill places when fewer than k items are left: report them as -1
+    return idx.masked_fill(by_score.values == -torch.inf, -1)
+
+
+def _keys(csr: sp.csr_matrix) -> np.ndarray:
+    """Sorted ``user * n_items + item`` of every entry (a fast membership index)."""
+    csr = csr.tocsr()
+    csr.sort_indices()
+    rows = np.repeat(np.arange(csr.shape[0], dtype=np.int64), np.diff(csr.indptr))
+    return rows * csr.shape[1] + csr.indices.astype(np.int64)
+
+
+def hits_matrix(users: np.ndarray, topk: np.ndarray, target_keys: np.ndarray,
+                n_items: int) -> np.ndarray:
+    """``[n, K]`` bool: is ``topk[u, j]`` a positive of ``users[u]``."""
+    keys = users[:, None].astype(np.int64) * n_items + topk.astype(np.int64)
+    pos = np.searchsorted(target_keys, keys)
+    pos = np.minimum(pos, len(target_keys) - 1)
+    return (target_keys[pos] == keys) & (topk >= 0)
+
+
+def metric_sums(hits: np.ndarray, n_pos: np.ndarray, ks: list[int]) -> dict[str, float]:
+    """Per-metric sums over the users of one chunk (divide by the user count for the mean)."""
+    kmax = max(ks)
+    hits = hits[:, :kmax]
+    if hits.shape[1] < kmax:      # fewer items than K: the missing slots are misses
+        hits = np.pad(hits, ((0, 0), (0, kmax - hits.shape[1])))
+    hits = hits.astype(np.float64)
+    cum = np.cumsum(hits, axis=1)
+    disc = 1.0 / np.log2(np.arange(kmax) + 2.0)
+    dcg = np.cumsum(hits * disc, axis=1)
+    ideal = np.concatenate([[0.0], np.cumsum(disc)])
+    prec_at = cum / np.arange(1, kmax + 1)
+    ap = np.cumsum(prec_at * hits, axis=1)
+    out = {}
+    for k in ks:
+        h = cum[:, k - 1]
+        denom = np.minimum(n_pos, k)
+        out[f"recall@{k}"] = float((h / n_pos).sum())
+        out[f"precision@{k}"] = float((h / k).sum())
+        out[f"hit@{k}"] = float((h > 0).sum())
+        out[f"ndcg@{k}"] = float((dcg[:, k - 1] / ideal[denom]).sum())
+        out[f"map@{k}"] = float((ap[:, k - 1] / denom).sum())
+    return out
+
+
+def chunk_size(n_items: int, chunk_users: int = 0, memory_mb: int = 512) -> int:
+    """Users per chunk: ``chunk_users`` if set, else what fits ``memory_mb`` of score matrix
+    (8 bytes per score: the fp32 matrix plus top-k and tie-handling temporaries, measured)."""
+    if chunk_users:
+        return chunk_users
+    return max(1, memory_mb * 2**20 // (n_items * 8))
+
+
+def ranked_chunks(score_fn: Callable[[torch.Tensor], torch.Tensor], users: np.ndarray,
+                  mask: sp.csr_matrix, k: int, chunk: int) -> Iterator[tuple[np.ndarray,
+                                                                               np.ndarray]]:
+    """``(users_chunk, topk [n, k])`` per chunk; ``mask`` entries are excluded from ranking."""
+    mask = mask.tocsr()
+    for start in range(0, len(users), chunk):
+        u = users[start:start + chunk]
+        with torch.no_grad():
+            scores = score_fn(torch.from_numpy(u.astype(np.int64))).float()
+        sub = mask[u]
+        rows = torch.from_numpy(np.repeat(np.arange(len(u)), np.diff(sub.indptr)))
+        cols = torch.from_numpy(sub.indices.astype(np.int64))
+        scores[rows.to(scores.device), cols.to(scores.device)] = -torch.inf
+        yield u, topk_items(scores, k).cpu().numpy()
+
+
+def evaluate(score_fn, train: sp.csr_matrix, target: sp.csr_matrix, ks: list[int],
+             also_mask: sp.csr_matrix | None = None, chunk: int = 0, memory_mb: int = 512,
+             users: np.ndarray | None = None, topk_sink=None,
+             reduce=None) -> dict[str, float]:
+    """Mean metrics over the users with a positive in ``target`` (or the given subset of them:
+    ranks pass their share and a ``reduce`` that sums ``[sums..., count]`` over ranks).
+
+    ``score_fn(users LongTensor) -> [n, n_items]``; ``train`` (plus ``also_mask``) is masked.
+    ``topk_sink(users, topk)`` receives every chunk's ranked lists (for ``--dump-topk``).
+    """
+    n_items = train.shape[1]
+    n_pos_all = np.diff(target.tocsr().indptr)
+    users = np.flatnonzero(n_pos_all > 0) if users is None else \
+        np.asarray(users)[n_pos_all[np.asarray(users, dtype=np.int64)] > 0]   # no positive: skip
+    mask = train if also_mask is None else (train + also_mask).tocsr()
+    keys = _keys(target)
+    kmax = max(ks)
+    totals = {f"{m}@{k}": 0.0 for k in ks for m in METRICS}
+    for u, top in ranked_chunks(score_fn, users, mask, kmax,
+                                chunk_size(n_items, chunk, memory_mb)):
+        if topk_sink is not None:
+            topk_sink(u, top)
+        sums = metric_sums(hits_matrix(u, top, keys, n_items), n_pos_all[u], ks)
+        for name, value in sums.items():
+            totals[name] += value
+    names = list(totals)
+    vector = np.array([totals[n] for n in names] + [float(len(users))])
+    if reduce is not None:
+        vector = reduce(vector)
+    count = vector[-1]
+    return {n: (float(v / count) if count else 0.0) for n, v in zip(names, vector[:-1])}

@@ -1,0 +1,121 @@
+"""The interface every base recommender implements, and the pieces several share.
+
+``Recommender(n_users, n_items, features, config, train)``: ``features`` is an
+:class:`~ptmrec_dist.rec.features.ItemFeatures` (``image``/``text`` arrays or None), ``config`` the
+``recommender`` section, ``train`` the training CSR matrix (graph models build their user-item
+graph from it; ``pop`` counts it).
+
+Training batches are dicts with ``users``, ``pos`` and (when ``uses_negatives``) ``neg`` index
+tensors, ``denom`` (the divisor that turns per-example sums into the *global* batch mean, so that
+averaging gradients over ranks gives the same update as one rank with the whole batch) and
+``generator`` (a torch.Generator seeded by (seed, epoch, step), the same on every rank: any
+randomness over shared tables, e.g. BM3's dropout, must come from it).
+
+Scores are always ``user_repr @ item_repr.T`` of :meth:`representations`; ``full_scores`` and
+``forward`` are derived from it, and stage 1 exports both matrices as the teacher of stage 2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Recommender(nn.Module):
+    name = "base"
+    needs_features = False      # requires image and/or text features
+    uses_negatives = True       # the sampler draws one negative per (user, positive)
+    trainable = True            # False: nothing to learn (pop)
+
+    def __init__(self, n_users: int, n_items: int, features, config, train: sp.csr_matrix):
+        super().__init__()
+        self.n_users, self.n_items = n_users, n_items
+        self.config = config
+
+    # ------------------------------------------------------------------ the interface
+    def pre_epoch(self, epoch: int, generator: torch.Generator) -> None:
+        """Per-epoch set-up (FREEDOM prunes its user-item graph here)."""
+
+    def representations(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(users [n_users, d], items [n_items, d])`` with scores = users @ items.T."""
+        raise NotImplementedError
+
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        """``{"loss": total, <term>: value, ...}`` for one batch (terms are detached copies)."""
+        raise NotImplementedError
+
+    def item_modal_inputs(self) -> dict[str, torch.Tensor]:
+        """The per-item modal inputs (``image``/``text`` tables) that stage 2 replaces with
+        adapted CLIP features; empty for ID-only models."""
+        return {}
+
+    # ------------------------------------------------------------------ derived
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        u, i = self.representations()
+        return (u[users] * i[items]).sum(-1)
+
+    def full_scores(self, users: torch.Tensor) -> torch.Tensor:
+        u, i = self.representations()
+        return u[users] @ i.T
+
+
+# ---------------------------------------------------------------------- shared pieces
+
+def batch_mean(x: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per-example values summed and divided by ``denom``: the global-batch mean share."""
+    return x.sum() / batch["denom"]
+
+
+def bpr_loss(pos: torch.Tensor, neg: torch.Tensor, batch: dict) -> torch.Tensor:
+    """-log sigmoid(pos - neg), averaged over the global batch (MMRec's BPRLoss)."""
+    return batch_mean(-F.logsigmoid(pos - neg), batch)
+
+
+def l2_reg(batch: dict, *embeddings: torch.Tensor) -> torch.Tensor:
+    """Per-example squared L2 norm / 2 of the batch's embeddings, global-batch mean.
+
+    MMRec's EmbLoss uses the (unsquared) Frobenius norm of the whole batch, which is not a sum over
+    examples and so would differ between 1 and N ranks; this is the per-example form (LightGCN's).
+    """
+    total = sum((e ** 2).sum(-1) for e in embeddings)
+    return batch_mean(total / 2, batch)
+
+
+def xavier_embedding(n: int, dim: int) -> nn.Parameter:
+    w = torch.empty(n, dim)
+    nn.init.xavier_normal_(w)
+    return nn.Parameter(w)
+
+
+def modal_tensor(array: np.ndarray | None) -> torch.Tensor | None:
+    return None if array is None else torch.tensor(np.asarray(array, dtype=np.float32))
+
+
+def dropout(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Inverted dropout with an explicit generator (the same mask on every rank)."""
+    if p <= 0:
+        return x
+    keep = (torch.rand(x.shape, generator=generator) >= p).to(x.device)
+    return x * keep.to(x.dtype) / (1 - p)
+
+
+def dropout_rows(rows: torch.Tensor, index: torch.Tensor, n_rows: int, p: float,
+                 generator: torch.Generator) -> torch.Tensor:
+    """``dropout(table)[index]`` for a table of ``n_rows`` of which only ``rows = table[index]``
+    was computed: the mask is drawn for the whole table, so every rank draws the same one."""
+    if p <= 0:
+        return rows
+    keep = (torch.rand((n_rows, rows.shape[1]), generator=generator) >= p)[index.cpu()]
+    return rows * keep.to(rows.device, rows.dtype) / (1 - p)
+
+
+def terms(**values: torch.Tensor | float) -> dict[str, torch.Tensor]:
+    """A loss dict: ``loss`` keeps its graph, the other terms are detached for logging."""
+    out = {}
+    for k, v in values.items():
+        v = v if torch.is_tensor(v) else torch.tensor(float(v))
+        out[k] = v if k == "loss" else v.detach()
+    return out

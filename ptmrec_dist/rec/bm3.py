@@ -1,0 +1,82 @@
+"""``bm3`` (Zhou et al., WWW 2023, "Bootstrap Latent Representations for Multi-modal
+Recommendation"; MMRec's implementation): a LightGCN online network and a shared predictor;
+target views are dropout-perturbed, gradient-stopped copies (no negatives sampled). Losses:
+user<->item alignment between online and target views, modal-vs-ID alignment and masked modal
+reconstruction per modality, and an embedding-norm regulariser."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptmrec_dist.rec import graph
+from ptmrec_dist.rec.base import (Recommender, batch_mean, dropout, dropout_rows, modal_tensor,
+                                  terms, xavier_embedding)
+
+
+def _cos_loss(a: torch.Tensor, b: torch.Tensor, batch: dict) -> torch.Tensor:
+    return batch_mean(1 - F.cosine_similarity(a, b.detach(), dim=-1), batch)
+
+
+class BM3(Recommender):
+    name = "bm3"
+    needs_features = True
+    uses_negatives = False
+
+    def __init__(self, n_users, n_items, features, config, train):
+        super().__init__(n_users, n_items, features, config, train)
+        self.c = config.bm3
+        d = config.embedding_dim
+        self.user_embedding = xavier_embedding(n_users, d)
+        self.item_id_embedding = xavier_embedding(n_items, d)
+        self.predictor = nn.Linear(d, d)
+        nn.init.xavier_normal_(self.predictor.weight)
+        self.modalities = [m for m in ("text", "image") if features.get(m) is not None]
+        for m in self.modalities:
+            feats = modal_tensor(features.get(m))
+            setattr(self, f"{m}_embedding", nn.Parameter(feats.clone()))
+            trs = nn.Linear(feats.shape[1], config.feat_embed_dim)
+            nn.init.xavier_normal_(trs.weight)
+            setattr(self, f"{m}_trs", trs)
+        eu, ei = graph.train_edges(train)
+        self.register_buffer("norm_adj", graph.bipartite_adj(eu, ei, n_users, n_items),
+                             persistent=False)
+
+    def item_modal_inputs(self):
+        return {m: getattr(self, f"{m}_embedding") for m in self.modalities}
+
+    def _online(self):
+        ego = torch.cat([self.user_embedding, self.item_id_embedding], dim=0)
+        out = graph.lightgcn(self.norm_adj, ego, self.c.n_layers)
+        users, items = torch.split(out, [self.n_users, self.n_items])
+        return users, items + self.item_id_embedding
+
+    def representations(self):
+        users, items = self._online()
+        return self.predictor(users), self.predictor(items)
+
+    def loss(self, batch):
+        users, items, gen = batch["users"], batch["pos"], batch["generator"]
+        u_ori, i_ori = self._online()
+        with torch.no_grad():
+            u_target = dropout(u_ori.detach(), self.c.dropout, gen)[users]
+            i_target = dropout(i_ori.detach(), self.c.dropout, gen)[items]
+        u_online = self.predictor(u_ori[users])
+        i_online = self.predictor(i_ori[items])
+        loss_ui = _cos_loss(u_online, i_target, batch)
+        loss_iu = _cos_loss(i_online, u_target, batch)
+        modal = torch.zeros(())
+        for m in self.modalities:
+            # only the batch items' features are projected (MMRec projects the whole table)
+            f_online = getattr(self, f"{m}_trs")(getattr(self, f"{m}_embedding")[items])
+            with torch.no_grad():
+                f_target = dropout_rows(f_online.detach(), items, self.n_items, self.c.dropout, gen)
+            f_pred = self.predictor(f_online)
+            modal = modal + _cos_loss(f_pred, i_target, batch) + _cos_loss(f_pred, f_target, batch)
+        reg = (u_ori.norm() + i_ori.norm()) / self.n_items   # MMRec's EmbLoss on the full tables
+        total = loss_ui + loss_iu + self.c.reg_weight * reg + self.c.cl_weight * modal
+        return terms(loss=total, align=loss_ui + loss_iu, modal=modal, reg=reg)
+
+
+MODEL = BM3

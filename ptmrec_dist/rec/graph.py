@@ -1,0 +1,88 @@
+"""Sparse graphs of the graph-based recommenders, built vectorised and without dense n x n
+matrices: the item-item kNN graph is computed a chunk of rows at a time (memory O(chunk x items)),
+the user-item graph straight from the training CSR."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+KNN_CHUNK_BYTES = 256 * 2**20     # similarity rows scored at once
+
+
+def knn_indices(features: torch.Tensor, k: int, chunk: int | None = None) -> torch.Tensor:
+    """``[n, k]`` indices of each item's k most cosine-similar items (itself included, as in
+    MMRec). Rows are scored ``chunk`` at a time."""
+    n = features.shape[0]
+    k = min(k, n)
+    normed = F.normalize(features.float(), dim=1)
+    chunk = chunk or max(1, KNN_CHUNK_BYTES // (4 * n))
+    out = torch.empty(n, k, dtype=torch.long)
+    for start in range(0, n, chunk):
+        sim = normed[start:start + chunk] @ normed.T
+        out[start:start + chunk] = torch.topk(sim, k, dim=1).indices
+    return out
+
+
+def sym_normalize(rows: torch.Tensor, cols: torch.Tensor, n: int) -> torch.Tensor:
+    """Values of D^-1/2 A D^-1/2 for the 0/1 matrix with entries (rows, cols), D from row sums
+    (MMRec's ``compute_normalized_laplacian``)."""
+    deg = torch.bincount(rows, minlength=n).float() + 1e-7
+    inv = deg.pow(-0.5)
+    return inv[rows] * inv[cols]
+
+
+def knn_graph(features: torch.Tensor, k: int, chunk: int | None = None) -> torch.Tensor:
+    """Sparse ``[n, n]`` normalised kNN adjacency of the items (FREEDOM's frozen graph)."""
+    idx = knn_indices(features, k, chunk)
+    n, k = idx.shape
+    rows = torch.arange(n).repeat_interleave(k)
+    cols = idx.reshape(-1)
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), sym_normalize(rows, cols, n),
+                                   (n, n), check_invariants=False).coalesce()
+
+
+def train_edges(train: sp.csr_matrix) -> tuple[torch.Tensor, torch.Tensor]:
+    coo = train.tocoo()
+    return (torch.from_numpy(coo.row.astype(np.int64)),
+            torch.from_numpy(coo.col.astype(np.int64)))
+
+
+def edge_weights(users: torch.Tensor, items: torch.Tensor, n_users: int,
+                 n_items: int) -> torch.Tensor:
+    """1 / sqrt(deg(u) deg(i)) per edge: the symmetric normalisation of the bipartite graph."""
+    du = torch.bincount(users, minlength=n_users).float() + 1e-7
+    di = torch.bincount(items, minlength=n_items).float() + 1e-7
+    return du.pow(-0.5)[users] * di.pow(-0.5)[items]
+
+
+def bipartite_adj(users: torch.Tensor, items: torch.Tensor, n_users: int,
+                  n_items: int) -> torch.Tensor:
+    """Sparse ``[(U+I), (U+I)]`` normalised adjacency ``[[0, R], [R^T, 0]]`` (LightGCN)."""
+    w = edge_weights(users, items, n_users, n_items)
+    rows = torch.cat([users, items + n_users])
+    cols = torch.cat([items + n_users, users])
+    n = n_users + n_items
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), torch.cat([w, w]),
+                                   (n, n), check_invariants=False).coalesce()
+
+
+def degree_sensitive_sample(weights: torch.Tensor, n_keep: int,
+                            generator: torch.Generator) -> torch.Tensor:
+    """Indices of ``n_keep`` edges drawn without replacement with probability proportional to
+    ``weights`` (FREEDOM's pruning; MMRec uses torch.multinomial, which stops at 2^24 categories).
+    Exponential keys E/w, smallest first, give the same distribution for any number of edges."""
+    u = torch.rand(weights.shape, generator=generator).to(weights.device)
+    keys = -torch.log(u.clamp_min(1e-12)) / weights
+    return torch.topk(keys, n_keep, largest=False).indices
+
+
+def lightgcn(adj: torch.Tensor, ego: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """Mean of the layer outputs ``[ego, A ego, A^2 ego, ...]``."""
+    layers = [ego]
+    for _ in range(n_layers):
+        ego = torch.sparse.mm(adj, ego)
+        layers.append(ego)
+    return torch.stack(layers, dim=1).mean(dim=1)

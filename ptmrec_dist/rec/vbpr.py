@@ -1,0 +1,54 @@
+"""``vbpr`` (He & McAuley 2016, MMRec's form): an item is its ID embedding concatenated with a
+linear projection of its (frozen) modal features; a user has one embedding of twice the size."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ptmrec_dist.rec.base import (Recommender, bpr_loss, l2_reg, modal_tensor, terms,
+                                  xavier_embedding)
+
+
+class VBPR(Recommender):
+    name = "vbpr"
+    needs_features = True
+
+    def __init__(self, n_users, n_items, features, config, train):
+        super().__init__(n_users, n_items, features, config, train)
+        d = config.embedding_dim
+        self.reg_weight = config.vbpr.reg_weight
+        self.modalities = [m for m in ("text", "image") if features.get(m) is not None]
+        for m in self.modalities:   # frozen inputs (not saved); stage 2 swaps in adapted ones
+            self.register_buffer(f"{m}_features", modal_tensor(features.get(m)), persistent=False)
+        raw_dim = sum(getattr(self, f"{m}_features").shape[1] for m in self.modalities)
+        self.user_embedding = xavier_embedding(n_users, 2 * d)
+        self.item_embedding = xavier_embedding(n_items, d)
+        self.item_linear = nn.Linear(raw_dim, d)
+        nn.init.xavier_normal_(self.item_linear.weight)
+        nn.init.zeros_(self.item_linear.bias)
+
+    def item_modal_inputs(self):
+        return {m: getattr(self, f"{m}_features") for m in self.modalities}
+
+    def _items(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Item representations (of ``index`` only, if given: a batch projects only its own
+        features, not the whole catalog)."""
+        feats = [getattr(self, f"{m}_features") for m in self.modalities]
+        ids = self.item_embedding
+        if index is not None:
+            feats, ids = [f[index] for f in feats], ids[index]
+        return torch.cat([ids, self.item_linear(torch.cat(feats, dim=1))], dim=1)
+
+    def representations(self):
+        return self.user_embedding, self._items()
+
+    def loss(self, batch):
+        u = self.user_embedding[batch["users"]]
+        p, n = self._items(batch["pos"]), self._items(batch["neg"])
+        mf = bpr_loss((u * p).sum(-1), (u * n).sum(-1), batch)
+        reg = l2_reg(batch, u, p, n)
+        return terms(loss=mf + self.reg_weight * reg, bpr=mf, reg=reg)
+
+
+MODEL = VBPR

@@ -1,0 +1,197 @@
+"""``ptmrec stage1``: train a base recommender with its loss (BPR + model terms) under a DeepSpeed
+engine on 1..N ranks, evaluate on valid every ``stage1.eval_every`` epochs, stop early after
+``stage1.patience`` evaluations without a better ``eval.metric``, and keep the best model.
+
+Test metrics are computed only when valid improves (so the reported test figures are those of the
+best-valid epoch) and never influence any choice. Outputs (the teacher of stage 2), main rank:
+``OUT/checkpoints/best/`` (DeepSpeed checkpoint + ``model.safetensors``), ``OUT/user_repr.npy`` and
+``OUT/item_repr.npy`` (scores = user_repr @ item_repr.T), ``OUT/metrics.json``, ``OUT/log.jsonl``,
+``OUT/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ptmrec_dist import dist, rec
+from ptmrec_dist.config import Config
+from ptmrec_dist.data.interactions import load_interactions
+from ptmrec_dist.eval.metrics import evaluate
+from ptmrec_dist.io import atomic_save_npy, atomic_write_json
+from ptmrec_dist.rec.features import ItemFeatures, resolve_features
+from ptmrec_dist.run import RunDir
+from ptmrec_dist.train.engine import build_engine, resolve_ds_config
+from ptmrec_dist.train.sampler import BPRSampler, step_seed
+
+
+class _LossModule(nn.Module):
+    """What the engine runs: ``batch -> model.loss(batch)`` (keeps ``Recommender.forward`` the
+    scoring function of the interface)."""
+
+    def __init__(self, model: rec.base.Recommender):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> dict:
+        return self.model.loss(batch)
+
+
+def _allreduce_sum(vector: np.ndarray) -> np.ndarray:
+    import torch.distributed as tdist
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return vector
+    t = torch.from_numpy(np.asarray(vector, dtype=np.float64)).clone()
+    tdist.all_reduce(t)
+    return t.numpy()
+
+
+class Evaluator:
+    """Valid/test evaluation of a model's representations, each rank scoring its share of
+    users."""
+
+    def __init__(self, cfg: Config, inter, env: dist.DistEnv):
+        self.cfg, self.env = cfg, env
+        self.train, self.valid = inter.csr("train"), inter.csr("valid")
+        self.test = inter.csr("test")
+
+    def _users(self, target) -> np.ndarray:
+        users = np.flatnonzero(np.diff(target.indptr) > 0)
+        return users[self.env.rank::self.env.world_size]
+
+    def __call__(self, model: rec.base.Recommender, split: str) -> dict[str, float]:
+        e = self.cfg.eval
+        target = self.valid if split == "valid" else self.test
+        extra = self.valid if split == "test" and e.mask_valid_at_test else None
+        with torch.no_grad():
+            users_r, items_r = model.representations()
+        return evaluate(lambda u: users_r[u] @ items_r.T, self.train, target, e.ks,
+                        also_mask=extra, chunk=e.chunk_users, memory_mb=e.memory_mb,
+                        users=self._users(target), reduce=_allreduce_sum)
+
+
+def _save_best(out: Path, model, engine, env: dist.DistEnv) -> None:
+    from safetensors.torch import save_file
+
+    if engine is not None:   # collective: every rank calls it
+        engine.save_checkpoint(str(out / "checkpoints"), tag="best")
+    if env.is_main:
+        (out / "checkpoints" / "best").mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(out / "checkpoints" / "best" / "model.safetensors"))
+        with torch.no_grad():
+            users_r, items_r = model.representations()
+        atomic_save_npy(out / "user_repr.npy", users_r.detach().cpu().float().numpy())
+        atomic_save_npy(out / "item_repr.npy", items_r.detach().cpu().float().numpy())
+
+
+def build_model(cfg: Config, inter) -> rec.base.Recommender:
+    cls = rec.model_class(cfg.recommender.name)
+    feats = (resolve_features(cfg.data, inter.path, inter.n_items, required=True)
+             if cls.needs_features else ItemFeatures())
+    torch.manual_seed(cfg.seed)          # the same initial weights on every rank
+    model = cls(inter.n_users, inter.n_items, feats, cfg.recommender, inter.csr("train"))
+    model.features_info = feats.describe() if cls.needs_features else "none (ID only)"
+    return model
+
+
+def run_stage1(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
+               log=print) -> dict:
+    out = Path(out)
+    env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, env)
+    say = log if env.is_main else (lambda *_: None)
+    t_start = time.perf_counter()
+    inter = load_interactions(cfg.data.path, cfg.data)
+    model = build_model(cfg, inter)
+    run = RunDir(out, cfg, env.is_main).start()
+    evaluator = Evaluator(cfg, inter, env)
+    s = cfg.stage1
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(f"stage 1: {model.name} on {inter.n_users} users x {inter.n_items} items, "
+        f"{n_params} trainable parameters, features: {model.features_info}; "
+        f"{env.world_size} rank(s)")
+
+    engine = None
+    if model.trainable:
+        ds_cfg = resolve_ds_config(s.ds_config, batch_size=s.batch_size,
+                                   world_size=env.world_size, lr=s.lr,
+                                   weight_decay=s.weight_decay)
+        engine = build_engine(_LossModule(model), ds_cfg)
+    sampler = BPRSampler(inter.csr("train"), s.batch_size, cfg.seed, env.rank, env.world_size,
+                         negatives=model.uses_negatives)
+
+    metric = cfg.eval.metric
+    best = {"epoch": -1, "valid": None, "test": None}
+    bad_evals, epochs_run, stopped_early = 0, 0, False
+    epoch_times, eval_times = [], []
+    for epoch in range(s.epochs if model.trainable else 1):
+        t0 = time.perf_counter()
+        record = {"epoch": epoch}
+        if model.trainable:
+            model.train()
+            seed = step_seed(cfg.seed, epoch, 0, stream=1)
+            model.pre_epoch(epoch, torch.Generator().manual_seed(seed))
+            sums: dict[str, float] = {}
+            for batch in sampler.epoch(epoch):
+                terms = engine(batch)
+                engine.backward(terms["loss"])
+                engine.step()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+            # each rank's value estimates the batch mean: average over ranks and steps
+            sums_vec = _allreduce_sum(np.array(list(sums.values()))) / env.world_size
+            record.update({k: round(v / len(sampler), 6) for k, v in zip(sums, sums_vec)})
+            epoch_times.append(time.perf_counter() - t0)
+            record["epoch_s"] = round(epoch_times[-1], 3)
+        epochs_run = epoch + 1
+        if epoch % s.eval_every and epoch != s.epochs - 1:
+            run.log(**record)
+            continue
+        t1 = time.perf_counter()
+        model.eval()
+        valid = evaluator(model, "valid")
+        eval_times.append(time.perf_counter() - t1)
+        record.update(valid={k: round(v, 6) for k, v in valid.items()},
+                      eval_s=round(eval_times[-1], 3))
+        improved = best["valid"] is None or valid[metric] > best["valid"][metric]
+        if improved:
+            best = {"epoch": epoch, "valid": valid, "test": evaluator(model, "test")}
+            _save_best(out, model, engine, env)
+            bad_evals = 0
+        else:
+            bad_evals += 1
+        record["best"] = improved
+        run.log(**record)
+        say(f"epoch {epoch:4d}  loss {record.get('loss', float('nan')):.4f}  "
+            f"valid {metric} {valid[metric]:.4f}{'  *' if improved else ''}  "
+            f"({record.get('epoch_s', 0):.1f}s + eval {record['eval_s']:.1f}s)")
+        if bad_evals >= s.patience:
+            stopped_early = True
+            say(f"early stop: no better valid {metric} in {s.patience} evaluations")
+            break
+
+    metrics = {
+        "model": model.name, "metric": metric, "best_epoch": best["epoch"],
+        "valid": best["valid"], "test": best["test"],
+        "epochs_run": epochs_run, "stopped_early": stopped_early,
+        "trainable_params": n_params, "world_size": env.world_size,
+        "n_users": inter.n_users, "n_items": inter.n_items,
+        "epoch_s_mean": round(float(np.mean(epoch_times)), 4) if epoch_times else 0.0,
+        "eval_s_mean": round(float(np.mean(eval_times)), 4) if eval_times else 0.0,
+        "seconds": round(time.perf_counter() - t_start, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    run.write_metrics(metrics)
+    if env.is_main:
+        atomic_write_json(out / "checkpoints" / "best" / "meta.json",
+                          {"epoch": best["epoch"], "model": model.name,
+                           "valid": best["valid"], "test": best["test"]})
+    say(f"best epoch {best['epoch']}: valid {metric} {best['valid'][metric]:.4f}, "
+        f"test {metric} {best['test'][metric]:.4f} -> {out}")
+    dist.barrier()
+    return metrics
