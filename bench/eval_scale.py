@@ -19,13 +19,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-
-def _hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from _util import peak_rss_mb  # noqa: E402
 
 
 def child(items: int, users: int, dim: int, memory_mb: int) -> dict:
@@ -47,12 +43,12 @@ def child(items: int, users: int, dim: int, memory_mb: int) -> dict:
                            shape=(users, items))
     target = target - target.multiply(train)     # no target item is also a training item
     target.eliminate_zeros()
-    before = _hwm_mb()
+    before = peak_rss_mb()
     t0 = time.perf_counter()
     metrics = evaluate(lambda u: u_rep[u] @ i_rep.T, train, target, [5, 10, 20, 50],
                        memory_mb=memory_mb)
     seconds = time.perf_counter() - t0
-    after = _hwm_mb()
+    after = peak_rss_mb()
     return {"items": items, "users": users, "dim": dim, "memory_mb": memory_mb,
             "chunk_users": chunk_size(items, 0, memory_mb), "seconds": round(seconds, 1),
             "users_per_s": round(users / seconds, 1),

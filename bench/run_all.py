@@ -1,5 +1,5 @@
-"""`make bench`: run every bench/*.py (not gpu_*.py, which need the GPU machine), each writing
-OUT/<name>.json; then the heavy tests."""
+"""`make bench`: run every bench/*.py (not gpu_*.py, which need the GPU machine, nor the _*.py
+helpers), each writing OUT/<name>.json; then the heavy tests."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def main() -> int:
     args = ap.parse_args()
     failed = []
     scripts = sorted(p for p in HERE.glob("*.py")
-                     if p.name != "run_all.py" and not p.name.startswith("gpu_"))
+                     if p.name != "run_all.py" and not p.name.startswith(("gpu_", "_")))
     for script in scripts:
         print(f"== {script.name}", flush=True)
         if subprocess.call([sys.executable, str(script), "--out", args.out]) != 0:

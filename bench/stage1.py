@@ -73,7 +73,7 @@ def speed(tmp: Path, data: str, features: str, models: list[str], epochs: int,
 def quality(tmp: Path) -> dict:
     res = {"pop": stage1(tmp / "q-pop", str(BABY), "pop", None)}
     grid = {}
-    for reg in ("1e-5", "1e-3", "1e-2"):
+    for reg in ("1e-5", "1e-3", "1e-2", "1e-1", "1.0"):
         grid[reg] = stage1(tmp / f"q-bpr-{reg}", str(BABY), "bpr", None,
                            f"recommender.bpr.reg_weight={reg}", "stage1.patience=10")
         print("bpr reg", reg, grid[reg]["valid"]["recall@20"], flush=True)

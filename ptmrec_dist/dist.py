@@ -114,6 +114,9 @@ def init(backend: str = "auto", timeout_s: int = 1800, env: DistEnv | None = Non
                        "LOCAL_RANK": str(env.local_rank), "MASTER_ADDR": env.master_addr,
                        "MASTER_PORT": str(env.master_port)})
     if not tdist.is_initialized():
+        if resolve_backend(backend) == "nccl":
+            import torch
+            torch.cuda.set_device(env.local_rank)      # one GPU per local rank
         tdist.init_process_group(backend=resolve_backend(backend), rank=env.rank,
                                  world_size=env.world_size,
                                  timeout=datetime.timedelta(seconds=timeout_s))

@@ -51,6 +51,12 @@ class ConfigError(PtmrecError):
     exit_code = 2
 
 
+class TrainingError(PtmrecError):
+    """Training cannot go on (a non-finite loss); the message says what to change."""
+
+    exit_code = 1
+
+
 class ShardError(InputError):
     """A shard is missing, truncated, corrupt, or does not match its manifest."""
 

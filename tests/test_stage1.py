@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from ptmrec_dist import rec
 from ptmrec_dist.config import load_config
 from ptmrec_dist.data.interactions import load_interactions
-from ptmrec_dist.errors import InputError
+from ptmrec_dist.errors import InputError, TrainingError
 from ptmrec_dist.eval.evaluate import evaluate_run
 from ptmrec_dist.train.stage1 import build_model, run_stage1
 
@@ -121,7 +121,9 @@ def test_every_model_trains_and_writes_its_outputs(name, data, trained):
     best_rec = [r for r in log if r["best"]][-1]
     assert best_rec["epoch"] == on_disk["best_epoch"]
     assert best_rec["valid"]["recall@20"] == pytest.approx(on_disk["valid"]["recall@20"], abs=1e-6)
-    assert log[-1]["loss"] < 0.6 * log[0]["loss"], (log[0]["loss"], log[-1]["loss"])
+    assert log[-1]["loss"] < 0.8 * log[0]["loss"], (log[0]["loss"], log[-1]["loss"])
+    if "bpr" in log[0]:     # the ranking term itself (the total includes the regulariser)
+        assert log[-1]["bpr"] < 0.6 * log[0]["bpr"], (log[0]["bpr"], log[-1]["bpr"])
     # random ranking: recall@20 = 20/52 = 0.385 (sd 0.05 over 90 users); pop gets 0.62 / 0.46
     assert on_disk["valid"]["recall@20"] > 0.55
     assert on_disk["test"]["recall@20"] > RANDOM_RECALL20 + 0.1
@@ -169,6 +171,12 @@ def test_early_stopping(data, in_process, tmp_path):
     log = read_log(tmp_path / "es")
     assert [r["best"] for r in log] == [True, False, False]
     assert json.loads((tmp_path / "es/checkpoints/best/meta.json").read_text())["epoch"] == 0
+
+
+def test_non_finite_loss_stops_with_a_clear_error(data, in_process, tmp_path):
+    # a learning rate of 1e30 overflows the embeddings within an epoch or two
+    with pytest.raises(TrainingError, match="stage1.lr"):
+        train(data, tmp_path / "nan", "bpr", "stage1.lr=1e30", "stage1.epochs=5")
 
 
 def test_eval_every(data, in_process, tmp_path):
@@ -275,11 +283,12 @@ def test_cli_bad_inputs_exit_2(data, one_rank, tmp_path):
 
 
 # bm3 is `heavy` only to keep this file near 90 s under `make test` (each case ~25 s on 2 cores)
-@pytest.mark.parametrize("name", ["vbpr", "freedom", pytest.param("bm3", marks=pytest.mark.heavy)])
-def test_two_ranks_equal_one_rank(name, data, one_rank, tmp_path):
-    """torchrun with 2 ranks (zero1) vs one rank (zero0): same seed, same global batches, so the
-    same model up to float rounding (per-rank partial sums, all-reduce order)."""
-    two = stage1_cli(data, tmp_path / "d2", name, "zero1", ranks=2)
+@pytest.mark.parametrize("name,zero", [("vbpr", "zero1"), ("freedom", "zero2"),
+                                       pytest.param("bm3", "zero1", marks=pytest.mark.heavy)])
+def test_two_ranks_equal_one_rank(name, zero, data, one_rank, tmp_path):
+    """torchrun with 2 ranks (ZeRO-1 or -2) vs one rank (zero0): same seed, same global batches,
+    so the same model up to float rounding (per-rank partial sums, all-reduce order)."""
+    two = stage1_cli(data, tmp_path / "d2", name, zero, ranks=2)
     one = json.loads((one_rank(name) / "metrics.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["best_epoch"] == one["best_epoch"]

@@ -40,7 +40,8 @@ class BM3(Recommender):
             nn.init.xavier_normal_(trs.weight)
             setattr(self, f"{m}_trs", trs)
         eu, ei = graph.train_edges(train)
-        self.register_buffer("norm_adj", graph.bipartite_adj(eu, ei, n_users, n_items),
+        self.register_buffer("norm_adj",
+                             graph.csr(graph.bipartite_adj(eu, ei, n_users, n_items)),
                              persistent=False)
 
     def item_modal_inputs(self):

@@ -38,11 +38,13 @@ class FREEDOM(Recommender):
             mm = next(iter(adjs.values()))
         # graphs are derived data: buffers that move with the module, never saved
         eu, ei = graph.train_edges(train)
-        for name, value in (("mm_adj", mm.coalesce()), ("edge_users", eu), ("edge_items", ei),
+        mm_adj, mm_adj_t = graph.to_csr(mm)          # the kNN graph is not symmetric
+        norm_adj = graph.csr(graph.bipartite_adj(eu, ei, n_users, n_items))
+        for name, value in (("mm_adj", mm_adj), ("mm_adj_t", mm_adj_t), ("edge_users", eu),
+                            ("edge_items", ei),
                             ("edge_w", graph.edge_weights(eu, ei, n_users, n_items)),
-                            ("norm_adj", graph.bipartite_adj(eu, ei, n_users, n_items))):
+                            ("norm_adj", norm_adj), ("masked_adj", norm_adj)):
             self.register_buffer(name, value, persistent=False)
-        self.register_buffer("masked_adj", self.norm_adj, persistent=False)
 
     def item_modal_inputs(self):
         return {m: getattr(self, f"{m}_embedding") for m in self.modalities}
@@ -53,13 +55,13 @@ class FREEDOM(Recommender):
             return
         n_keep = int(self.edge_w.numel() * (1 - self.c.dropout))
         keep = graph.degree_sensitive_sample(self.edge_w, n_keep, generator)
-        self.masked_adj = graph.bipartite_adj(self.edge_users[keep], self.edge_items[keep],
-                                              self.n_users, self.n_items)
+        self.masked_adj = graph.csr(graph.bipartite_adj(
+            self.edge_users[keep], self.edge_items[keep], self.n_users, self.n_items))
 
     def _propagate(self, adj):
         h = self.item_id_embedding
         for _ in range(self.c.n_mm_layers):
-            h = torch.sparse.mm(self.mm_adj, h)
+            h = graph.spmm(self.mm_adj, h, self.mm_adj_t)
         ego = torch.cat([self.user_embedding, self.item_id_embedding], dim=0)
         out = graph.lightgcn(adj, ego, self.c.n_ui_layers)
         users, items = torch.split(out, [self.n_users, self.n_items])

@@ -22,6 +22,7 @@ from torch import nn
 from ptmrec_dist import dist, rec
 from ptmrec_dist.config import Config
 from ptmrec_dist.data.interactions import load_interactions
+from ptmrec_dist.errors import TrainingError
 from ptmrec_dist.eval.metrics import evaluate
 from ptmrec_dist.io import atomic_save_npy, atomic_write_json
 from ptmrec_dist.rec.features import ItemFeatures, resolve_features
@@ -70,7 +71,8 @@ class Evaluator:
         extra = self.valid if split == "test" and e.mask_valid_at_test else None
         with torch.no_grad():
             users_r, items_r = model.representations()
-        return evaluate(lambda u: users_r[u] @ items_r.T, self.train, target, e.ks,
+        return evaluate(lambda u: users_r[u.to(users_r.device)] @ items_r.T, self.train,
+                        target, e.ks,
                         also_mask=extra, chunk=e.chunk_users, memory_mb=e.memory_mb,
                         users=self._users(target), reduce=_allreduce_sum)
 
@@ -136,16 +138,22 @@ def run_stage1(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
             model.train()
             seed = step_seed(cfg.seed, epoch, 0, stream=1)
             model.pre_epoch(epoch, torch.Generator().manual_seed(seed))
-            sums: dict[str, float] = {}
+            sums: dict[str, torch.Tensor] = {}
             for batch in sampler.epoch(epoch):
+                batch = {k: v.to(engine.device) if torch.is_tensor(v) else v
+                         for k, v in batch.items()}
                 terms = engine(batch)
                 engine.backward(terms["loss"])
                 engine.step()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                for k, v in terms.items():   # summed on the device: no sync per step
+                    sums[k] = sums.get(k, 0.0) + v.detach()
             # each rank's value estimates the batch mean: average over ranks and steps
-            sums_vec = _allreduce_sum(np.array(list(sums.values()))) / env.world_size
+            values = np.array([float(v) for v in sums.values()])
+            sums_vec = _allreduce_sum(values) / env.world_size
             record.update({k: round(v / len(sampler), 6) for k, v in zip(sums, sums_vec)})
+            if not np.isfinite(record["loss"]):
+                raise TrainingError(f"stage 1: the loss of epoch {epoch} is {record['loss']} "
+                                    f"(terms: {record}); lower stage1.lr or check the features")
             epoch_times.append(time.perf_counter() - t0)
             record["epoch_s"] = round(epoch_times[-1], 3)
         epochs_run = epoch + 1
