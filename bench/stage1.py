@@ -4,7 +4,8 @@ features, the shape of CLIP ViT-B/32 features, since the set ships no images) an
 synthetic benchmark (``out/demo`` if ``make demo`` ran, else fresh synthetic interactions with
 random 128-d features); and (unless ``--skip-quality``) full runs of ``pop`` and ``bpr`` on Baby
 with early stopping, bpr's reg_weight chosen on valid from a small grid (test reported for the
-chosen one only).
+chosen one only). Also bpr on Baby on 1 rank (ZeRO-0) and 2 torchrun ranks (ZeRO-1, ZeRO-2): same
+valid metric, and the cost of data parallelism on one 2-core machine (peak RSS is per rank).
 
     .venv/bin/python bench/stage1.py [--epochs 3] [--skip-quality] [--models bpr,vbpr,freedom,bm3]
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,10 +31,22 @@ BABY = ROOT.parent / "shared" / "data" / "amazon-baby" / "baby.inter"
 DEMO = ROOT / "out" / "demo"
 
 
-def stage1(out: Path, data: str, model: str, features: str | None, *overrides: str) -> dict:
-    cmd = [sys.executable, "-m", "ptmrec_dist", "stage1", "--out", str(out), "--data", data,
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stage1(out: Path, data: str, model: str, features: str | None, *overrides: str,
+           ranks: int = 1) -> dict:
+    launch = [sys.executable, "-m", "ptmrec_dist"] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+        "--master_port", str(_free_port()), "-m", "ptmrec_dist"]
+    cmd = [*launch, "stage1", "--out", str(out), "--data", data,
            "--model", model, *(["--features", features] if features else []), *overrides]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if res.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
@@ -67,6 +81,18 @@ def speed(tmp: Path, data: str, features: str, models: list[str], epochs: int,
         out[model] = {k: m[k] for k in ("epoch_s_mean", "eval_s_mean", "peak_rss_mb",
                                         "trainable_params", "n_users", "n_items")}
         print(model, json.dumps(out[model]), flush=True)
+    return out
+
+
+def ranks(tmp: Path, epochs: int) -> dict:
+    """bpr on Baby on 1 and 2 ranks (torchrun, gloo; the 2 ranks share this machine's cores)."""
+    out = {}
+    for n, zero in ((1, "zero0"), (2, "zero1"), (2, "zero2")):
+        m = stage1(tmp / f"ranks-{n}-{zero}", str(BABY), "bpr", None, f"stage1.epochs={epochs}",
+                   f"stage1.ds_config={zero}", "stage1.patience=1000", ranks=n)
+        out[f"{n}x{zero}"] = {k: m[k] for k in ("epoch_s_mean", "eval_s_mean", "peak_rss_mb")}
+        out[f"{n}x{zero}"]["valid_recall@20"] = round(m["valid"]["recall@20"], 6)
+        print("ranks", n, zero, json.dumps(out[f"{n}x{zero}"]), flush=True)
     return out
 
 
@@ -107,6 +133,7 @@ def main() -> int:
         result["synthetic_source"] = what
         result["synthetic"] = speed(tmp, data, sfeats, models, args.epochs,
                                     ["stage1.batch_size=512"])
+        result["baby_bpr_ranks"] = ranks(tmp, args.epochs)
         if not args.skip_quality:
             result["quality_baby"] = quality(tmp)
     print(json.dumps(result, indent=2))
