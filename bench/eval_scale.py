@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _util import peak_rss_mb  # noqa: E402
+from _util import peak_rss_mb, run_child, write_result  # noqa: E402
 
 
 def child(items: int, users: int, dim: int, memory_mb: int) -> dict:
@@ -69,17 +68,10 @@ def main() -> int:
     if args.child:
         print(json.dumps(child(args.items, args.users, args.dim, args.memory_mb)))
         return 0
-    runs = []
-    for users in sorted({max(1, args.users // 20), args.users}):
-        cmd = [sys.executable, __file__, "--child", "--items", str(args.items), "--users",
-               str(users), "--dim", str(args.dim), "--memory-mb", str(args.memory_mb)]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
-        print(json.dumps(runs[-1]), flush=True)
-    result = {"runs": runs}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    runs = [run_child(__file__, "--items", str(args.items), "--users", str(users), "--dim",
+                      str(args.dim), "--memory-mb", str(args.memory_mb))
+            for users in sorted({max(1, args.users // 20), args.users})]
+    write_result(args.out, "eval_scale", {"runs": runs})
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _util import peak_rss_mb  # noqa: E402
+from _util import peak_rss_mb, run_child, write_result  # noqa: E402
 
 
 def child(items: int, dim: int, edges: int) -> dict:
@@ -64,16 +63,10 @@ def main() -> int:
     if args.child:
         print(json.dumps(child(args.items, args.dim, args.edges)))
         return 0
-    runs = []
-    for items in sorted({max(100, args.items // 10), args.items}):
-        cmd = [sys.executable, __file__, "--child", "--items", str(items), "--dim",
-               str(args.dim), "--edges", str(args.edges)]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
-        print(json.dumps(runs[-1]), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "graph_scale.json").write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    runs = [run_child(__file__, "--items", str(items), "--dim", str(args.dim), "--edges",
+                      str(args.edges))
+            for items in sorted({max(100, args.items // 10), args.items})]
+    write_result(args.out, "graph_scale", {"runs": runs})
     return 0
 
 

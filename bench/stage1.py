@@ -4,12 +4,13 @@ features, the shape of CLIP ViT-B/32 features, since the set ships no images) an
 synthetic benchmark (``out/demo`` if ``make demo`` ran, else fresh synthetic interactions with
 random 128-d features); and (unless ``--skip-quality``) full runs of ``pop`` and ``bpr`` on Baby
 with early stopping, bpr's reg_weight chosen on valid from a small grid (test reported for the
-chosen one only). Also bpr on Baby on 1 rank (ZeRO-0) and 2 torchrun ranks (ZeRO-1, ZeRO-2): same
-valid metric, and the cost of data parallelism on one 2-core machine (peak RSS is per rank).
+chosen one only), and vbpr's reg_weight on the synthetic set (valid only). Also bpr on Baby on
+1 rank (ZeRO-0, ZeRO-1) and 2 torchrun ranks (ZeRO-1, ZeRO-2): same valid metric, and the cost
+of ZeRO and of data parallelism on one 2-core machine (peak RSS is per rank).
 
     .venv/bin/python bench/stage1.py [--epochs 3] [--skip-quality] [--models bpr,vbpr,freedom,bm3]
 
-Every run is a fresh ``python -m ptmrec_dist stage1`` process (1 rank); figures come from its
+Every run is a fresh ``python -m ptmrec_dist stage1`` process; figures come from its
 metrics.json (epoch_s_mean, eval_s_mean, peak_rss_mb). Prints JSON, writes OUT/stage1.json.
 """
 
@@ -27,6 +28,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _util import write_result  # noqa: E402
 BABY = ROOT.parent / "shared" / "data" / "amazon-baby" / "baby.inter"
 DEMO = ROOT / "out" / "demo"
 
@@ -87,7 +91,7 @@ def speed(tmp: Path, data: str, features: str, models: list[str], epochs: int,
 def ranks(tmp: Path, epochs: int) -> dict:
     """bpr on Baby on 1 and 2 ranks (torchrun, gloo; the 2 ranks share this machine's cores)."""
     out = {}
-    for n, zero in ((1, "zero0"), (2, "zero1"), (2, "zero2")):
+    for n, zero in ((1, "zero0"), (1, "zero1"), (2, "zero1"), (2, "zero2")):
         m = stage1(tmp / f"ranks-{n}-{zero}", str(BABY), "bpr", None, f"stage1.epochs={epochs}",
                    f"stage1.ds_config={zero}", "stage1.patience=1000", ranks=n)
         out[f"{n}x{zero}"] = {k: m[k] for k in ("epoch_s_mean", "eval_s_mean", "peak_rss_mb")}
@@ -116,6 +120,20 @@ def quality(tmp: Path) -> dict:
             for name, r in res.items()}
 
 
+def vbpr_reg(tmp: Path, data: str, features: str) -> dict:
+    """vbpr's reg_weight on the synthetic set (the demo's stage-1 settings), valid only."""
+    out = {}
+    for reg in ("1e-5", "1e-2", "1e-1"):
+        m = stage1(tmp / f"vbpr-reg-{reg}", data, "vbpr", features,
+                   f"recommender.vbpr.reg_weight={reg}", "stage1.batch_size=512",
+                   "stage1.lr=0.005")
+        out[reg] = {"best_epoch": m["best_epoch"],
+                    "valid_recall@20": round(m["valid"]["recall@20"], 4)}
+        print("vbpr reg", reg, json.dumps(out[reg]), flush=True)
+    return out
+
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=3)
@@ -136,10 +154,9 @@ def main() -> int:
         result["baby_bpr_ranks"] = ranks(tmp, args.epochs)
         if not args.skip_quality:
             result["quality_baby"] = quality(tmp)
+            result["vbpr_reg_synthetic"] = vbpr_reg(tmp, data, sfeats)
     print(json.dumps(result, indent=2))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "stage1.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, "stage1", result)
     return 0
 
 

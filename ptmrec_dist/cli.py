@@ -261,9 +261,8 @@ def cmd_verify(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ptmrec_dist.demo import demo_config, run_demo
-
     from ptmrec_dist import dist
+    from ptmrec_dist.demo import demo_config, run_demo
 
     cfg = resolve_config(args, base=demo_config(args.size))
     try:

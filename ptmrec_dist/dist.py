@@ -114,10 +114,11 @@ def init(backend: str = "auto", timeout_s: int = 1800, env: DistEnv | None = Non
                        "LOCAL_RANK": str(env.local_rank), "MASTER_ADDR": env.master_addr,
                        "MASTER_PORT": str(env.master_port)})
     if not tdist.is_initialized():
-        if resolve_backend(backend) == "nccl":
+        backend = resolve_backend(backend)
+        if backend == "nccl":
             import torch
             torch.cuda.set_device(env.local_rank)      # one GPU per local rank
-        tdist.init_process_group(backend=resolve_backend(backend), rank=env.rank,
+        tdist.init_process_group(backend=backend, rank=env.rank,
                                  world_size=env.world_size,
                                  timeout=datetime.timedelta(seconds=timeout_s))
     return env
@@ -135,6 +136,18 @@ def finish() -> None:
     import torch.distributed as tdist
     if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
         tdist.destroy_process_group()
+
+
+def allreduce_sum(vector):
+    """Sum a 1-d numpy vector over the ranks (float64); unchanged on one process."""
+    import numpy as np
+    import torch
+    import torch.distributed as tdist
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return vector
+    t = torch.from_numpy(np.asarray(vector, dtype=np.float64)).clone()
+    tdist.all_reduce(t)
+    return t.numpy()
 
 
 def barrier() -> None:

@@ -263,6 +263,12 @@ def test_cli_evaluate_dumps_recomputed(data, one_rank, tmp_path):
     u = int(top[5, 0])
     order = [i for i in np.lexsort((np.arange(60), -scores[u])) if i not in s[0][u]]
     assert order[:50] == top[5, 1:].tolist()
+    # the dump is 50 places long even when the metrics stop at a smaller K
+    short = evaluate_run(run, "test", tmp_path / "short.npy",
+                         ["eval.ks=[5,10]", "eval.metric=recall@10"])
+    assert set(short["metrics"]) == {f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map",
+                                                          "hit") for k in (5, 10)}
+    np.testing.assert_array_equal(np.load(tmp_path / "short.npy"), top)
 
 
 def test_cli_bad_inputs_exit_2(data, one_rank, tmp_path):

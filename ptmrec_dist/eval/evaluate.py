@@ -1,5 +1,5 @@
 """``ptmrec evaluate --run DIR``: full-ranking metrics of a finished run from its exported
-representations (``user_repr.npy`` @ ``item_repr.npy``.T) and the interactions named in its
+representations (the :class:`Evaluator` stage 1 uses every epoch) (``user_repr.npy`` @ ``item_repr.npy``.T) and the interactions named in its
 ``config.yaml``; ``--dump-topk FILE`` writes every evaluated user's top-50 items so anyone can
 recompute the metrics independently."""
 
@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ptmrec_dist.config import load_config
+from ptmrec_dist.config import Config, load_config
 from ptmrec_dist.data.interactions import load_interactions
+from ptmrec_dist.dist import DistEnv, allreduce_sum
 from ptmrec_dist.errors import ConfigError, InputError
 from ptmrec_dist.eval.metrics import evaluate
 from ptmrec_dist.io import atomic_write_json, temp_file_near
@@ -64,6 +65,28 @@ def load_representations(run: Path) -> tuple[np.ndarray, np.ndarray]:
     return arrays[0], arrays[1]
 
 
+class Evaluator:
+    """Valid/test metrics of representations (scores = users @ items.T) under ``cfg.eval``; on
+    N ranks each scores its share of the users and the sums are all-reduced."""
+
+    def __init__(self, cfg: Config, inter, env: DistEnv | None = None):
+        self.cfg, self.env = cfg, env or DistEnv()
+        self.train, self.valid = inter.csr("train"), inter.csr("valid")
+        self.test = inter.csr("test")
+
+    def __call__(self, reps: tuple[torch.Tensor, torch.Tensor], split: str,
+                 topk_sink=None, sink_k: int = 0) -> dict[str, float]:
+        e = self.cfg.eval
+        target = self.valid if split == "valid" else self.test
+        extra = self.valid if split == "test" and e.mask_valid_at_test else None
+        users = np.flatnonzero(np.diff(target.indptr) > 0)[self.env.rank::self.env.world_size]
+        users_r, items_r = reps
+        return evaluate(lambda u: users_r[u.to(users_r.device)] @ items_r.T, self.train, target,
+                        sorted(set(e.ks)), also_mask=extra, chunk=e.chunk_users,
+                        memory_mb=e.memory_mb, users=users, topk_sink=topk_sink,
+                        sink_k=sink_k, reduce=allreduce_sum)
+
+
 def evaluate_run(run: str | Path, split: str = "test", dump_topk: str | None = None,
                  overrides: list[str] | tuple = ()) -> dict:
     run = Path(run)
@@ -76,18 +99,13 @@ def evaluate_run(run: str | Path, split: str = "test", dump_topk: str | None = N
         raise InputError(run / "user_repr.npy",
                          f"representations are {users_r.shape[0]} users x {items_r.shape[0]} "
                          f"items, the interactions {inter.n_users} x {inter.n_items}")
-    u_t, i_t = torch.from_numpy(users_r), torch.from_numpy(items_r)
-    target = inter.csr(split)
-    extra = inter.csr("valid") if split == "test" and cfg.eval.mask_valid_at_test else None
-    sink = (TopkWriter(dump_topk, inter.user_ids, inter.item_ids,
-                       k=max(DUMP_K, max(cfg.eval.ks))) if dump_topk else None)
-    ks = sorted(set(cfg.eval.ks))
-    metrics = evaluate(lambda u: u_t[u] @ i_t.T, inter.csr("train"), target, ks,
-                       also_mask=extra, chunk=cfg.eval.chunk_users, memory_mb=cfg.eval.memory_mb,
-                       topk_sink=sink)
+    k = max(DUMP_K, *cfg.eval.ks)
+    sink = TopkWriter(dump_topk, inter.user_ids, inter.item_ids, k) if dump_topk else None
+    metrics = Evaluator(cfg, inter)((torch.from_numpy(users_r), torch.from_numpy(items_r)),
+                                    split, topk_sink=sink, sink_k=k)
     if sink is not None:
         sink.close()
-    result = {"split": split, "users": int((np.diff(target.indptr) > 0).sum()),
+    result = {"split": split, "users": int((np.diff(inter.csr(split).indptr) > 0).sum()),
               "mask_valid_at_test": cfg.eval.mask_valid_at_test, "metrics": metrics}
     atomic_write_json(run / f"eval_{split}.json", result)
     return result

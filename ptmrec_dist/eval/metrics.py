@@ -127,13 +127,14 @@ def ranked_chunks(score_fn: Callable[[torch.Tensor], torch.Tensor], users: np.nd
 
 def evaluate(score_fn, train: sp.csr_matrix, target: sp.csr_matrix, ks: list[int],
              also_mask: sp.csr_matrix | None = None, chunk: int = 0, memory_mb: int = 512,
-             users: np.ndarray | None = None, topk_sink=None,
+             users: np.ndarray | None = None, topk_sink=None, sink_k: int = 0,
              reduce=None) -> dict[str, float]:
     """Mean metrics over the users with a positive in ``target`` (or the given subset of them:
     ranks pass their share and a ``reduce`` that sums ``[sums..., count]`` over ranks).
 
     ``score_fn(users LongTensor) -> [n, n_items]``; ``train`` (plus ``also_mask``) is masked.
-    ``topk_sink(users, topk)`` receives every chunk's ranked lists (for ``--dump-topk``).
+    ``topk_sink(users, topk)`` receives every chunk's ranked lists (for ``--dump-topk``), at
+    least ``sink_k`` places long.
     """
     n_items = train.shape[1]
     n_pos_all = np.diff(target.tocsr().indptr)
@@ -141,7 +142,7 @@ def evaluate(score_fn, train: sp.csr_matrix, target: sp.csr_matrix, ks: list[int
         np.asarray(users)[n_pos_all[np.asarray(users, dtype=np.int64)] > 0]   # no positive: skip
     mask = train if also_mask is None else (train + also_mask).tocsr()
     keys = _keys(target)
-    kmax = max(ks)
+    kmax = max(max(ks), sink_k if topk_sink is not None else 0)
     totals = {f"{m}@{k}": 0.0 for k in ks for m in METRICS}
     for u, top in ranked_chunks(score_fn, users, mask, kmax,
                                 chunk_size(n_items, chunk, memory_mb)):

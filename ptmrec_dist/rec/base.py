@@ -33,7 +33,6 @@ class Recommender(nn.Module):
     def __init__(self, n_users: int, n_items: int, features, config, train: sp.csr_matrix):
         super().__init__()
         self.n_users, self.n_items = n_users, n_items
-        self.config = config
 
     # ------------------------------------------------------------------ the interface
     def pre_epoch(self, epoch: int, generator: torch.Generator) -> None:
@@ -94,14 +93,6 @@ def modal_tensor(array: np.ndarray | None) -> torch.Tensor | None:
     return None if array is None else torch.tensor(np.asarray(array, dtype=np.float32))
 
 
-def dropout(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Inverted dropout with an explicit generator (the same mask on every rank)."""
-    if p <= 0:
-        return x
-    keep = (torch.rand(x.shape, generator=generator) >= p).to(x.device)
-    return x * keep.to(x.dtype) / (1 - p)
-
-
 def dropout_rows(rows: torch.Tensor, index: torch.Tensor, n_rows: int, p: float,
                  generator: torch.Generator) -> torch.Tensor:
     """``dropout(table)[index]`` for a table of ``n_rows`` of which only ``rows = table[index]``
@@ -112,10 +103,22 @@ def dropout_rows(rows: torch.Tensor, index: torch.Tensor, n_rows: int, p: float,
     return rows * keep.to(rows.device, rows.dtype) / (1 - p)
 
 
-def terms(**values: torch.Tensor | float) -> dict[str, torch.Tensor]:
+def terms(**values: torch.Tensor) -> dict[str, torch.Tensor]:
     """A loss dict: ``loss`` keeps its graph, the other terms are detached for logging."""
-    out = {}
-    for k, v in values.items():
-        v = v if torch.is_tensor(v) else torch.tensor(float(v))
-        out[k] = v if k == "loss" else v.detach()
-    return out
+    return {k: v if k == "loss" else v.detach() for k, v in values.items()}
+
+
+def modal_tables(module: nn.Module, features, modalities: tuple[str, ...], out_dim: int,
+                 xavier: bool) -> list[str]:
+    """Trainable per-item feature tables ``<m>_embedding`` initialised from the features, and
+    their projections ``<m>_trs`` to ``out_dim`` (FREEDOM, BM3: MMRec trains the features
+    themselves); returns the modalities present, in the given order."""
+    present = [m for m in modalities if features.get(m) is not None]
+    for m in present:
+        table = modal_tensor(features.get(m))
+        trs = nn.Linear(table.shape[1], out_dim)
+        if xavier:
+            nn.init.xavier_normal_(trs.weight)
+        setattr(module, f"{m}_embedding", nn.Parameter(table))
+        setattr(module, f"{m}_trs", trs)
+    return present

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptmrec_dist.rec import graph
-from ptmrec_dist.rec.base import (Recommender, batch_mean, dropout, dropout_rows, modal_tensor,
-                                  terms, xavier_embedding)
+from ptmrec_dist.rec.base import (Recommender, batch_mean, dropout_rows, modal_tables, terms,
+                                  xavier_embedding)
 
 
 def _cos_loss(a: torch.Tensor, b: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -32,13 +32,8 @@ class BM3(Recommender):
         self.item_id_embedding = xavier_embedding(n_items, d)
         self.predictor = nn.Linear(d, d)
         nn.init.xavier_normal_(self.predictor.weight)
-        self.modalities = [m for m in ("text", "image") if features.get(m) is not None]
-        for m in self.modalities:
-            feats = modal_tensor(features.get(m))
-            setattr(self, f"{m}_embedding", nn.Parameter(feats.clone()))
-            trs = nn.Linear(feats.shape[1], config.feat_embed_dim)
-            nn.init.xavier_normal_(trs.weight)
-            setattr(self, f"{m}_trs", trs)
+        self.modalities = modal_tables(self, features, ("text", "image"),
+                                       config.feat_embed_dim, xavier=True)
         eu, ei = graph.train_edges(train)
         self.register_buffer("norm_adj",
                              graph.csr(graph.bipartite_adj(eu, ei, n_users, n_items)),
@@ -60,9 +55,9 @@ class BM3(Recommender):
     def loss(self, batch):
         users, items, gen = batch["users"], batch["pos"], batch["generator"]
         u_ori, i_ori = self._online()
-        with torch.no_grad():
-            u_target = dropout(u_ori.detach(), self.c.dropout, gen)[users]
-            i_target = dropout(i_ori.detach(), self.c.dropout, gen)[items]
+        with torch.no_grad():   # masks drawn for the whole tables, applied to the batch rows
+            u_target = dropout_rows(u_ori[users], users, self.n_users, self.c.dropout, gen)
+            i_target = dropout_rows(i_ori[items], items, self.n_items, self.c.dropout, gen)
         u_online = self.predictor(u_ori[users])
         i_online = self.predictor(i_ori[items])
         loss_ui = _cos_loss(u_online, i_target, batch)

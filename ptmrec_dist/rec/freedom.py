@@ -7,10 +7,9 @@ projected image and text features)."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ptmrec_dist.rec import graph
-from ptmrec_dist.rec.base import Recommender, bpr_loss, modal_tensor, terms, xavier_embedding
+from ptmrec_dist.rec.base import Recommender, bpr_loss, modal_tables, terms, xavier_embedding
 
 
 class FREEDOM(Recommender):
@@ -24,14 +23,11 @@ class FREEDOM(Recommender):
         d = config.embedding_dim
         self.user_embedding = xavier_embedding(n_users, d)
         self.item_id_embedding = xavier_embedding(n_items, d)
-        self.modalities = [m for m in ("image", "text") if features.get(m) is not None]
-        adjs = {}
-        for m in self.modalities:
-            feats = modal_tensor(features.get(m))
-            # trainable feature tables, initialised from the features (as MMRec does)
-            setattr(self, f"{m}_embedding", nn.Parameter(feats.clone()))
-            setattr(self, f"{m}_trs", nn.Linear(feats.shape[1], config.feat_embed_dim))
-            adjs[m] = graph.knn_graph(feats, c.knn_k)
+        self.modalities = modal_tables(self, features, ("image", "text"),
+                                       config.feat_embed_dim, xavier=False)
+        # the kNN graphs come from the initial (frozen) features and stay fixed
+        adjs = {m: graph.knn_graph(getattr(self, f"{m}_embedding").detach(), c.knn_k)
+                for m in self.modalities}
         if len(adjs) == 2:
             mm = c.mm_image_weight * adjs["image"] + (1 - c.mm_image_weight) * adjs["text"]
         else:

@@ -23,7 +23,7 @@ from ptmrec_dist import dist, rec
 from ptmrec_dist.config import Config
 from ptmrec_dist.data.interactions import load_interactions
 from ptmrec_dist.errors import TrainingError
-from ptmrec_dist.eval.metrics import evaluate
+from ptmrec_dist.eval.evaluate import Evaluator
 from ptmrec_dist.io import atomic_save_npy, atomic_write_json
 from ptmrec_dist.rec.features import ItemFeatures, resolve_features
 from ptmrec_dist.run import RunDir
@@ -43,41 +43,16 @@ class _LossModule(nn.Module):
         return self.model.loss(batch)
 
 
-def _allreduce_sum(vector: np.ndarray) -> np.ndarray:
-    import torch.distributed as tdist
-    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
-        return vector
-    t = torch.from_numpy(np.asarray(vector, dtype=np.float64)).clone()
-    tdist.all_reduce(t)
-    return t.numpy()
+def _representations(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's (users, items) representations, once per evaluation (a full propagation for
+    the graph models): scored for valid and test, and saved when best."""
+    with torch.no_grad():
+        users_r, items_r = model.representations()
+    return users_r.detach(), items_r.detach()
 
 
-class Evaluator:
-    """Valid/test evaluation of a model's representations, each rank scoring its share of
-    users."""
-
-    def __init__(self, cfg: Config, inter, env: dist.DistEnv):
-        self.cfg, self.env = cfg, env
-        self.train, self.valid = inter.csr("train"), inter.csr("valid")
-        self.test = inter.csr("test")
-
-    def _users(self, target) -> np.ndarray:
-        users = np.flatnonzero(np.diff(target.indptr) > 0)
-        return users[self.env.rank::self.env.world_size]
-
-    def __call__(self, model: rec.base.Recommender, split: str) -> dict[str, float]:
-        e = self.cfg.eval
-        target = self.valid if split == "valid" else self.test
-        extra = self.valid if split == "test" and e.mask_valid_at_test else None
-        with torch.no_grad():
-            users_r, items_r = model.representations()
-        return evaluate(lambda u: users_r[u.to(users_r.device)] @ items_r.T, self.train,
-                        target, e.ks,
-                        also_mask=extra, chunk=e.chunk_users, memory_mb=e.memory_mb,
-                        users=self._users(target), reduce=_allreduce_sum)
-
-
-def _save_best(out: Path, model, engine, env: dist.DistEnv) -> None:
+def _save_best(out: Path, model, engine, env: dist.DistEnv,
+               reps: tuple[torch.Tensor, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     if engine is not None:   # collective: every rank calls it
@@ -86,10 +61,8 @@ def _save_best(out: Path, model, engine, env: dist.DistEnv) -> None:
         (out / "checkpoints" / "best").mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(out / "checkpoints" / "best" / "model.safetensors"))
-        with torch.no_grad():
-            users_r, items_r = model.representations()
-        atomic_save_npy(out / "user_repr.npy", users_r.detach().cpu().float().numpy())
-        atomic_save_npy(out / "item_repr.npy", items_r.detach().cpu().float().numpy())
+        atomic_save_npy(out / "user_repr.npy", reps[0].cpu().float().numpy())
+        atomic_save_npy(out / "item_repr.npy", reps[1].cpu().float().numpy())
 
 
 def build_model(cfg: Config, inter) -> rec.base.Recommender:
@@ -149,7 +122,7 @@ def run_stage1(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
                     sums[k] = sums.get(k, 0.0) + v.detach()
             # each rank's value estimates the batch mean: average over ranks and steps
             values = np.array([float(v) for v in sums.values()])
-            sums_vec = _allreduce_sum(values) / env.world_size
+            sums_vec = dist.allreduce_sum(values) / env.world_size
             record.update({k: round(v / len(sampler), 6) for k, v in zip(sums, sums_vec)})
             if not np.isfinite(record["loss"]):
                 raise TrainingError(f"stage 1: the loss of epoch {epoch} is {record['loss']} "
@@ -162,14 +135,15 @@ def run_stage1(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
             continue
         t1 = time.perf_counter()
         model.eval()
-        valid = evaluator(model, "valid")
+        reps = _representations(model)
+        valid = evaluator(reps, "valid")
         eval_times.append(time.perf_counter() - t1)
         record.update(valid={k: round(v, 6) for k, v in valid.items()},
                       eval_s=round(eval_times[-1], 3))
         improved = best["valid"] is None or valid[metric] > best["valid"][metric]
         if improved:
-            best = {"epoch": epoch, "valid": valid, "test": evaluator(model, "test")}
-            _save_best(out, model, engine, env)
+            best = {"epoch": epoch, "valid": valid, "test": evaluator(reps, "test")}
+            _save_best(out, model, engine, env, reps)
             bad_evals = 0
         else:
             bad_evals += 1
