@@ -75,8 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(recommender.name)")
     _common(p)
 
+    p = sub.add_parser("stage2", help="tune the backbone (prompts/LoRA/IA3/full) with the "
+                                      "recommender: in-batch BPR + knowledge transfer")
+    p.add_argument("--out", required=True, help="run folder (adapter.safetensors, features/, "
+                                                "metrics.json, log.jsonl)")
+    p.add_argument("--teacher", help="stage-1 run folder (stage2.teacher)")
+    p.add_argument("--data", help="interactions file or folder (data.path)")
+    p.add_argument("--shards", help="shard folder (data.shards)")
+    p.add_argument("--features", help="frozen features folder (data.features)")
+    p.add_argument("--backbone", help="CLIP: local folder or hub id (backbone.name_or_path)")
+    p.add_argument("--method", help="prompt, lora, ia3, full, frozen (peft.method)")
+    _common(p)
+
     p = sub.add_parser("evaluate", help="full-ranking metrics of a finished run")
-    p.add_argument("--run", required=True, help="run folder (stage1 output)")
+    p.add_argument("--run", required=True, help="run folder (stage1 or stage2 output)")
     p.add_argument("--split", choices=["valid", "test"], default="test")
     p.add_argument("--dump-topk", metavar="FILE",
                    help="write each user's top-50 items (.jsonl or .npy)")
@@ -210,18 +222,32 @@ def cmd_extract(args) -> int:
 
 
 def cmd_stage1(args) -> int:
-    from ptmrec_dist import dist
     from ptmrec_dist.train.stage1 import run_stage1
 
-    cfg = resolve_config(args, {"data": "data.path", "features": "data.features",
-                                "model": "recommender.name"})
+    return _train(run_stage1, resolve_config(args, {"data": "data.path",
+                                                     "features": "data.features",
+                                                     "model": "recommender.name"}), args.out)
+
+
+def _train(run, cfg, out) -> int:
+    """A training command on this process's rank; the process group is finished either way."""
+    from ptmrec_dist import dist
     if not cfg.data.path:
         raise ConfigError("no interactions given: pass --data or set data.path")
     try:
-        run_stage1(cfg, Path(args.out))
+        run(cfg, Path(out))
     finally:
         dist.finish()
     return 0
+
+
+def cmd_stage2(args) -> int:
+    from ptmrec_dist.train.stage2 import run_stage2
+
+    return _train(run_stage2, resolve_config(args, {
+        "teacher": "stage2.teacher", "data": "data.path", "shards": "data.shards",
+        "features": "data.features", "backbone": "backbone.name_or_path",
+        "method": "peft.method"}), args.out)
 
 
 def cmd_evaluate(args) -> int:
@@ -280,6 +306,7 @@ def cmd_config(args) -> int:
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 COMMANDS = {"make-data": cmd_make_data, "make-backbone": cmd_make_backbone, "stats": cmd_stats,
             "shard": cmd_shard, "extract": cmd_extract, "stage1": cmd_stage1,
+            "stage2": cmd_stage2,
             "evaluate": cmd_evaluate, "verify": cmd_verify, "demo": cmd_demo,
             "config": cmd_config}
 

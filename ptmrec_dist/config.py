@@ -137,7 +137,11 @@ class PeftConfig:
 
     method: Literal["prompt", "lora", "ia3", "full", "frozen"] = "prompt"
     coupled: bool = False               # MaPLe-style text->vision prompt projection
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    prompt_init: Literal["random", "teacher"] = "teacher"   # teacher: knowledge-guided
+    prompt_std: float = 0.02            # std of random prompt initialisation
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # lora, ia3
+    lora_r: int = 8
+    lora_alpha: float = 16.0
 
 
 @dataclass
@@ -164,13 +168,22 @@ class EvalConfig:
 
 @dataclass
 class Stage2Config:
+    teacher: str = ""                   # stage-1 run folder; "" = one stage (no teacher, no KT)
     epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
+    batch_size: int = 64                # items per step, global (all ranks together)
+    lr: float = 0.01                    # backbone's trainable weights (prompts; ~3e-3 for lora,
+    #                                     1e-4 for full fine-tuning)
+    rec_lr: float = 1e-3                # the recommender's weights
+    weight_decay: float = 0.0
+    patience: int = 5                   # epochs without a better valid metric before stopping
     prompt_len: int = 4
-    prompt_depth: int = 4
-    kt_weight: float = 1.0
-    kt_tau: float = 1.0
+    prompt_depth: int = 4               # layers that get (new) prompts, from the first
+    kt_weight: float = 10.0             # weight of the in-batch knowledge-transfer KL
+    kt_tau: float = 0.5                 # softmax temperature of the KL
+    popularity_weighting: bool = True   # weight BPR rows by item degree / mean degree
+    activation_checkpointing: bool = False   # recompute the encoder layers in backward
+    num_workers: int = 1                # dataloader workers that decode and preprocess items
+    ds_config: str = "zero2"
 
 
 @dataclass
@@ -248,6 +261,15 @@ class Config:
             ("stage2.prompt_len", self.stage2.prompt_len >= 0, "must be >= 0"),
             ("stage2.prompt_depth", self.stage2.prompt_depth >= 0, "must be >= 0"),
             ("stage2.kt_tau", self.stage2.kt_tau > 0, "must be > 0"),
+            ("stage2.kt_weight", self.stage2.kt_weight >= 0, "must be >= 0"),
+            ("stage2.epochs", self.stage2.epochs >= 1, "must be >= 1"),
+            ("stage2.batch_size", self.stage2.batch_size >= 2, "must be >= 2 (in-batch negatives)"),
+            ("stage2.patience", self.stage2.patience >= 1, "must be >= 1"),
+            ("stage2.lr", self.stage2.lr > 0, "must be > 0"),
+            ("stage2.rec_lr", self.stage2.rec_lr >= 0, "must be >= 0"),
+            ("stage2.num_workers", self.stage2.num_workers >= 0, "must be >= 0"),
+            ("peft.prompt_std", self.peft.prompt_std > 0, "must be > 0"),
+            ("peft.lora_r", self.peft.lora_r >= 1, "must be >= 1"),
         ]
         for key, ok, what in checks:
             if not ok:

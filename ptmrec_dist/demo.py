@@ -4,8 +4,9 @@ Layout (a contract later steps fill in): ``OUT/data/ OUT/shards/ OUT/backbone/ O
 OUT/stage1/ OUT/stage2/ OUT/summary.json``, plus the resolved ``OUT/config.yaml`` and
 ``OUT/log.jsonl`` (one record per step). Steps that exist so far: data generation, sharding,
 statistics, the demo backbone, feature extraction, stage 1 (``recommender.name``, vbpr by default,
-next to the ``pop`` baseline). ``summary.json`` lists the steps that ran, the metrics of each
-stage side by side, and the steps not yet available in this version.
+next to the ``pop`` baseline), stage 2 (PTMRec: ``peft.method`` on the backbone, the stage-1 run as
+teacher). ``summary.json`` lists the steps that ran and the metrics of each stage side by side
+(frozen features = stage 1 against PTMRec = stage 2), with parameter counts.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from ptmrec_dist.run import RunDir
 
 SIZES = {
     # tiny: what tests and quick checks use; default: the demo people run
-    "tiny": {"n_items": 300, "n_users": 200, "shard_size": 100},
-    "default": {"n_items": 3000, "n_users": 3000, "shard_size": 500},
+    "tiny": {"n_items": 300, "n_users": 200, "shard_size": 100, "stage2_epochs": 2},
+    "default": {"n_items": 3000, "n_users": 3000, "shard_size": 500, "stage2_epochs": 8},
 }
-PENDING_STEPS = ["stage2"]
-STEPS = 7
+PENDING_STEPS: list[str] = []
+STEPS = 8
 
 
 def demo_config(size: str) -> Config:
@@ -37,10 +38,15 @@ def demo_config(size: str) -> Config:
     # on the demo's valid split; the file and overrides still come on top
     cfg.stage1.batch_size = 512
     cfg.stage1.lr = 0.005
+    # stage 2: 8 epochs (about 40 s each at the default size) keep the demo under 15 minutes
+    cfg.stage2.epochs = spec["stage2_epochs"]
     return cfg
 
 
-def run_demo(cfg: Config, out: Path, size: str, log=print) -> dict:
+def prepare_inputs(cfg: Config, out: Path, run: RunDir, log=print) -> tuple[dict, dict]:
+    """Steps 1-5 (data, shards, statistics, backbone, frozen features); sets
+    ``cfg.backbone.name_or_path`` and ``cfg.data.shards``. Returns ``(steps, stats)``.
+    ``bench/ablation.py`` prepares its benchmark with it too."""
     from ptmrec_dist.cli import format_stats
     from ptmrec_dist.clip.demo_backbone import build_demo_backbone
     from ptmrec_dist.clip.extract import run_extract
@@ -48,9 +54,7 @@ def run_demo(cfg: Config, out: Path, size: str, log=print) -> dict:
     from ptmrec_dist.data.interactions import load_interactions
     from ptmrec_dist.data.shards import write_shards
     from ptmrec_dist.data.synthetic import generate
-    from ptmrec_dist.train.stage1 import run_stage1
 
-    run = RunDir(out, cfg).start()
     steps: dict[str, dict] = {}
 
     t0 = time.perf_counter()
@@ -97,7 +101,15 @@ def run_demo(cfg: Config, out: Path, size: str, log=print) -> dict:
     steps["features"] = {"dir": "features", "seconds": round(time.perf_counter() - t0, 2),
                          **{k: meta[k] for k in ("n_present", "image_dim", "text_dim", "dtype")}}
     run.log(step="features", **steps["features"])
+    return steps, stats
 
+
+def run_demo(cfg: Config, out: Path, size: str, log=print) -> dict:
+    from ptmrec_dist.train.stage1 import run_stage1
+    from ptmrec_dist.train.stage2 import run_stage2
+
+    run = RunDir(out, cfg).start()
+    steps, stats = prepare_inputs(cfg, out, run, log)
     stages = {}
     runs = [("stage1-pop", "pop")] if cfg.recommender.name != "pop" else []
     for i, (folder, model) in enumerate(runs + [("stage1", cfg.recommender.name)], start=6):
@@ -108,10 +120,34 @@ def run_demo(cfg: Config, out: Path, size: str, log=print) -> dict:
         s1.data.path = str(out / "data")
         s1.data.features = str(out / "features")
         m = run_stage1(s1, out / folder, log=log)
-        stages[folder] = {"model": model, "best_epoch": m["best_epoch"],
-                          "valid": _headline(m["valid"]), "test": _headline(m["test"])}
+        stages[folder] = {"model": model, "method": "frozen features",
+                          "best_epoch": m["best_epoch"],
+                          "valid": _headline(m["valid"]), "test": _headline(m["test"]),
+                          "trainable_params": m["trainable_params"]}
         steps[folder] = {"dir": folder, "seconds": round(time.perf_counter() - t0, 2)}
         run.log(step=folder, **steps[folder], **stages[folder])
+
+    if cfg.recommender.name in ("vbpr", "freedom"):
+        t0 = time.perf_counter()
+        log(f"[{STEPS}/{STEPS}] stage 2: PTMRec ({cfg.peft.method}, teacher {out / 'stage1'}) "
+            f"-> {out / 'stage2'}")
+        s2 = copy.deepcopy(cfg)
+        # the demo builds its own backbone: prompts go at most as deep as it has layers
+        s2.stage2.prompt_depth = min(s2.stage2.prompt_depth, cfg.demo_backbone.layers)
+        s2.data.path = str(out / "data")
+        s2.data.features = str(out / "features")
+        s2.stage2.teacher = str(out / "stage1")
+        m = run_stage2(s2, out / "stage2", log=log)
+        stages["stage2"] = {"model": cfg.recommender.name, "method": f"ptmrec {m['method']}",
+                            "best_epoch": m["best_epoch"], "valid": _headline(m["valid"]),
+                            "test": _headline(m["test"]),
+                            "trainable_params": m["trainable_params"],
+                            "backbone_params": m["params"]["backbone"]}
+        steps["stage2"] = {"dir": "stage2", "seconds": round(time.perf_counter() - t0, 2)}
+        run.log(step="stage2", **steps["stage2"], **stages["stage2"])
+    else:
+        log(f"[{STEPS}/{STEPS}] stage 2 skipped: recommender.name={cfg.recommender.name} has no "
+            "modal inputs to adapt (use vbpr or freedom)")
     log(format_stage_table(stages))
 
     summary = {"size": size, "data": stats, "steps": steps,
@@ -122,7 +158,7 @@ def run_demo(cfg: Config, out: Path, size: str, log=print) -> dict:
     return summary
 
 
-HEADLINE = ("recall@20", "ndcg@20", "recall@50")
+HEADLINE = ("recall@10", "recall@20", "ndcg@20", "recall@50")
 
 
 def _headline(metrics: dict) -> dict:
@@ -130,11 +166,21 @@ def _headline(metrics: dict) -> dict:
 
 
 def format_stage_table(stages: dict) -> str:
-    lines = [f"{'run':<12s}{'model':<9s}" + "".join(f"test {k:<11s}" for k in HEADLINE)]
+    """Test metrics side by side: the frozen-feature runs (stage 1) and PTMRec (stage 2)."""
+    lines = [f"{'run':<12s}{'model':<8s}{'method':<18s}{'trainable':>11s}  "
+             + "".join(f"test {k:<11s}" for k in HEADLINE)]
     for folder, r in stages.items():
-        lines.append(f"{folder:<12s}{r['model']:<9s}"
+        lines.append(f"{folder:<12s}{r['model']:<8s}{r['method']:<18s}"
+                     f"{r['trainable_params']:>11,d}  "
                      + "".join(f"{r['test'][k]:<16.4f}" for k in HEADLINE))
+    if "stage2" in stages and "stage1" in stages:
+        base = stages["stage1"]["test"]["recall@20"]
+        gain = stages["stage2"]["test"]["recall@20"] / base - 1 if base else float("nan")
+        bb = stages["stage2"]["backbone_params"]
+        lines.append(f"PTMRec vs frozen features: test recall@20 {gain:+.1%}; backbone "
+                     f"parameters trained {bb['trainable']:,d} of {bb['total']:,d} "
+                     f"({bb['trainable_pct']}%)")
     return "\n".join(lines)
 
 
-__all__ = ["SIZES", "demo_config", "run_demo"]
+__all__ = ["SIZES", "demo_config", "prepare_inputs", "run_demo"]

@@ -150,6 +150,22 @@ def allreduce_sum(vector):
     return t.numpy()
 
 
+def allreduce_tensor(t, op: str = "sum"):
+    """Sum (or max) a CPU tensor over the ranks, in place; unchanged on one process. (nccl
+    reduces device tensors only: the tensor makes a round trip through the GPU.)"""
+    import torch.distributed as tdist
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return t
+    reduce_op = tdist.ReduceOp.MAX if op == "max" else tdist.ReduceOp.SUM
+    if tdist.get_backend() == "nccl":
+        on_device = t.cuda()
+        tdist.all_reduce(on_device, op=reduce_op)
+        t.copy_(on_device.cpu())
+    else:
+        tdist.all_reduce(t, op=reduce_op)
+    return t
+
+
 def barrier() -> None:
     import torch.distributed as tdist
     if tdist.is_available() and tdist.is_initialized():

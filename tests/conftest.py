@@ -106,3 +106,13 @@ def make_catalog():
 @pytest.fixture(name="raw_item_id", scope="session")
 def raw_item_id_fixture():
     return raw_item_id
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run faster on one thread and do not fight a busy machine for cores."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -27,12 +27,19 @@ def run_module(*args, timeout=300):
 def check_demo(out: Path, size: str, n_items: int, n_users: int):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["size"] == size
-    assert summary["not_yet_available"] == ["stage2"]
-    for sub in ("data", "shards", "backbone", "features", "stage1", "stage1-pop"):
+    assert summary["not_yet_available"] == []
+    for sub in ("data", "shards", "backbone", "features", "stage1", "stage1-pop", "stage2"):
         assert (out / sub / "config.yaml").is_file()
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in log] == ["data", "shards", "backbone", "features", "stage1-pop",
-                                        "stage1"]
+                                        "stage1", "stage2"]
+    # stage 2 (PTMRec) next to stage 1, with its parameter counts and its own outputs
+    s2 = json.loads((out / "stage2" / "metrics.json").read_text())
+    assert summary["stages"]["stage2"]["test"]["recall@20"] == round(s2["test"]["recall@20"], 4)
+    bb = summary["stages"]["stage2"]["backbone_params"]
+    assert 0 < bb["trainable"] < 0.05 * bb["total"] and s2["teacher"] == str(out / "stage1")
+    for f in ("adapter.safetensors", "features/image.npy", "user_repr.npy"):
+        assert (out / "stage2" / f).is_file()
     # stage 1 (vbpr on the extracted features) next to the popularity baseline
     for folder, model in (("stage1", "vbpr"), ("stage1-pop", "pop")):
         metrics = json.loads((out / folder / "metrics.json").read_text())
@@ -59,7 +66,7 @@ def check_demo(out: Path, size: str, n_items: int, n_users: int):
 
 def test_demo_tiny_through_python_m(tmp_path):
     out = tmp_path / "demo"
-    res = run_module("demo", "--out", str(out), "--size", "tiny")
+    res = run_module("demo", "--out", str(out), "--size", "tiny", timeout=900)
     assert res.returncode == 0, res.stderr
     assert "users:         200" in res.stdout
     check_demo(out, "tiny", 300, 200)

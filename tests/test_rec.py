@@ -287,7 +287,8 @@ def test_unknown_model_lists_the_names(data_path, inter):
 @pytest.mark.parametrize("cuda", [False, True])
 def test_resolve_ds_config_fills_auto(cuda, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    for stage in (0, 1, 2):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda)
+    for stage in (0, 1, 2, 3):
         ds = resolve_ds_config(f"zero{stage}", batch_size=64, world_size=4, lr=0.01,
                                weight_decay=0.25)
         assert ds["zero_optimization"]["stage"] == stage
@@ -297,6 +298,8 @@ def test_resolve_ds_config_fills_auto(cuda, monkeypatch):
         assert params["lr"] == 0.01 and params["weight_decay"] == 0.25
         assert params["torch_adam"] is (not cuda)
         assert "auto" not in json.dumps(ds)
+        if stage >= 2:   # stage-2 configs: bf16 exactly where the hardware has it
+            assert ds["bf16"]["enabled"] is cuda
 
 
 def test_ds_config_batch_not_multiple_of_ranks_and_unknown_name():

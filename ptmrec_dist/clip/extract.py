@@ -204,3 +204,51 @@ def _run(cfg: Config, shards: Path, out: Path, env: DistEnv, log, t0: float) -> 
                                                           "rank0_items_per_s")})
     dist.barrier()
     return meta
+
+
+def extract_all(backbone, shards: Path, cfg: Config, env: DistEnv, device: torch.device,
+                verify: bool = True, show_progress: bool = False) -> dict[str, np.ndarray]:
+    """Features of every item in memory, on every rank: each rank encodes its share of the
+    items (as ``ptmrec extract`` deals them), then the tables are summed over the ranks (the
+    shares are disjoint). Stage 2 re-extracts with its adapted backbone every epoch this way.
+    Returns ``{"image", "text": float32 [n_items, d], "present": bool [n_items]}``."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from ptmrec_dist.dist import allreduce_tensor
+
+    manifest = load_manifest(shards)
+    workers = cfg.extract.num_workers
+    reader = ExactlyOnceItems(shards, rank=env.rank, world_size=env.world_size,
+                              num_workers=workers, decode="pil",
+                              on_bad_sample=cfg.data.on_bad_sample, verify=verify)
+    loader = DataLoader(reader, batch_size=cfg.extract.batch_size, num_workers=workers,
+                        collate_fn=Preprocess(backbone))
+    n = manifest["n_items"]
+    tables: dict[str, torch.Tensor] = {}
+    seen = torch.zeros(n)
+    with torch.no_grad(), tqdm(total=n // env.world_size, unit="item", desc="re-extract",
+                               disable=not show_progress, file=sys.stderr, leave=False) as bar:
+        for batch in loader:
+            img = backbone.encode_images(batch["pixel_values"].to(device)).float().cpu()
+            txt = backbone.encode_texts(batch["input_ids"].to(device),
+                                        batch["attention_mask"].to(device)).float().cpu()
+            for key, value in (("image", img), ("text", txt)):
+                if key not in tables:
+                    tables[key] = torch.zeros(n, value.shape[1])
+                tables[key][batch["index"]] = value
+            seen[batch["index"]] = 1
+            bar.update(len(batch["index"]))
+    if not tables:   # a rank with no items learns the widths from the others
+        dims = torch.tensor([0.0, 0.0])
+    else:
+        dims = torch.tensor([float(tables["image"].shape[1]), float(tables["text"].shape[1])])
+    dims = allreduce_tensor(dims, op="max")
+    for key, d in zip(("image", "text"), dims.long().tolist()):
+        tables.setdefault(key, torch.zeros(n, d))
+        tables[key] = allreduce_tensor(tables[key])
+    seen = allreduce_tensor(seen)
+    if int((seen > 1).sum()):
+        raise PtmrecError(f"{shards}: {int((seen > 1).sum())} items encoded by more than one rank")
+    return {"image": tables["image"].numpy(), "text": tables["text"].numpy(),
+            "present": (seen == 1).numpy()}

@@ -51,6 +51,25 @@ class Recommender(nn.Module):
         adapted CLIP features; empty for ID-only models."""
         return {}
 
+    # ------------------------------------------------------------------ stage 2
+    def set_modal_inputs(self, tables: dict[str, torch.Tensor]) -> None:
+        """Replace the per-item modal inputs by ``tables`` (stage 2's feature bank: the adapted
+        backbone's features of every item); graph models rebuild what they derive from them."""
+        raise NotImplementedError(f"{self.name} has no modal inputs for stage 2")
+
+    def update_modal_inputs(self, items: torch.Tensor, modal: dict[str, torch.Tensor]) -> None:
+        """Write a batch's (detached) adapted features into the feature bank."""
+        for m, table in self.item_modal_inputs().items():
+            table.data.index_copy_(0, items.to(table.device), modal[m].detach().to(table.dtype))
+
+    def stage2_scores(self, users: torch.Tensor, items: torch.Tensor,
+                      modal: dict[str, torch.Tensor]) -> dict:
+        """In-batch scores of stage 2, batch users x batch items ``[B, B]``, with the batch
+        items' modal inputs ``modal`` (``{m: [B, d_m]}``, differentiable adapted features).
+        Returns ``{"bpr": [(weight, S), ...], "student": S, "reg": scalar}``: in-batch BPR terms,
+        the matrix the KT loss aligns with the teacher, and the regulariser (weighted)."""
+        raise NotImplementedError(f"{self.name} does not support stage 2")
+
     # ------------------------------------------------------------------ derived
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         u, i = self.representations()

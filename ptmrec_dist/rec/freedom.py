@@ -25,16 +25,11 @@ class FREEDOM(Recommender):
         self.item_id_embedding = xavier_embedding(n_items, d)
         self.modalities = modal_tables(self, features, ("image", "text"),
                                        config.feat_embed_dim, xavier=False)
-        # the kNN graphs come from the initial (frozen) features and stay fixed
-        adjs = {m: graph.knn_graph(getattr(self, f"{m}_embedding").detach(), c.knn_k)
-                for m in self.modalities}
-        if len(adjs) == 2:
-            mm = c.mm_image_weight * adjs["image"] + (1 - c.mm_image_weight) * adjs["text"]
-        else:
-            mm = next(iter(adjs.values()))
+        # the kNN graphs come from the initial (frozen) features and stay fixed in stage 1
+        mm_adj, mm_adj_t = self._mm_graph({m: getattr(self, f"{m}_embedding").detach()
+                                           for m in self.modalities})
         # graphs are derived data: buffers that move with the module, never saved
         eu, ei = graph.train_edges(train)
-        mm_adj, mm_adj_t = graph.to_csr(mm)          # the kNN graph is not symmetric
         norm_adj = graph.csr(graph.bipartite_adj(eu, ei, n_users, n_items))
         for name, value in (("mm_adj", mm_adj), ("mm_adj_t", mm_adj_t), ("edge_users", eu),
                             ("edge_items", ei),
@@ -42,8 +37,44 @@ class FREEDOM(Recommender):
                             ("norm_adj", norm_adj), ("masked_adj", norm_adj)):
             self.register_buffer(name, value, persistent=False)
 
+    def _mm_graph(self, tables):
+        c = self.c
+        adjs = {m: graph.knn_graph(t, c.knn_k) for m, t in tables.items()}
+        if len(adjs) == 2:
+            mm = c.mm_image_weight * adjs["image"] + (1 - c.mm_image_weight) * adjs["text"]
+        else:
+            mm = next(iter(adjs.values()))
+        return graph.to_csr(mm)          # the kNN graph is not symmetric: (A, A^T)
+
     def item_modal_inputs(self):
         return {m: getattr(self, f"{m}_embedding") for m in self.modalities}
+
+    def set_modal_inputs(self, tables):
+        """Stage 2: the feature tables become the (untrained) feature bank, and the item-item
+        graph is rebuilt from it, so the adapted features reach the ranking through the graph."""
+        for m in self.modalities:
+            name = f"{m}_embedding"
+            old = getattr(self, name)
+            table = tables[m].detach().to(old.device, torch.float32).clone()
+            if name in self._parameters:
+                del self._parameters[name]
+                self.register_buffer(name, table, persistent=False)
+            else:
+                setattr(self, name, table)
+        device = self.mm_adj.device
+        self.mm_adj, self.mm_adj_t = (a.to(device) for a in self._mm_graph(
+            {m: getattr(self, f"{m}_embedding") for m in self.modalities}))
+
+    def stage2_scores(self, users, items, modal):
+        """Ranking scores come from the graphs (features shape them through the kNN graph);
+        the feature-dependent head is FREEDOM's modal BPR term, u . trs_m(f_m), which the KT
+        loss aligns with the teacher."""
+        users_e, items_e = self._propagate(self.masked_adj)
+        u = users_e[users]
+        graph_scores = u @ items_e[items].T
+        modal_scores = sum(u @ getattr(self, f"{m}_trs")(modal[m]).T for m in self.modalities)
+        return {"bpr": [(1.0, graph_scores), (self.c.reg_weight, modal_scores)],
+                "student": modal_scores, "reg": graph_scores.new_zeros(())}
 
     def pre_epoch(self, epoch, generator):
         if self.c.dropout <= 0:

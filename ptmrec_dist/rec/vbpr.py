@@ -43,6 +43,23 @@ class VBPR(Recommender):
     def representations(self):
         return self.user_embedding, self._items()
 
+    def set_modal_inputs(self, tables):
+        for m in self.modalities:
+            old = getattr(self, f"{m}_features")
+            setattr(self, f"{m}_features", tables[m].detach().to(old.device, old.dtype).clone())
+
+    def stage2_scores(self, users, items, modal):
+        """BPR on the full scores; the KT student is the content part alone (user's second
+        half . projected features), so the teacher's collaborative knowledge is transferred
+        into what the features must carry (the full scores start equal to the teacher's)."""
+        u = self.user_embedding[users]
+        content = self.item_linear(torch.cat([modal[m] for m in self.modalities], dim=1))
+        i = torch.cat([self.item_embedding[items], content], dim=1)
+        scores = u @ i.T
+        reg = ((u ** 2).sum(-1).mean() + (i ** 2).sum(-1).mean()) / 2
+        student = u[:, self.item_embedding.shape[1]:] @ content.T
+        return {"bpr": [(1.0, scores)], "student": student, "reg": self.reg_weight * reg}
+
     def loss(self, batch):
         u = self.user_embedding[batch["users"]]
         p, n = self._items(batch["pos"]), self._items(batch["neg"])

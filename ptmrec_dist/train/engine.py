@@ -61,6 +61,9 @@ def resolve_ds_config(name_or_path: str, *, batch_size: int, world_size: int, lr
                  ("torch_adam", not torch.cuda.is_available())):
         if params.get(k) == "auto":
             params[k] = v
+    bf16 = ds.get("bf16", {})
+    if bf16.get("enabled") == "auto":   # bf16 only where the hardware has it (never on CPU)
+        bf16["enabled"] = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     left = _unresolved(ds)
     if left:
         raise ConfigError(f"{path}: cannot resolve \"auto\" for {', '.join(left)}")
@@ -71,14 +74,26 @@ def resolve_ds_config(name_or_path: str, *, batch_size: int, world_size: int, lr
     return ds
 
 
-def build_engine(module: torch.nn.Module, ds_config: dict):
-    """``deepspeed.initialize`` over the trainable parameters (torch.distributed must already be
-    initialised, by :func:`ptmrec_dist.dist.init`)."""
+def build_engine(module: torch.nn.Module, ds_config: dict, param_groups: list | None = None):
+    """``deepspeed.initialize`` over the trainable parameters, or over ``param_groups``
+    (``[{"params": [...], "lr": ...}, ...]``); torch.distributed must already be initialised,
+    by :func:`ptmrec_dist.dist.init`."""
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
-    params = [p for p in module.parameters() if p.requires_grad]
+    params = param_groups if param_groups is not None else \
+        [p for p in module.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params,
                                            config=ds_config)
     return engine
+
+
+def gathered(params: list):
+    """A context in which ZeRO-3-partitioned ``params`` are whole (read-only); a no-op for
+    parameters DeepSpeed does not partition."""
+    import contextlib
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)

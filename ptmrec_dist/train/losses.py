@@ -1,0 +1,35 @@
+"""Stage-2 losses on in-batch score matrices (B batch users x B batch items; user b's positive is
+item b, the diagonal).
+
+* :func:`in_batch_bpr`: ``-log sigmoid(S[b, b] - S[b, j])`` averaged, per row, over the items j
+  that are not known training positives of user b (the diagonal is always excluded), then over
+  the rows (weighted by ``weights`` if given; rows without a negative count 0).
+* :func:`kt_loss`: the in-batch knowledge transfer,
+  ``mean_b KL(softmax(S_T[b] / tau) || softmax(S_S[b] / tau))``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def in_batch_bpr(scores: torch.Tensor, known: torch.Tensor,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``known[b, j]``: item j is a training positive of user b (True on the diagonal)."""
+    valid = ~known
+    diff = scores.diagonal().unsqueeze(1) - scores
+    per_pair = -F.logsigmoid(diff) * valid
+    count = valid.sum(1)
+    has = count > 0
+    if not has.any():
+        return scores.sum() * 0.0
+    rows = per_pair.sum(1)[has] / count[has]
+    w = torch.ones_like(rows) if weights is None else weights[has].to(rows.dtype)
+    return (w * rows).sum() / w.sum().clamp_min(1e-12)
+
+
+def kt_loss(teacher: torch.Tensor, student: torch.Tensor, tau: float) -> torch.Tensor:
+    log_p = F.log_softmax(teacher.detach().float() / tau, dim=1)
+    log_q = F.log_softmax(student.float() / tau, dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(1).mean()

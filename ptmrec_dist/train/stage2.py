@@ -1,0 +1,390 @@
+"""``ptmrec stage2``: knowledge-guided parameter-efficient tuning of the backbone together with
+the base recommender (the student), under a DeepSpeed engine on 1..N ranks.
+
+* Batches stream items from the shards (:class:`~ptmrec_dist.data.readers.StreamingItems`): B
+  items per step (global); for each item one training user who interacted with it is drawn from
+  the item -> users CSR; items without a training user are skipped.
+* The student is the stage-1 model (``stage2.teacher``'s weights; from scratch in one-stage runs
+  without a teacher) whose item modal inputs are the adapted backbone's features of the batch
+  items. Loss: in-batch BPR (each user's other batch items are its negatives, its known positives
+  excluded) + ``stage2.kt_weight`` x the in-batch KT KL against the teacher's scores (the
+  stage-1 ``user_repr``/``item_repr``).
+* Every item's features live in a feature bank: written for the batch items each step,
+  re-extracted with the current backbone (all ranks) every epoch; the student ranks with it
+  (FREEDOM rebuilds its item-item graph from it).
+* Each epoch: re-extract, evaluate on valid, early stop after ``stage2.patience`` epochs without
+  improvement, keep the best (epoch -1 is the state before training).
+
+Outputs (main rank): ``OUT/adapter.safetensors`` (the PEFT method's trainable weights),
+``OUT/checkpoints/best/model.safetensors`` (student), ``OUT/features/`` (the adapted backbone's
+features of every item, loadable as ``data.features``), ``OUT/user_repr.npy``/``item_repr.npy``,
+``OUT/metrics.json``, ``OUT/log.jsonl``, ``OUT/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from ptmrec_dist import dist
+from ptmrec_dist.clip.backbone import load_backbone
+from ptmrec_dist.clip.extract import Preprocess, extract_all
+from ptmrec_dist.clip.methods import (apply_method, param_counts, save_trainable,
+                                      trainable_state_dict)
+from ptmrec_dist.config import Config, load_config
+from ptmrec_dist.data.interactions import load_interactions
+from ptmrec_dist.data.readers import SharedEpoch, StreamingItems
+from ptmrec_dist.errors import ConfigError, InputError, TrainingError
+from ptmrec_dist.eval.evaluate import Evaluator
+from ptmrec_dist.io import atomic_save_npy, atomic_write_json
+from ptmrec_dist.rec.base import terms
+from ptmrec_dist.run import RunDir
+from ptmrec_dist.train.engine import build_engine, gathered, resolve_ds_config
+from ptmrec_dist.train.losses import in_batch_bpr, kt_loss
+from ptmrec_dist.train.stage1 import _representations, build_model
+
+
+class Stage2Model(nn.Module):
+    """What the engine runs: adapted backbone + student; ``batch -> loss terms``."""
+
+    def __init__(self, backbone, student, teacher: dict | None, kt_weight: float, tau: float):
+        super().__init__()
+        self.backbone, self.student = backbone, student
+        self.kt_weight, self.tau = kt_weight, tau
+        self.has_teacher = teacher is not None
+        if teacher is not None:
+            self.register_buffer("teacher_users", teacher["users"], persistent=False)
+            self.register_buffer("teacher_items", teacher["items"], persistent=False)
+
+    def forward(self, batch: dict) -> dict:
+        image, text = self.backbone(batch["pixel_values"], batch["input_ids"],
+                                    batch["attention_mask"])
+        dtype = next(self.student.parameters()).dtype
+        modal = {m: f.to(dtype) for m, f in (("image", image), ("text", text))
+                 if m in self.student.modalities}
+        users, items = batch["users"], batch["items"]
+        out = self.student.stage2_scores(users, items, modal)
+        bpr = sum(w * in_batch_bpr(s, batch["known"], batch.get("row_weights"))
+                  for w, s in out["bpr"])
+        values = {"bpr": bpr, "reg": out["reg"]}
+        loss = bpr + out["reg"]
+        if self.has_teacher:
+            teacher = self.teacher_users[users].float() @ self.teacher_items[items].float().T
+            kt = kt_loss(teacher, out["student"], self.tau)
+            values["kt"] = kt
+            loss = loss + self.kt_weight * kt
+        result = terms(loss=loss * batch["weight"], **values)
+        result["modal"] = {m: f.detach() for m, f in modal.items()}
+        return result
+
+
+class UserSampler:
+    """One training user per item, uniformly among the item's training users (vectorised)."""
+
+    def __init__(self, train: sp.csr_matrix, seed: int):
+        self.train = train.tocsr()
+        self.by_item = train.T.tocsr()
+        self.by_item.sort_indices()
+        self.degree = np.diff(self.by_item.indptr)
+        self.mean_degree = float(self.degree[self.degree > 0].mean()) if self.degree.any() else 1.0
+        self.seed = seed
+
+    def row_weights(self, items: np.ndarray) -> np.ndarray:
+        """Importance weights ``degree / mean degree``: with them the item-uniform stream's BPR
+        estimates the interaction-uniform BPR of stage 1 (popular items are positives as often
+        as in the training data)."""
+        return (self.degree[items] / self.mean_degree).astype(np.float32)
+
+    def __call__(self, items: np.ndarray, epoch: int, step: int, rank: int):
+        """``(users, keep)``: ``keep`` marks the items that have a training user."""
+        rng = np.random.default_rng([self.seed, epoch, step, rank, 2])
+        deg = self.degree[items]
+        keep = deg > 0
+        offset = (rng.random(len(items)) * np.maximum(deg, 1)).astype(np.int64)
+        users = self.by_item.indices[self.by_item.indptr[items] + np.minimum(offset, deg - 1)]
+        return np.where(keep, users, -1).astype(np.int64), keep
+
+    def known(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """``[B, B]`` bool: item j is a training positive of user b."""
+        return self.train[users][:, items].toarray() > 0
+
+
+def load_teacher(cfg: Config) -> dict | None:
+    """The stage-1 run in ``stage2.teacher``: representations, weights, and its config (whose
+    recommender must be the one configured here)."""
+    if not cfg.stage2.teacher:
+        return None
+    run = Path(cfg.stage2.teacher)
+    files = {k: run / f for k, f in (("users", "user_repr.npy"), ("items", "item_repr.npy"),
+                                      ("weights", "checkpoints/best/model.safetensors"),
+                                      ("config", "config.yaml"))}
+    for f in files.values():
+        if not f.is_file():
+            raise InputError(f, "missing: stage2.teacher must be a finished `ptmrec stage1` run")
+    tcfg = load_config(files["config"])
+    for key in ("name", "embedding_dim", "feat_embed_dim"):
+        mine, theirs = getattr(cfg.recommender, key), getattr(tcfg.recommender, key)
+        if mine != theirs:
+            raise ConfigError(f"config key 'recommender.{key}' is {mine!r} but the teacher "
+                              f"{run} was trained with {theirs!r}")
+    return {"users": torch.from_numpy(np.load(files["users"])),
+            "items": torch.from_numpy(np.load(files["items"])),
+            "weights": files["weights"], "run": str(run)}
+
+
+def knowledge_init(backbone, feats, teacher_items: torch.Tensor) -> dict:
+    """Knowledge-guided prompt initialisation: each tower's prompts start as the directions of
+    its feature space that the teacher's item representations load on most
+    (:func:`~ptmrec_dist.clip.prompts.teacher_directions`), mapped into the tower's width by the
+    pseudo-inverse of its projection and scaled like the tokens they sit among."""
+    from ptmrec_dist.clip.prompts import teacher_directions, to_width
+
+    learner, clip = backbone.prompts, backbone.clip
+    n = learner.prompt_len
+    out = {}
+    for m, proj, scale in (
+            ("text", clip.text_projection.weight,
+             float(clip.text_model.embeddings.token_embedding.weight.norm(dim=1).mean())),
+            ("image", clip.visual_projection.weight,
+             float(clip.vision_model.pre_layrnorm.weight.norm()))):
+        f = feats.get(m)
+        if f is None or f.shape[1] != proj.shape[0]:
+            raise ConfigError(f"peft.prompt_init=teacher needs {m} features of this backbone "
+                              f"({proj.shape[0]}-d) in data.features; set peft.prompt_init=random")
+        out[m] = to_width(teacher_directions(f, teacher_items.numpy(), n), proj, scale)
+    learner.init_from(out["text"], out["image"])
+    return {m: v.shape for m, v in out.items()}
+
+
+def _check_dims(student, bank: dict) -> None:
+    for m, table in student.item_modal_inputs().items():
+        if table.shape[1] != bank[m].shape[1]:
+            raise ConfigError(f"the recommender's {m} inputs are {table.shape[1]}-d "
+                              f"(data.features) but the backbone gives {bank[m].shape[1]}-d: "
+                              "stage 2 needs data.features extracted with backbone.name_or_path")
+
+
+def _save_best(out: Path, model: Stage2Model, bank: dict, reps, meta: dict, env, cfg) -> None:
+    from safetensors.torch import save_file
+
+    save_trainable(model.backbone, out / "adapter.safetensors", meta)   # gathers under ZeRO-3
+    params = list(model.student.parameters())
+    with gathered(params):
+        state = {k: v.detach().cpu().contiguous() for k, v in model.student.state_dict().items()}
+    if not env.is_main:
+        return
+    (out / "checkpoints" / "best").mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "checkpoints" / "best" / "model.safetensors"))
+    dtype = np.float16 if cfg.extract.feature_dtype == "fp16" else np.float32
+    for key in ("image", "text"):
+        atomic_save_npy(out / "features" / f"{key}.npy", bank[key].astype(dtype))
+    atomic_save_npy(out / "features" / "present.npy", bank["present"])
+    atomic_write_json(out / "features" / "meta.json", {**meta, "dtype": cfg.extract.feature_dtype})
+    atomic_save_npy(out / "user_repr.npy", reps[0].cpu().float().numpy())
+    atomic_save_npy(out / "item_repr.npy", reps[1].cpu().float().numpy())
+
+
+def _batches(loader, sampler: UserSampler, epoch: int, rank: int, device, weighting: bool):
+    for step, raw in enumerate(loader):
+        items = raw["index"].numpy()
+        users, keep = sampler(items, epoch, step, rank)
+        weight = 1.0
+        if not keep.any():   # still step (the ranks' collectives must match), with no loss
+            keep[0], users[0], weight = True, 0, 0.0
+        sel = torch.from_numpy(np.flatnonzero(keep))
+        users, items = users[keep], items[keep]
+        extra = ({"row_weights": torch.from_numpy(sampler.row_weights(items)).to(device)}
+                 if weighting else {})
+        yield {**extra, "pixel_values": raw["pixel_values"][sel].to(device),
+               "input_ids": raw["input_ids"][sel].to(device),
+               "attention_mask": raw["attention_mask"][sel].to(device),
+               "users": torch.from_numpy(users).to(device),
+               "items": torch.from_numpy(items).to(device),
+               "known": torch.from_numpy(sampler.known(users, items)).to(device),
+               "weight": weight}
+
+
+def run_stage2(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
+               log=print) -> dict:
+    out = Path(out)
+    s = cfg.stage2
+    env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, env)
+    say = log if env.is_main else (lambda *_: None)
+    t_start = time.perf_counter()
+    if not cfg.data.shards:
+        raise ConfigError("stage 2 streams items from shards: set data.shards (`ptmrec shard`)")
+    if s.kt_weight > 0 and not s.teacher:
+        raise ConfigError("config key 'stage2.kt_weight' > 0 needs a teacher: set "
+                          "stage2.teacher to a stage-1 run folder (or kt_weight=0 for one stage)")
+    device = torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() \
+        else torch.device("cpu")
+    inter = load_interactions(cfg.data.path, cfg.data)
+    teacher = load_teacher(cfg)
+    student = build_model(cfg, inter)
+    if not student.needs_features:
+        raise ConfigError(f"recommender.name={student.name} uses no item features: stage 2 "
+                          "adapts the backbone that produces them (use vbpr or freedom)")
+    if teacher is not None:
+        from safetensors.torch import load_file
+        student.load_state_dict(load_file(str(teacher["weights"])))
+    from ptmrec_dist.rec.features import resolve_features
+    frozen_feats = resolve_features(cfg.data, inter.path, inter.n_items, required=True)
+
+    torch.manual_seed(cfg.seed)              # the same prompts / adapters on every rank
+    backbone = apply_method(load_backbone(cfg.backbone), cfg)
+    init_info = None
+    if backbone.prompts is not None and cfg.peft.prompt_init == "teacher":
+        if teacher is None:
+            raise ConfigError("peft.prompt_init=teacher needs stage2.teacher; use "
+                              "peft.prompt_init=random for one-stage runs")
+        init_info = knowledge_init(backbone, frozen_feats, teacher["items"])
+    backbone.to(device)
+    student.to(device)
+    run = RunDir(out, cfg, env.is_main).start()
+    evaluator = Evaluator(cfg, inter, env)
+    shards = Path(cfg.data.shards)
+
+    model = Stage2Model(backbone, student, teacher, s.kt_weight, s.kt_tau).to(device)
+    counts = {"backbone": param_counts(backbone), "recommender": param_counts(student)}
+    groups = [{"params": [p for p in backbone.parameters() if p.requires_grad], "lr": s.lr},
+              {"params": [p for p in student.parameters() if p.requires_grad], "lr": s.rec_lr}]
+    groups = [g for g in groups if g["params"]]
+    ds_cfg = resolve_ds_config(s.ds_config, batch_size=s.batch_size, world_size=env.world_size,
+                               lr=s.lr, weight_decay=s.weight_decay, key="stage2")
+    if ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
+        # the recommenders read their tables directly (not through a submodule call), so
+        # ZeRO-3 must gather them around the whole forward
+        import deepspeed
+        for p in student.parameters():
+            deepspeed.zero.register_external_parameter(model, p)
+    engine = build_engine(model, ds_cfg, param_groups=groups)
+    # how far the backbone's trainable weights moved (relative L2), logged per epoch; skipped for
+    # methods that train most of the backbone (a second copy of it)
+    init_state = trainable_state_dict(backbone) if \
+        0 < counts["backbone"]["trainable"] <= 0.1 * counts["backbone"]["total"] else None
+    say(f"stage 2: {student.name} + {backbone.method} on {inter.n_users} users x "
+        f"{inter.n_items} items; backbone trainable {counts['backbone']['trainable']} of "
+        f"{counts['backbone']['total']} ({counts['backbone']['trainable_pct']}%); "
+        f"teacher: {teacher['run'] if teacher else 'none (one stage)'}; {env.world_size} rank(s)"
+        f"{'; bf16' if ds_cfg.get('bf16', {}).get('enabled') else ''}")
+
+    sampler = UserSampler(inter.csr("train"), cfg.seed)
+    epoch_ref = SharedEpoch(0)
+    workers = s.num_workers
+    reader = StreamingItems(shards, rank=env.rank, world_size=env.world_size,
+                            num_workers=workers, seed=cfg.seed, epoch=epoch_ref,
+                            on_bad_sample=cfg.data.on_bad_sample)
+    from torch.utils.data import DataLoader
+    loader = DataLoader(reader, batch_size=s.batch_size // env.world_size, num_workers=workers,
+                        collate_fn=Preprocess(backbone), persistent_workers=workers > 0)
+
+    meta = {"method": backbone.method, "backbone": backbone.name_or_path,
+            "prompt_len": s.prompt_len, "prompt_depth": s.prompt_depth,
+            "coupled": cfg.peft.coupled, "recommender": student.name}
+    metric = cfg.eval.metric
+    best = {"epoch": None, "valid": None, "test": None}
+    times = {"train": [], "extract": [], "eval": []}
+    bad, stopped_early, epochs_run = 0, False, 0
+
+    def refresh_and_evaluate(epoch: int, record: dict, first: bool) -> bool:
+        nonlocal best, bad
+        t0 = time.perf_counter()
+        engine.module.eval()
+        bank = extract_all(backbone, shards, cfg, env, device, verify=first,
+                           show_progress=env.is_main and sys.stderr.isatty())
+        if first:
+            _check_dims(student, bank)
+        student.set_modal_inputs({m: torch.from_numpy(bank[m]) for m in student.modalities})
+        times["extract"].append(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        with gathered(list(student.parameters())):
+            users_r, items_r = _representations(student)
+        reps = (users_r.float(), items_r.float())
+        valid = evaluator(reps, "valid")
+        times["eval"].append(time.perf_counter() - t1)
+        improved = best["valid"] is None or valid[metric] > best["valid"][metric]
+        if improved:
+            best = {"epoch": epoch, "valid": valid, "test": evaluator(reps, "test")}
+            _save_best(out, engine.module, bank, reps, meta, env, cfg)
+            bad = 0
+        else:
+            bad += 1
+        if init_state is not None:
+            now = trainable_state_dict(backbone)
+            moved = sum(float((now[k] - v).pow(2).sum()) for k, v in init_state.items())
+            size = sum(float(v.pow(2).sum()) for v in init_state.values())
+            record["backbone_shift"] = round((moved / max(size, 1e-30)) ** 0.5, 6)
+        record.update(valid={k: round(v, 6) for k, v in valid.items()}, best=improved,
+                      extract_s=round(times["extract"][-1], 3), eval_s=round(times["eval"][-1], 3))
+        run.log(**record)
+        loss = f"loss {record['loss']:.4f}" if "loss" in record else "before training"
+        say(f"epoch {epoch:3d}  {loss}  "
+            f"valid {metric} {valid[metric]:.4f}{'  *' if improved else ''}  "
+            f"(train {record.get('train_s', 0):.1f}s, re-extract {record['extract_s']:.1f}s, "
+            f"eval {record['eval_s']:.1f}s)")
+        return improved
+
+    refresh_and_evaluate(-1, {"epoch": -1}, first=True)
+    for epoch in range(s.epochs):
+        t0 = time.perf_counter()
+        epoch_ref.set(epoch)
+        engine.module.train()
+        student.pre_epoch(epoch, torch.Generator().manual_seed(
+            int(np.random.SeedSequence([cfg.seed, epoch, 3]).generate_state(1)[0])))
+        sums: dict[str, torch.Tensor] = {}
+        steps = items_seen = 0
+        for batch in _batches(loader, sampler, epoch, env.rank, engine.device,
+                              s.popularity_weighting):
+            result = engine(batch)
+            engine.backward(result["loss"])
+            engine.step()
+            student.update_modal_inputs(batch["items"], result["modal"])
+            for k, v in result.items():
+                if k != "modal":
+                    sums[k] = sums.get(k, 0.0) + v.detach().float()
+            steps += 1
+            items_seen += len(batch["items"])
+        values = dist.allreduce_sum(np.array([float(v) for v in sums.values()] + [items_seen]))
+        record = {"epoch": epoch, **{k: round(v / (steps * env.world_size), 6)
+                                     for k, v in zip(sums, values[:-1])}}
+        if not np.isfinite(record["loss"]):
+            raise TrainingError(f"stage 2: the loss of epoch {epoch} is {record['loss']} "
+                                f"(terms: {record}); lower stage2.lr / stage2.rec_lr")
+        times["train"].append(time.perf_counter() - t0)
+        record.update(train_s=round(times["train"][-1], 3), items=int(values[-1]),
+                      items_per_s=round(values[-1] / times["train"][-1], 1))
+        epochs_run = epoch + 1
+        refresh_and_evaluate(epoch, record, first=False)
+        if bad >= s.patience:
+            stopped_early = True
+            say(f"early stop: no better valid {metric} in {s.patience} epochs")
+            break
+
+    total_trainable = counts["backbone"]["trainable"] + counts["recommender"]["trainable"]
+    metrics = {
+        "model": student.name, "method": backbone.method, "metric": metric,
+        "teacher": teacher["run"] if teacher else None, "kt_weight": s.kt_weight,
+        "prompt_init": cfg.peft.prompt_init if backbone.prompts is not None else None,
+        "knowledge_init": bool(init_info), "best_epoch": best["epoch"],
+        "valid": best["valid"], "test": best["test"], "epochs_run": epochs_run,
+        "stopped_early": stopped_early, "params": counts,
+        "trainable_params": total_trainable, "world_size": env.world_size,
+        "bf16": bool(ds_cfg.get("bf16", {}).get("enabled")),
+        "train_s_mean": round(float(np.mean(times["train"])), 3) if times["train"] else 0.0,
+        "extract_s_mean": round(float(np.mean(times["extract"])), 3),
+        "eval_s_mean": round(float(np.mean(times["eval"])), 3),
+        "seconds": round(time.perf_counter() - t_start, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    run.write_metrics(metrics)
+    say(f"best epoch {best['epoch']}: valid {metric} {best['valid'][metric]:.4f}, "
+        f"test {metric} {best['test'][metric]:.4f} -> {out}")
+    dist.barrier()
+    return metrics

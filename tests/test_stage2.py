@@ -1,0 +1,226 @@
+"""Stage 2: the losses against hand computations, the item->user sampler, and whole runs on a
+small demo (PTMRec with a teacher, one-stage runs, FREEDOM, ZeRO-3, the exported adapter)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from ptmrec_dist.cli import main
+from ptmrec_dist.clip.backbone import load_backbone
+from ptmrec_dist.clip.extract import extract_all
+from ptmrec_dist.clip.methods import apply_method, load_trainable
+from ptmrec_dist.config import load_config
+from ptmrec_dist.demo import demo_config, run_demo
+from ptmrec_dist.dist import DistEnv
+from ptmrec_dist.errors import ConfigError
+from ptmrec_dist.eval.evaluate import evaluate_run
+from ptmrec_dist.train.losses import in_batch_bpr, kt_loss
+from ptmrec_dist.train.stage2 import UserSampler, run_stage2
+
+SMALL = ["synthetic.n_items=120", "synthetic.n_users=60", "data.shard_size=40",
+         "demo_backbone.width=32", "demo_backbone.heads=2", "demo_backbone.layers=2",
+         "demo_backbone.epochs=1", "extract.num_workers=0", "stage1.epochs=3",
+         "stage2.epochs=2", "stage2.batch_size=16", "stage2.num_workers=0",
+         "stage2.prompt_len=2", "stage2.prompt_depth=2"]
+
+
+def _quiet(*_):
+    pass
+
+
+# --------------------------------------------------------------------------- losses by hand
+
+def test_kt_loss_equals_a_hand_computed_kl():
+    teacher = torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]])
+    student = torch.tensor([[0.0, 0.0, 0.0], [1.0, -1.0, 0.5]])
+    tau = 0.5
+    rows = []
+    for t, s in zip(teacher.tolist(), student.tolist()):
+        p = [math.exp(x / tau) for x in t]
+        p = [x / sum(p) for x in p]
+        q = [math.exp(x / tau) for x in s]
+        q = [x / sum(q) for x in q]
+        rows.append(sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)))
+    assert kt_loss(teacher, student, tau).item() == pytest.approx(sum(rows) / 2, rel=1e-6)
+    assert kt_loss(teacher, teacher, tau).item() == pytest.approx(0.0, abs=1e-7)
+    # the teacher is a target: no gradient flows into it
+    t = teacher.clone().requires_grad_()
+    s = student.clone().requires_grad_()
+    kt_loss(t, s, tau).backward()
+    assert t.grad is None and s.grad.abs().sum() > 0
+
+
+def test_in_batch_bpr_by_hand_excludes_known_positives():
+    scores = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0], [1.0, 1.0, 1.0]])
+    known = torch.eye(3, dtype=torch.bool)
+    known[1, 2] = True          # item 2 is also a training positive of user 1: not a negative
+    negatives = {0: [1, 2], 1: [0], 2: [0, 1]}
+
+    def row(b):
+        return sum(-math.log(1 / (1 + math.exp(-(scores[b, b] - scores[b, j]).item())))
+                   for j in negatives[b]) / len(negatives[b])
+    want = sum(row(b) for b in range(3)) / 3
+    assert in_batch_bpr(scores, known).item() == pytest.approx(want, rel=1e-6)
+    w = torch.tensor([1.0, 2.0, 3.0])
+    weighted = sum(w[b].item() * row(b) for b in range(3)) / 6
+    assert in_batch_bpr(scores, known, w).item() == pytest.approx(weighted, rel=1e-6)
+    assert in_batch_bpr(scores[:1, :1], known[:1, :1]).item() == 0.0
+
+
+def test_user_sampler_draws_training_users_and_skips_cold_items():
+    train = sp.csr_matrix(np.array([[1, 0, 1, 0], [1, 1, 0, 0], [0, 0, 1, 0]], dtype=np.float32))
+    sampler = UserSampler(train, seed=3)
+    items = np.array([0, 1, 2, 3, 0, 2])
+    users, keep = sampler(items, epoch=0, step=0, rank=0)
+    assert keep.tolist() == [True, True, True, False, True, True]
+    for u, i, k in zip(users, items, keep):
+        if k:
+            assert train[u, i] == 1
+    again, _ = sampler(items, epoch=0, step=0, rank=0)
+    assert again.tolist() == users.tolist()
+    # over many draws every training user of item 0 and 2 appears
+    drawn = {tuple(sampler(np.array([0, 2]), 0, s, 0)[0]) for s in range(50)}
+    assert {d[0] for d in drawn} == {0, 1} and {d[1] for d in drawn} == {0, 2}
+    known = sampler.known(np.array([0, 1]), np.array([2, 1]))
+    assert known.tolist() == [[True, False], [False, True]]
+
+
+# --------------------------------------------------------------------------- whole runs
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A small demo: data, shards, backbone, features, stage 1 (vbpr) and stage 2 (PTMRec)."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("s2") / "demo"
+    cfg = load_config(None, SMALL, base=demo_config("tiny"))
+    summary = run_demo(cfg, out, "tiny", log=_quiet)
+    return out, summary
+
+
+def stage2_cfg(out, *overrides):
+    cfg = load_config(out / "stage1" / "config.yaml", SMALL)
+    cfg.data.shards = str(out / "shards")
+    cfg.stage2.teacher = str(out / "stage1")
+    return load_config(None, list(overrides), base=cfg)
+
+
+def test_demo_stage2_outputs(demo):
+    out, summary = demo
+    m = json.loads((out / "stage2" / "metrics.json").read_text())
+    assert m["method"] == "prompt" and m["knowledge_init"] and m["teacher"] == str(out / "stage1")
+    prompts = 2 * 2 * (32 + 32)       # depth x len x (text width + vision width)
+    assert m["params"]["backbone"]["trainable"] == prompts
+    assert summary["stages"]["stage2"]["backbone_params"]["trainable"] == prompts
+    log = [json.loads(x) for x in (out / "stage2" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [-1, 0, 1]
+    assert all(math.isfinite(r["loss"]) and r["kt"] >= 0 for r in log[1:])
+    assert m["best_epoch"] in (-1, 0, 1)
+    # the run's representations reproduce its metrics
+    again = evaluate_run(out / "stage2", "test")
+    assert again["metrics"]["recall@20"] == pytest.approx(m["test"]["recall@20"], abs=1e-9)
+
+
+def test_exported_adapter_reproduces_the_saved_features(demo):
+    out, _ = demo
+    cfg = load_config(out / "stage2" / "config.yaml")
+    backbone = apply_method(load_backbone(cfg.backbone), cfg)
+    meta = load_trainable(backbone, out / "stage2" / "adapter.safetensors")
+    assert meta["method"] == "prompt" and meta["prompt_len"] == 2
+    bank = extract_all(backbone, out / "shards", cfg, DistEnv(), torch.device("cpu"))
+    saved = np.load(out / "stage2" / "features" / "image.npy").astype(np.float32)
+    np.testing.assert_allclose(bank["image"], saved, atol=2e-3, rtol=2e-3)
+    frozen = np.load(out / "features" / "image.npy").astype(np.float32)
+    assert np.abs(saved - frozen).max() > 1e-2      # the prompts did change the features
+
+
+def test_one_stage_full_finetuning_and_missing_teacher(demo, tmp_path):
+    out, _ = demo
+    cfg = stage2_cfg(out, "stage2.teacher=", "stage2.kt_weight=0", "peft.method=full",
+                     "stage2.epochs=1")
+    m = run_stage2(cfg, tmp_path / "joint", log=_quiet)
+    assert m["teacher"] is None and m["method"] == "full"
+    assert m["params"]["backbone"]["trainable"] == m["params"]["backbone"]["total"]
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        run_stage2(stage2_cfg(out, "stage2.teacher="), tmp_path / "x", log=_quiet)
+    with pytest.raises(ConfigError, match="prompt_init=teacher needs"):
+        run_stage2(stage2_cfg(out, "stage2.teacher=", "stage2.kt_weight=0"), tmp_path / "y",
+                   log=_quiet)
+
+
+def test_lora_freedom_stage2(demo, tmp_path):
+    """FREEDOM as student (its teacher trained here): the item graph is rebuilt from the
+    re-extracted features, and LoRA trains only its adapters."""
+    out, _ = demo
+    teacher = tmp_path / "freedom1"
+    assert main(["stage1", "--config", str(out / "stage1" / "config.yaml"), "--out", str(teacher),
+                 "--model", "freedom", "stage1.epochs=2", "recommender.freedom.knn_k=5"]) == 0
+    cfg = stage2_cfg(out, "recommender.name=freedom", "recommender.freedom.knn_k=5",
+                     f"stage2.teacher={teacher}", "peft.method=lora", "stage2.epochs=1")
+    m = run_stage2(cfg, tmp_path / "s2", log=_quiet)
+    assert m["model"] == "freedom" and m["method"] == "lora"
+    assert 0 < m["params"]["backbone"]["trainable"] < m["params"]["backbone"]["total"] / 10
+    log = [json.loads(x) for x in (tmp_path / "s2" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["kt"] > 0 and math.isfinite(log[-1]["loss"])
+
+
+def test_teacher_must_match_the_recommender(demo, tmp_path):
+    out, _ = demo
+    with pytest.raises(ConfigError, match="recommender.name"):
+        run_stage2(stage2_cfg(out, "recommender.name=freedom"), tmp_path / "x", log=_quiet)
+    with pytest.raises(ConfigError, match="uses no item features"):
+        cfg = stage2_cfg(out, "stage2.teacher=", "stage2.kt_weight=0",
+                         "peft.prompt_init=random", "recommender.name=bpr")
+        run_stage2(cfg, tmp_path / "y", log=_quiet)
+
+
+def test_zero3_trains_prompts(demo, tmp_path):
+    """Under ZeRO-3 (parameters partitioned, gathered by DeepSpeed's module hooks) the prompts
+    still get gradients and the exported adapter is whole."""
+    out, _ = demo
+    cfg = stage2_cfg(out, "stage2.ds_config=zero3", "stage2.epochs=1")
+    m = run_stage2(cfg, tmp_path / "z3", log=_quiet)
+    from safetensors.torch import load_file
+    state = load_file(str(tmp_path / "z3" / "adapter.safetensors"))
+    assert state and all(v.numel() > 0 for v in state.values())
+    assert sum(v.numel() for v in state.values()) == m["params"]["backbone"]["trainable"]
+    ref = load_file(str(out / "stage2" / "adapter.safetensors"))
+    assert set(state) == set(ref)
+
+
+def test_cli_stage2_bad_inputs_exit_2(demo, tmp_path, capsys):
+    out, _ = demo
+    args = ["stage2", "--config", str(out / "stage1" / "config.yaml"), "--out", str(tmp_path),
+            "--shards", str(out / "shards")]
+    assert main(args + ["--teacher", str(tmp_path / "nope")]) == 2
+    assert "user_repr.npy" in capsys.readouterr().err
+    assert main(args + ["--teacher", str(out / "stage1"), "peft.method=nope"]) == 2
+
+
+def test_two_ranks_under_torchrun(demo, tmp_path):
+    """2 torchrun ranks (gloo, ZeRO-2): each rank streams its share of the items and re-extracts
+    its share of the catalog; the bank gathered over the ranks covers every item once and equals
+    the features the exported adapter gives on one process."""
+    from test_stage1 import ptmrec
+
+    out, _ = demo
+    run = tmp_path / "r2"
+    proc = ptmrec("stage2", "--config", out / "stage2" / "config.yaml", "--out", run,
+                  "stage2.epochs=1", ranks=2)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["epochs_run"] == 1
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    n_items = int(np.load(out / "features" / "present.npy").sum())
+    # both ranks' streamed items (resampled: equal shares per rank), less those with no training user
+    assert n_items // 2 <= log[-1]["items"] <= n_items
+    assert np.load(run / "features" / "present.npy").all()
+    cfg = load_config(run / "config.yaml")
+    backbone = apply_method(load_backbone(cfg.backbone), cfg)
+    load_trainable(backbone, run / "adapter.safetensors")
+    bank = extract_all(backbone, out / "shards", cfg, DistEnv(), torch.device("cpu"))
+    saved = np.load(run / "features" / "text.npy").astype(np.float32)
+    np.testing.assert_allclose(bank["text"], saved, atol=2e-3, rtol=2e-3)
