@@ -180,6 +180,7 @@ class Stage2Config:
     prompt_depth: int = 4               # layers that get (new) prompts, from the first
     kt_weight: float = 10.0             # weight of the in-batch knowledge-transfer KL
     kt_tau: float = 0.5                 # softmax temperature of the KL
+    users_per_item: int = 8             # training users drawn per streamed item (rows of the loss)
     popularity_weighting: bool = True   # weight BPR rows by item degree / mean degree
     activation_checkpointing: bool = False   # recompute the encoder layers in backward
     num_workers: int = 1                # dataloader workers that decode and preprocess items
@@ -268,6 +269,7 @@ class Config:
             ("stage2.lr", self.stage2.lr > 0, "must be > 0"),
             ("stage2.rec_lr", self.stage2.rec_lr >= 0, "must be >= 0"),
             ("stage2.num_workers", self.stage2.num_workers >= 0, "must be >= 0"),
+            ("stage2.users_per_item", self.stage2.users_per_item >= 1, "must be >= 1"),
             ("peft.prompt_std", self.peft.prompt_std > 0, "must be > 0"),
             ("peft.lora_r", self.peft.lora_r >= 1, "must be >= 1"),
         ]

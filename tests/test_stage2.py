@@ -19,7 +19,8 @@ from ptmrec_dist.dist import DistEnv
 from ptmrec_dist.errors import ConfigError
 from ptmrec_dist.eval.evaluate import evaluate_run
 from ptmrec_dist.train.losses import in_batch_bpr, kt_loss
-from ptmrec_dist.train.stage2 import UserSampler, run_stage2
+from ptmrec_dist.train.sampler import UserSampler
+from ptmrec_dist.train.stage2 import run_stage2
 
 SMALL = ["synthetic.n_items=120", "synthetic.n_users=60", "data.shard_size=40",
          "demo_backbone.width=32", "demo_backbone.heads=2", "demo_backbone.layers=2",
@@ -75,18 +76,36 @@ def test_user_sampler_draws_training_users_and_skips_cold_items():
     train = sp.csr_matrix(np.array([[1, 0, 1, 0], [1, 1, 0, 0], [0, 0, 1, 0]], dtype=np.float32))
     sampler = UserSampler(train, seed=3)
     items = np.array([0, 1, 2, 3, 0, 2])
-    users, keep = sampler(items, epoch=0, step=0, rank=0)
+    users, keep = sampler(items, epoch=0, step=0, rank=0, k=3)
+    assert users.shape == (6, 3)
     assert keep.tolist() == [True, True, True, False, True, True]
-    for u, i, k in zip(users, items, keep):
+    for row, i, k in zip(users, items, keep):
         if k:
-            assert train[u, i] == 1
-    again, _ = sampler(items, epoch=0, step=0, rank=0)
+            assert all(train[u, i] == 1 for u in row)
+        else:
+            assert (row == -1).all()
+    again, _ = sampler(items, epoch=0, step=0, rank=0, k=3)
     assert again.tolist() == users.tolist()
     # over many draws every training user of item 0 and 2 appears
-    drawn = {tuple(sampler(np.array([0, 2]), 0, s, 0)[0]) for s in range(50)}
-    assert {d[0] for d in drawn} == {0, 1} and {d[1] for d in drawn} == {0, 2}
+    drawn = np.concatenate([sampler(np.array([0, 2]), 0, s, 0)[0] for s in range(50)], axis=1)
+    assert set(drawn[0]) == {0, 1} and set(drawn[1]) == {0, 2}
     known = sampler.known(np.array([0, 1]), np.array([2, 1]))
     assert known.tolist() == [[True, False], [False, True]]
+    # importance weights: degree / mean degree over items that have a user
+    assert sampler.row_weights(np.array([0, 1, 2])).tolist() == pytest.approx([1.2, 0.6, 1.2])
+
+
+def test_in_batch_bpr_with_several_users_per_item():
+    """Rows are (user, item) pairs, several rows per item: row r's positive is item pos[r]."""
+    scores = torch.tensor([[2.0, 0.0], [1.0, 3.0], [0.5, 0.5], [-1.0, 1.0]])
+    pos = torch.tensor([0, 0, 1, 1])
+    known = torch.zeros(4, 2, dtype=torch.bool)
+    known[torch.arange(4), pos] = True
+
+    def term(a, b):
+        return -math.log(1 / (1 + math.exp(-(a - b))))
+    want = (term(2, 0) + term(1, 3) + term(0.5, 0.5) + term(1, -1)) / 4
+    assert in_batch_bpr(scores, known, pos=pos).item() == pytest.approx(want, rel=1e-6)
 
 
 # --------------------------------------------------------------------------- whole runs

@@ -1,5 +1,5 @@
-"""Stage-2 losses on in-batch score matrices (B batch users x B batch items; user b's positive is
-item b, the diagonal).
+"""Stage-2 losses on in-batch score matrices (R batch users x B batch items; row r's positive is
+item ``pos[r]``, by default the diagonal: R = B, pos[r] = r).
 
 * :func:`in_batch_bpr`: ``-log sigmoid(S[b, b] - S[b, j])`` averaged, per row, over the items j
   that are not known training positives of user b (the diagonal is always excluded), then over
@@ -15,10 +15,13 @@ import torch.nn.functional as F
 
 
 def in_batch_bpr(scores: torch.Tensor, known: torch.Tensor,
-                 weights: torch.Tensor | None = None) -> torch.Tensor:
-    """``known[b, j]``: item j is a training positive of user b (True on the diagonal)."""
+                 weights: torch.Tensor | None = None,
+                 pos: torch.Tensor | None = None) -> torch.Tensor:
+    """``known[r, j]``: item j is a training positive of row r's user (True at its positive)."""
     valid = ~known
-    diff = scores.diagonal().unsqueeze(1) - scores
+    rows_idx = torch.arange(scores.shape[0], device=scores.device)
+    pos_scores = scores.diagonal() if pos is None else scores[rows_idx, pos]
+    diff = pos_scores.unsqueeze(1) - scores
     per_pair = -F.logsigmoid(diff) * valid
     count = valid.sum(1)
     has = count > 0

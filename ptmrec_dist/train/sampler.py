@@ -1,4 +1,5 @@
-"""BPR triplets for stage 1, vectorised and independent of the number of ranks.
+"""BPR triplets for stage 1, vectorised and independent of the number of ranks; stage 2's
+training users of streamed items (:class:`UserSampler`, :func:`item_batches`).
 
 Each epoch the training interactions are permuted with a generator seeded by ``(seed, epoch)``
 and cut into *global* batches; negatives for a whole global batch are drawn with a generator
@@ -68,3 +69,63 @@ class BPRSampler:
             if neg is not None:
                 batch["neg"] = torch.from_numpy(neg[mine])
             yield batch
+
+
+class UserSampler:
+    """Stage 2: training users of streamed items, uniformly among each item's training users
+    (vectorised), and the in-batch masks of known positives."""
+
+    def __init__(self, train: sp.csr_matrix, seed: int):
+        self.train = train.tocsr()
+        self.by_item = train.T.tocsr()
+        self.by_item.sort_indices()
+        self.degree = np.diff(self.by_item.indptr)
+        self.mean_degree = float(self.degree[self.degree > 0].mean()) if self.degree.any() else 1.0
+        self.seed = seed
+
+    def row_weights(self, items: np.ndarray) -> np.ndarray:
+        """Importance weights ``degree / mean degree``: with them the item-uniform stream's BPR
+        estimates the interaction-uniform BPR of stage 1 (popular items are positives as often
+        as in the training data)."""
+        return (self.degree[items] / self.mean_degree).astype(np.float32)
+
+    def __call__(self, items: np.ndarray, epoch: int, step: int, rank: int, k: int = 1):
+        """``(users [n, k], keep [n])``: ``k`` users per item, drawn with replacement among its
+        training users; ``keep`` marks the items that have one (the others get -1)."""
+        rng = np.random.default_rng([self.seed, epoch, step, rank, 2])
+        deg = self.degree[items][:, None]
+        keep = deg[:, 0] > 0
+        offset = (rng.random((len(items), k)) * np.maximum(deg, 1)).astype(np.int64)
+        at = self.by_item.indptr[items][:, None] + np.minimum(offset, np.maximum(deg - 1, 0))
+        users = self.by_item.indices[np.minimum(at, max(self.by_item.nnz - 1, 0))]
+        return np.where(keep[:, None], users, -1).astype(np.int64), keep
+
+    def known(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """``[len(users), len(items)]`` bool: item j is a training positive of user r."""
+        return self.train[users][:, items].toarray() > 0
+
+
+def item_batches(loader, sampler: UserSampler, epoch: int, rank: int, device, weighting: bool,
+             users_per_item: int):
+    """Training batches: the streamed items that have a training user, ``users_per_item`` users
+    for each (rows ``r`` of the score matrices; row r's positive is item ``pos[r]``)."""
+    k = users_per_item
+    for step, raw in enumerate(loader):
+        items = raw["index"].numpy()
+        users, keep = sampler(items, epoch, step, rank, k)
+        weight = 1.0
+        if not keep.any():   # still step (the ranks' collectives must match), with no loss
+            keep[0], users[0], weight = True, 0, 0.0
+        sel = torch.from_numpy(np.flatnonzero(keep))
+        users, items = users[keep].reshape(-1), items[keep]
+        pos = np.repeat(np.arange(len(items)), k)
+        extra = ({"row_weights": torch.from_numpy(sampler.row_weights(items[pos])).to(device)}
+                 if weighting else {})
+        yield {**extra, "pixel_values": raw["pixel_values"][sel].to(device),
+               "input_ids": raw["input_ids"][sel].to(device),
+               "attention_mask": raw["attention_mask"][sel].to(device),
+               "users": torch.from_numpy(users).to(device),
+               "items": torch.from_numpy(items).to(device),
+               "pos": torch.from_numpy(pos).to(device),
+               "known": torch.from_numpy(sampler.known(users, items)).to(device),
+               "weight": weight}

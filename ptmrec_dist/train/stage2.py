@@ -2,8 +2,10 @@
 the base recommender (the student), under a DeepSpeed engine on 1..N ranks.
 
 * Batches stream items from the shards (:class:`~ptmrec_dist.data.readers.StreamingItems`): B
-  items per step (global); for each item one training user who interacted with it is drawn from
-  the item -> users CSR; items without a training user are skipped.
+  items per step (global); for each item ``stage2.users_per_item`` training users who
+  interacted with it are drawn from the item -> users CSR (1 is DESIGN.md's scheme; more give the
+  recommender more interactions per backbone pass at almost no cost); items without a training
+  user are skipped. The in-batch matrices are (users x B) with user r's positive at ``pos[r]``.
 * The student is the stage-1 model (``stage2.teacher``'s weights; from scratch in one-stage runs
   without a teacher) whose item modal inputs are the adapted backbone's features of the batch
   items. Loss: in-batch BPR (each user's other batch items are its negatives, its known positives
@@ -29,7 +31,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from torch import nn
 
@@ -48,6 +49,7 @@ from ptmrec_dist.rec.base import terms
 from ptmrec_dist.run import RunDir
 from ptmrec_dist.train.engine import build_engine, gathered, resolve_ds_config
 from ptmrec_dist.train.losses import in_batch_bpr, kt_loss
+from ptmrec_dist.train.sampler import UserSampler, item_batches
 from ptmrec_dist.train.stage1 import _representations, build_model
 
 
@@ -71,7 +73,7 @@ class Stage2Model(nn.Module):
                  if m in self.student.modalities}
         users, items = batch["users"], batch["items"]
         out = self.student.stage2_scores(users, items, modal)
-        bpr = sum(w * in_batch_bpr(s, batch["known"], batch.get("row_weights"))
+        bpr = sum(w * in_batch_bpr(s, batch["known"], batch.get("row_weights"), batch["pos"])
                   for w, s in out["bpr"])
         values = {"bpr": bpr, "reg": out["reg"]}
         loss = bpr + out["reg"]
@@ -83,37 +85,6 @@ class Stage2Model(nn.Module):
         result = terms(loss=loss * batch["weight"], **values)
         result["modal"] = {m: f.detach() for m, f in modal.items()}
         return result
-
-
-class UserSampler:
-    """One training user per item, uniformly among the item's training users (vectorised)."""
-
-    def __init__(self, train: sp.csr_matrix, seed: int):
-        self.train = train.tocsr()
-        self.by_item = train.T.tocsr()
-        self.by_item.sort_indices()
-        self.degree = np.diff(self.by_item.indptr)
-        self.mean_degree = float(self.degree[self.degree > 0].mean()) if self.degree.any() else 1.0
-        self.seed = seed
-
-    def row_weights(self, items: np.ndarray) -> np.ndarray:
-        """Importance weights ``degree / mean degree``: with them the item-uniform stream's BPR
-        estimates the interaction-uniform BPR of stage 1 (popular items are positives as often
-        as in the training data)."""
-        return (self.degree[items] / self.mean_degree).astype(np.float32)
-
-    def __call__(self, items: np.ndarray, epoch: int, step: int, rank: int):
-        """``(users, keep)``: ``keep`` marks the items that have a training user."""
-        rng = np.random.default_rng([self.seed, epoch, step, rank, 2])
-        deg = self.degree[items]
-        keep = deg > 0
-        offset = (rng.random(len(items)) * np.maximum(deg, 1)).astype(np.int64)
-        users = self.by_item.indices[self.by_item.indptr[items] + np.minimum(offset, deg - 1)]
-        return np.where(keep, users, -1).astype(np.int64), keep
-
-    def known(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """``[B, B]`` bool: item j is a training positive of user b."""
-        return self.train[users][:, items].toarray() > 0
 
 
 def load_teacher(cfg: Config) -> dict | None:
@@ -191,157 +162,121 @@ def _save_best(out: Path, model: Stage2Model, bank: dict, reps, meta: dict, env,
     atomic_save_npy(out / "item_repr.npy", reps[1].cpu().float().numpy())
 
 
-def _batches(loader, sampler: UserSampler, epoch: int, rank: int, device, weighting: bool):
-    for step, raw in enumerate(loader):
-        items = raw["index"].numpy()
-        users, keep = sampler(items, epoch, step, rank)
-        weight = 1.0
-        if not keep.any():   # still step (the ranks' collectives must match), with no loss
-            keep[0], users[0], weight = True, 0, 0.0
-        sel = torch.from_numpy(np.flatnonzero(keep))
-        users, items = users[keep], items[keep]
-        extra = ({"row_weights": torch.from_numpy(sampler.row_weights(items)).to(device)}
-                 if weighting else {})
-        yield {**extra, "pixel_values": raw["pixel_values"][sel].to(device),
-               "input_ids": raw["input_ids"][sel].to(device),
-               "attention_mask": raw["attention_mask"][sel].to(device),
-               "users": torch.from_numpy(users).to(device),
-               "items": torch.from_numpy(items).to(device),
-               "known": torch.from_numpy(sampler.known(users, items)).to(device),
-               "weight": weight}
+class Stage2Run:
+    """One ``ptmrec stage2`` run on this rank: :meth:`__init__` builds everything (teacher,
+    student, adapted backbone, engine, item stream), :meth:`run` trains and returns the
+    metrics."""
 
+    def __init__(self, cfg: Config, out: Path, env: dist.DistEnv, log):
+        s = self.s = cfg.stage2
+        self.cfg, self.out, self.env = cfg, out, env
+        self.say = log if env.is_main else (lambda *_: None)
+        self.t_start = time.perf_counter()
+        if not cfg.data.shards:
+            raise ConfigError("stage 2 streams items from shards: set data.shards "
+                              "(`ptmrec shard`)")
+        if s.kt_weight > 0 and not s.teacher:
+            raise ConfigError("config key 'stage2.kt_weight' > 0 needs a teacher: set "
+                              "stage2.teacher to a stage-1 run folder (or kt_weight=0 for one "
+                              "stage)")
+        self.device = torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() \
+            else torch.device("cpu")
+        self.inter = load_interactions(cfg.data.path, cfg.data)
+        self.teacher = load_teacher(cfg)
+        self.student = self._student()
+        self.backbone, self.knowledge_init = self._backbone()
+        self.shards = Path(cfg.data.shards)
+        self.run_dir = RunDir(out, cfg, env.is_main).start()
+        self.evaluator = Evaluator(cfg, self.inter, env)
+        self.model = Stage2Model(self.backbone, self.student, self.teacher, s.kt_weight,
+                                 s.kt_tau).to(self.device)
+        self.counts = {"backbone": param_counts(self.backbone),
+                       "recommender": param_counts(self.student)}
+        self.engine, self.ds_cfg = self._engine()
+        # how far the backbone's trainable weights moved (relative L2), logged per epoch;
+        # skipped for methods that train most of the backbone (a second copy of it)
+        bb = self.counts["backbone"]
+        self.init_state = trainable_state_dict(self.backbone) \
+            if 0 < bb["trainable"] <= 0.1 * bb["total"] else None
+        self.sampler = UserSampler(self.inter.csr("train"), cfg.seed)
+        self.epoch_ref = SharedEpoch(0)
+        self.loader = self._loader()
+        self.meta = {"method": self.backbone.method, "backbone": self.backbone.name_or_path,
+                     "prompt_len": s.prompt_len, "prompt_depth": s.prompt_depth,
+                     "coupled": cfg.peft.coupled, "recommender": self.student.name}
+        self.best = {"epoch": None, "valid": None, "test": None}
+        self.times = {"train": [], "extract": [], "eval": []}
+        self.bad = 0
 
-def run_stage2(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
-               log=print) -> dict:
-    out = Path(out)
-    s = cfg.stage2
-    env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, env)
-    say = log if env.is_main else (lambda *_: None)
-    t_start = time.perf_counter()
-    if not cfg.data.shards:
-        raise ConfigError("stage 2 streams items from shards: set data.shards (`ptmrec shard`)")
-    if s.kt_weight > 0 and not s.teacher:
-        raise ConfigError("config key 'stage2.kt_weight' > 0 needs a teacher: set "
-                          "stage2.teacher to a stage-1 run folder (or kt_weight=0 for one stage)")
-    device = torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() \
-        else torch.device("cpu")
-    inter = load_interactions(cfg.data.path, cfg.data)
-    teacher = load_teacher(cfg)
-    student = build_model(cfg, inter)
-    if not student.needs_features:
-        raise ConfigError(f"recommender.name={student.name} uses no item features: stage 2 "
-                          "adapts the backbone that produces them (use vbpr or freedom)")
-    if teacher is not None:
-        from safetensors.torch import load_file
-        student.load_state_dict(load_file(str(teacher["weights"])))
-    from ptmrec_dist.rec.features import resolve_features
-    frozen_feats = resolve_features(cfg.data, inter.path, inter.n_items, required=True)
+    # ------------------------------------------------------------------ set-up
+    def _student(self):
+        student = build_model(self.cfg, self.inter)
+        if not student.needs_features:
+            raise ConfigError(f"recommender.name={student.name} uses no item features: stage 2 "
+                              "adapts the backbone that produces them (use vbpr or freedom)")
+        if self.teacher is not None:
+            from safetensors.torch import load_file
+            student.load_state_dict(load_file(str(self.teacher["weights"])))
+        return student.to(self.device)
 
-    torch.manual_seed(cfg.seed)              # the same prompts / adapters on every rank
-    backbone = apply_method(load_backbone(cfg.backbone), cfg)
-    init_info = None
-    if backbone.prompts is not None and cfg.peft.prompt_init == "teacher":
-        if teacher is None:
-            raise ConfigError("peft.prompt_init=teacher needs stage2.teacher; use "
-                              "peft.prompt_init=random for one-stage runs")
-        init_info = knowledge_init(backbone, frozen_feats, teacher["items"])
-    backbone.to(device)
-    student.to(device)
-    run = RunDir(out, cfg, env.is_main).start()
-    evaluator = Evaluator(cfg, inter, env)
-    shards = Path(cfg.data.shards)
+    def _backbone(self):
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)              # the same prompts / adapters on every rank
+        backbone = apply_method(load_backbone(cfg.backbone), cfg)
+        guided = False
+        if backbone.prompts is not None and cfg.peft.prompt_init == "teacher":
+            if self.teacher is None:
+                raise ConfigError("peft.prompt_init=teacher needs stage2.teacher; use "
+                                  "peft.prompt_init=random for one-stage runs")
+            from ptmrec_dist.rec.features import resolve_features
+            frozen = resolve_features(cfg.data, self.inter.path, self.inter.n_items,
+                                      required=True)
+            knowledge_init(backbone, frozen, self.teacher["items"])
+            guided = True
+        return backbone.to(self.device), guided
 
-    model = Stage2Model(backbone, student, teacher, s.kt_weight, s.kt_tau).to(device)
-    counts = {"backbone": param_counts(backbone), "recommender": param_counts(student)}
-    groups = [{"params": [p for p in backbone.parameters() if p.requires_grad], "lr": s.lr},
-              {"params": [p for p in student.parameters() if p.requires_grad], "lr": s.rec_lr}]
-    groups = [g for g in groups if g["params"]]
-    ds_cfg = resolve_ds_config(s.ds_config, batch_size=s.batch_size, world_size=env.world_size,
-                               lr=s.lr, weight_decay=s.weight_decay, key="stage2")
-    if ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
-        # the recommenders read their tables directly (not through a submodule call), so
-        # ZeRO-3 must gather them around the whole forward
-        import deepspeed
-        for p in student.parameters():
-            deepspeed.zero.register_external_parameter(model, p)
-    engine = build_engine(model, ds_cfg, param_groups=groups)
-    # how far the backbone's trainable weights moved (relative L2), logged per epoch; skipped for
-    # methods that train most of the backbone (a second copy of it)
-    init_state = trainable_state_dict(backbone) if \
-        0 < counts["backbone"]["trainable"] <= 0.1 * counts["backbone"]["total"] else None
-    say(f"stage 2: {student.name} + {backbone.method} on {inter.n_users} users x "
-        f"{inter.n_items} items; backbone trainable {counts['backbone']['trainable']} of "
-        f"{counts['backbone']['total']} ({counts['backbone']['trainable_pct']}%); "
-        f"teacher: {teacher['run'] if teacher else 'none (one stage)'}; {env.world_size} rank(s)"
-        f"{'; bf16' if ds_cfg.get('bf16', {}).get('enabled') else ''}")
+    def _engine(self):
+        s = self.s
+        groups = [{"params": [p for p in self.backbone.parameters() if p.requires_grad],
+                   "lr": s.lr},
+                  {"params": [p for p in self.student.parameters() if p.requires_grad],
+                   "lr": s.rec_lr}]
+        ds_cfg = resolve_ds_config(s.ds_config, batch_size=s.batch_size,
+                                   world_size=self.env.world_size, lr=s.lr,
+                                   weight_decay=s.weight_decay, key="stage2")
+        if ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
+            # the recommenders read their tables directly (not through a submodule call), so
+            # ZeRO-3 must gather them around the whole forward
+            import deepspeed
+            for p in self.student.parameters():
+                deepspeed.zero.register_external_parameter(self.model, p)
+        engine = build_engine(self.model, ds_cfg,
+                              param_groups=[g for g in groups if g["params"]])
+        return engine, ds_cfg
 
-    sampler = UserSampler(inter.csr("train"), cfg.seed)
-    epoch_ref = SharedEpoch(0)
-    workers = s.num_workers
-    reader = StreamingItems(shards, rank=env.rank, world_size=env.world_size,
-                            num_workers=workers, seed=cfg.seed, epoch=epoch_ref,
-                            on_bad_sample=cfg.data.on_bad_sample)
-    from torch.utils.data import DataLoader
-    loader = DataLoader(reader, batch_size=s.batch_size // env.world_size, num_workers=workers,
-                        collate_fn=Preprocess(backbone), persistent_workers=workers > 0)
+    def _loader(self):
+        from torch.utils.data import DataLoader
 
-    meta = {"method": backbone.method, "backbone": backbone.name_or_path,
-            "prompt_len": s.prompt_len, "prompt_depth": s.prompt_depth,
-            "coupled": cfg.peft.coupled, "recommender": student.name}
-    metric = cfg.eval.metric
-    best = {"epoch": None, "valid": None, "test": None}
-    times = {"train": [], "extract": [], "eval": []}
-    bad, stopped_early, epochs_run = 0, False, 0
+        s, env = self.s, self.env
+        reader = StreamingItems(self.shards, rank=env.rank, world_size=env.world_size,
+                                num_workers=s.num_workers, seed=self.cfg.seed,
+                                epoch=self.epoch_ref, on_bad_sample=self.cfg.data.on_bad_sample)
+        return DataLoader(reader, batch_size=s.batch_size // env.world_size,
+                          num_workers=s.num_workers, collate_fn=Preprocess(self.backbone),
+                          persistent_workers=s.num_workers > 0)
 
-    def refresh_and_evaluate(epoch: int, record: dict, first: bool) -> bool:
-        nonlocal best, bad
+    # ------------------------------------------------------------------ epochs
+    def train_epoch(self, epoch: int) -> dict:
+        s, env, engine, student = self.s, self.env, self.engine, self.student
         t0 = time.perf_counter()
-        engine.module.eval()
-        bank = extract_all(backbone, shards, cfg, env, device, verify=first,
-                           show_progress=env.is_main and sys.stderr.isatty())
-        if first:
-            _check_dims(student, bank)
-        student.set_modal_inputs({m: torch.from_numpy(bank[m]) for m in student.modalities})
-        times["extract"].append(time.perf_counter() - t0)
-        t1 = time.perf_counter()
-        with gathered(list(student.parameters())):
-            users_r, items_r = _representations(student)
-        reps = (users_r.float(), items_r.float())
-        valid = evaluator(reps, "valid")
-        times["eval"].append(time.perf_counter() - t1)
-        improved = best["valid"] is None or valid[metric] > best["valid"][metric]
-        if improved:
-            best = {"epoch": epoch, "valid": valid, "test": evaluator(reps, "test")}
-            _save_best(out, engine.module, bank, reps, meta, env, cfg)
-            bad = 0
-        else:
-            bad += 1
-        if init_state is not None:
-            now = trainable_state_dict(backbone)
-            moved = sum(float((now[k] - v).pow(2).sum()) for k, v in init_state.items())
-            size = sum(float(v.pow(2).sum()) for v in init_state.values())
-            record["backbone_shift"] = round((moved / max(size, 1e-30)) ** 0.5, 6)
-        record.update(valid={k: round(v, 6) for k, v in valid.items()}, best=improved,
-                      extract_s=round(times["extract"][-1], 3), eval_s=round(times["eval"][-1], 3))
-        run.log(**record)
-        loss = f"loss {record['loss']:.4f}" if "loss" in record else "before training"
-        say(f"epoch {epoch:3d}  {loss}  "
-            f"valid {metric} {valid[metric]:.4f}{'  *' if improved else ''}  "
-            f"(train {record.get('train_s', 0):.1f}s, re-extract {record['extract_s']:.1f}s, "
-            f"eval {record['eval_s']:.1f}s)")
-        return improved
-
-    refresh_and_evaluate(-1, {"epoch": -1}, first=True)
-    for epoch in range(s.epochs):
-        t0 = time.perf_counter()
-        epoch_ref.set(epoch)
+        self.epoch_ref.set(epoch)
         engine.module.train()
         student.pre_epoch(epoch, torch.Generator().manual_seed(
-            int(np.random.SeedSequence([cfg.seed, epoch, 3]).generate_state(1)[0])))
+            int(np.random.SeedSequence([self.cfg.seed, epoch, 3]).generate_state(1)[0])))
         sums: dict[str, torch.Tensor] = {}
         steps = items_seen = 0
-        for batch in _batches(loader, sampler, epoch, env.rank, engine.device,
-                              s.popularity_weighting):
+        for batch in item_batches(self.loader, self.sampler, epoch, env.rank, engine.device,
+                                  s.popularity_weighting, s.users_per_item):
             result = engine(batch)
             engine.backward(result["loss"])
             engine.step()
@@ -350,41 +285,111 @@ def run_stage2(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
                 if k != "modal":
                     sums[k] = sums.get(k, 0.0) + v.detach().float()
             steps += 1
-            items_seen += len(batch["items"])
+            items_seen += len(batch["items"]) if batch["weight"] else 0
         values = dist.allreduce_sum(np.array([float(v) for v in sums.values()] + [items_seen]))
         record = {"epoch": epoch, **{k: round(v / (steps * env.world_size), 6)
                                      for k, v in zip(sums, values[:-1])}}
         if not np.isfinite(record["loss"]):
             raise TrainingError(f"stage 2: the loss of epoch {epoch} is {record['loss']} "
                                 f"(terms: {record}); lower stage2.lr / stage2.rec_lr")
-        times["train"].append(time.perf_counter() - t0)
-        record.update(train_s=round(times["train"][-1], 3), items=int(values[-1]),
-                      items_per_s=round(values[-1] / times["train"][-1], 1))
-        epochs_run = epoch + 1
-        refresh_and_evaluate(epoch, record, first=False)
-        if bad >= s.patience:
-            stopped_early = True
-            say(f"early stop: no better valid {metric} in {s.patience} epochs")
-            break
+        self.times["train"].append(time.perf_counter() - t0)
+        return {**record, "train_s": round(self.times["train"][-1], 3), "items": int(values[-1]),
+                "items_per_s": round(values[-1] / self.times["train"][-1], 1)}
 
-    total_trainable = counts["backbone"]["trainable"] + counts["recommender"]["trainable"]
-    metrics = {
-        "model": student.name, "method": backbone.method, "metric": metric,
-        "teacher": teacher["run"] if teacher else None, "kt_weight": s.kt_weight,
-        "prompt_init": cfg.peft.prompt_init if backbone.prompts is not None else None,
-        "knowledge_init": bool(init_info), "best_epoch": best["epoch"],
-        "valid": best["valid"], "test": best["test"], "epochs_run": epochs_run,
-        "stopped_early": stopped_early, "params": counts,
-        "trainable_params": total_trainable, "world_size": env.world_size,
-        "bf16": bool(ds_cfg.get("bf16", {}).get("enabled")),
-        "train_s_mean": round(float(np.mean(times["train"])), 3) if times["train"] else 0.0,
-        "extract_s_mean": round(float(np.mean(times["extract"])), 3),
-        "eval_s_mean": round(float(np.mean(times["eval"])), 3),
-        "seconds": round(time.perf_counter() - t_start, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }
-    run.write_metrics(metrics)
-    say(f"best epoch {best['epoch']}: valid {metric} {best['valid'][metric]:.4f}, "
-        f"test {metric} {best['test'][metric]:.4f} -> {out}")
-    dist.barrier()
-    return metrics
+    def refresh_and_evaluate(self, epoch: int, record: dict, first: bool = False) -> None:
+        """Re-extract every item's features into the bank, evaluate on valid, keep the best."""
+        env, student, metric = self.env, self.student, self.cfg.eval.metric
+        t0 = time.perf_counter()
+        self.engine.module.eval()
+        bank = extract_all(self.backbone, self.shards, self.cfg, env, self.device, verify=first,
+                           show_progress=env.is_main and sys.stderr.isatty())
+        if first:
+            _check_dims(student, bank)
+        student.set_modal_inputs({m: torch.from_numpy(bank[m]) for m in student.modalities})
+        self.times["extract"].append(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        with gathered(list(student.parameters())):
+            users_r, items_r = _representations(student)
+        reps = (users_r.float(), items_r.float())
+        valid = self.evaluator(reps, "valid")
+        self.times["eval"].append(time.perf_counter() - t1)
+        improved = self.best["valid"] is None or valid[metric] > self.best["valid"][metric]
+        if improved:
+            self.best = {"epoch": epoch, "valid": valid, "test": self.evaluator(reps, "test")}
+            _save_best(self.out, self.engine.module, bank, reps, self.meta, env, self.cfg)
+            self.bad = 0
+        else:
+            self.bad += 1
+        if self.init_state is not None:
+            record["backbone_shift"] = self._shift()
+        record.update(valid={k: round(v, 6) for k, v in valid.items()}, best=improved,
+                      extract_s=round(self.times["extract"][-1], 3),
+                      eval_s=round(self.times["eval"][-1], 3))
+        self.run_dir.log(**record)
+        loss = f"loss {record['loss']:.4f}" if "loss" in record else "before training"
+        self.say(f"epoch {epoch:3d}  {loss}  valid {metric} {valid[metric]:.4f}"
+                 f"{'  *' if improved else ''}  (train {record.get('train_s', 0):.1f}s, "
+                 f"re-extract {record['extract_s']:.1f}s, eval {record['eval_s']:.1f}s)")
+
+    def _shift(self) -> float:
+        now = trainable_state_dict(self.backbone)
+        moved = sum(float((now[k] - v).pow(2).sum()) for k, v in self.init_state.items())
+        size = sum(float(v.pow(2).sum()) for v in self.init_state.values())
+        return round((moved / max(size, 1e-30)) ** 0.5, 6)
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict:
+        s, metric = self.s, self.cfg.eval.metric
+        bb = self.counts["backbone"]
+        self.say(f"stage 2: {self.student.name} + {self.backbone.method} on "
+                 f"{self.inter.n_users} users x {self.inter.n_items} items; backbone trainable "
+                 f"{bb['trainable']} of {bb['total']} ({bb['trainable_pct']}%); teacher: "
+                 f"{self.teacher['run'] if self.teacher else 'none (one stage)'}; "
+                 f"{self.env.world_size} rank(s)"
+                 f"{'; bf16' if self.ds_cfg.get('bf16', {}).get('enabled') else ''}")
+        self.refresh_and_evaluate(-1, {"epoch": -1}, first=True)
+        epochs_run, stopped_early = 0, False
+        for epoch in range(s.epochs):
+            record = self.train_epoch(epoch)
+            epochs_run = epoch + 1
+            self.refresh_and_evaluate(epoch, record)
+            if self.bad >= s.patience:
+                stopped_early = True
+                self.say(f"early stop: no better valid {metric} in {s.patience} epochs")
+                break
+        metrics = self._metrics(epochs_run, stopped_early)
+        self.run_dir.write_metrics(metrics)
+        best = self.best
+        self.say(f"best epoch {best['epoch']}: valid {metric} {best['valid'][metric]:.4f}, "
+                 f"test {metric} {best['test'][metric]:.4f} -> {self.out}")
+        dist.barrier()
+        return metrics
+
+    def _metrics(self, epochs_run: int, stopped_early: bool) -> dict:
+        s, counts, times = self.s, self.counts, self.times
+        mean = (lambda xs: round(float(np.mean(xs)), 3) if xs else 0.0)
+        return {
+            "model": self.student.name, "method": self.backbone.method,
+            "metric": self.cfg.eval.metric,
+            "teacher": self.teacher["run"] if self.teacher else None, "kt_weight": s.kt_weight,
+            "prompt_init": self.cfg.peft.prompt_init if self.backbone.prompts is not None
+            else None,
+            "knowledge_init": self.knowledge_init, "best_epoch": self.best["epoch"],
+            "valid": self.best["valid"], "test": self.best["test"], "epochs_run": epochs_run,
+            "stopped_early": stopped_early, "params": counts,
+            "trainable_params": counts["backbone"]["trainable"]
+            + counts["recommender"]["trainable"],
+            "world_size": self.env.world_size,
+            "bf16": bool(self.ds_cfg.get("bf16", {}).get("enabled")),
+            "train_s_mean": mean(times["train"]), "extract_s_mean": mean(times["extract"]),
+            "eval_s_mean": mean(times["eval"]),
+            "seconds": round(time.perf_counter() - self.t_start, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
+
+
+def run_stage2(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
+               log=print) -> dict:
+    """The whole command on this rank (see the module doc); returns the metrics."""
+    env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, env)
+    return Stage2Run(cfg, Path(out), env, log).run()
