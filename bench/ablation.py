@@ -2,8 +2,10 @@
 ``configs/ablations/`` for each base model and seed, and a table of test Recall@10/20,
 NDCG@10/20, trainable share of the backbone and wall time (mean +- std over seeds).
 
-    .venv/bin/python bench/ablation.py [--items 1000 --users 1000] [--seeds 0 1 2]
+    .venv/bin/python bench/ablation.py [--items 800 --users 800] [--seeds 0 1 2]
         [--models vbpr freedom] [--ablations frozen joint-full ...] [--work DIR] [k=v ...]
+    .venv/bin/python bench/ablation.py --models vbpr --ablations ptmrec-random-init
+        # the initialisation alone; the table then holds it next to the earlier runs
 
 * Inputs (data, shards, demo backbone, frozen features) are built once under ``WORK/inputs``
   with the demo's own steps (``ptmrec_dist.demo.prepare_inputs``).
@@ -41,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from _util import write_result  # noqa: E402
 
 ABLATIONS = ROOT / "configs" / "ablations"
-ORDER = ["frozen", "joint-full", "joint-prompt", "ptmrec-no-kt", "ptmrec"]
+ORDER = ["frozen", "joint-full", "joint-prompt", "ptmrec-no-kt", "ptmrec", "ptmrec-random-init"]
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 
 
@@ -164,23 +166,33 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--work", default=str(ROOT / "out" / "ablation"))
-    ap.add_argument("--items", type=int, default=1000)
-    ap.add_argument("--users", type=int, default=1000)
+    ap.add_argument("--items", type=int, default=800)
+    ap.add_argument("--users", type=int, default=800)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--models", nargs="+", default=["vbpr", "freedom"])
-    ap.add_argument("--ablations", nargs="+", default=ORDER)
+    ap.add_argument("--ablations", nargs="+", default=ORDER[:-1],
+                    help=f"configs/ablations/ names (also: {ORDER[-1]})")
     ap.add_argument("overrides", nargs="*", help="key=value for every run")
     args = ap.parse_args()
     import torch
     torch.set_num_threads(2)
     work = Path(args.work)
     base = prepare(work, args.items, args.users, args.overrides)
-    runs: dict = {}
     t0 = time.perf_counter()
     for model in args.models:
         for seed in args.seeds:
             for name in ["frozen"] + [a for a in args.ablations if a != "frozen"]:
-                runs.setdefault((model, name), []).append(run_one(base, model, seed, name, work))
+                run_one(base, model, seed, name, work)
+    # the table covers every finished run of WORK for these seeds (earlier invocations too)
+    runs: dict = {}
+    for model in sorted({p.parents[2].name for p in work.glob("*/seed*/*/bench.json")},
+                        key=lambda m: (m not in args.models, m)):
+        for name in ORDER:
+            ms = [json.loads((work / model / f"seed{seed}" / name / "bench.json").read_text())
+                  for seed in args.seeds
+                  if (work / model / f"seed{seed}" / name / "bench.json").is_file()]
+            if ms:
+                runs[(model, name)] = ms
     table = summarise(runs)
     result = {"items": args.items, "users": args.users, "seeds": args.seeds,
               "overrides": args.overrides, "table": table, "markdown": markdown(table),

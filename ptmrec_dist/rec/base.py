@@ -64,8 +64,8 @@ class Recommender(nn.Module):
 
     def stage2_scores(self, users: torch.Tensor, items: torch.Tensor,
                       modal: dict[str, torch.Tensor]) -> dict:
-        """In-batch scores of stage 2, batch users x batch items ``[B, B]``, with the batch
-        items' modal inputs ``modal`` (``{m: [B, d_m]}``, differentiable adapted features).
+        """In-batch scores of stage 2, the rows' users x the batch items ``[R, B]``, with the
+        batch items' modal inputs ``modal`` (``{m: [B, d_m]}``, differentiable adapted features).
         Returns ``{"bpr": [(weight, S), ...], "student": S, "reg": scalar}``: in-batch BPR terms,
         the matrix the KT loss aligns with the teacher, and the regulariser (weighted)."""
         raise NotImplementedError(f"{self.name} does not support stage 2")
