@@ -127,7 +127,7 @@ def run_demo(cfg: Config, out: Path, size: str, log=print) -> dict:
         steps[folder] = {"dir": folder, "seconds": round(time.perf_counter() - t0, 2)}
         run.log(step=folder, **steps[folder], **stages[folder])
 
-    if cfg.recommender.name in ("vbpr", "freedom"):
+    if cfg.recommender.name in ("vbpr", "freedom", "bm3"):
         t0 = time.perf_counter()
         log(f"[{STEPS}/{STEPS}] stage 2: PTMRec ({cfg.peft.method}, teacher {out / 'stage1'}) "
             f"-> {out / 'stage2'}")
@@ -147,7 +147,7 @@ def run_demo(cfg: Config, out: Path, size: str, log=print) -> dict:
         run.log(step="stage2", **steps["stage2"], **stages["stage2"])
     else:
         log(f"[{STEPS}/{STEPS}] stage 2 skipped: recommender.name={cfg.recommender.name} has no "
-            "modal inputs to adapt (use vbpr or freedom)")
+            "modal inputs to adapt (use vbpr, freedom or bm3)")
     log(format_stage_table(stages))
 
     summary = {"size": size, "data": stats, "steps": steps,

@@ -186,6 +186,23 @@ def test_lora_freedom_stage2(demo, tmp_path):
     assert log[-1]["kt"] > 0 and math.isfinite(log[-1]["loss"])
 
 
+def test_ia3_bm3_stage2(demo, tmp_path):
+    """BM3 as student: its feature tables become the bank, its modal branch is the KT student."""
+    out, _ = demo
+    teacher = tmp_path / "bm3"
+    assert main(["stage1", "--config", str(out / "stage1" / "config.yaml"), "--out", str(teacher),
+                 "--model", "bm3", "stage1.epochs=2"]) == 0
+    cfg = stage2_cfg(out, "recommender.name=bm3", f"stage2.teacher={teacher}",
+                     "peft.method=ia3", "stage2.epochs=1", "stage2.lr=0.003")
+    m = run_stage2(cfg, tmp_path / "s2", log=_quiet)
+    assert m["model"] == "bm3" and m["method"] == "ia3"
+    assert 0 < m["params"]["backbone"]["trainable"] < m["params"]["backbone"]["total"] / 10
+    log = [json.loads(x) for x in (tmp_path / "s2" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["kt"] > 0 and math.isfinite(log[-1]["loss"])
+    again = evaluate_run(tmp_path / "s2", "test")
+    assert again["metrics"]["recall@20"] == pytest.approx(m["test"]["recall@20"], abs=1e-9)
+
+
 def test_teacher_must_match_the_recommender(demo, tmp_path):
     out, _ = demo
     with pytest.raises(ConfigError, match="recommender.name"):

@@ -127,6 +127,20 @@ def terms(**values: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k: v if k == "loss" else v.detach() for k, v in values.items()}
 
 
+def tables_to_bank(module: nn.Module, modalities, tables: dict[str, torch.Tensor]) -> None:
+    """Stage 2 for models that train their feature tables (FREEDOM, BM3): the tables
+    ``<m>_embedding`` become untrained buffers holding the feature bank."""
+    for m in modalities:
+        name = f"{m}_embedding"
+        old = getattr(module, name)
+        table = tables[m].detach().to(old.device, torch.float32).clone()
+        if name in module._parameters:
+            del module._parameters[name]
+            module.register_buffer(name, table, persistent=False)
+        else:
+            setattr(module, name, table)
+
+
 def modal_tables(module: nn.Module, features, modalities: tuple[str, ...], out_dim: int,
                  xavier: bool) -> list[str]:
     """Trainable per-item feature tables ``<m>_embedding`` initialised from the features, and

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptmrec_dist.rec import graph
-from ptmrec_dist.rec.base import (Recommender, batch_mean, dropout_rows, modal_tables, terms,
-                                  xavier_embedding)
+from ptmrec_dist.rec.base import (Recommender, batch_mean, dropout_rows, modal_tables,
+                                  tables_to_bank, terms, xavier_embedding)
 
 
 def _cos_loss(a: torch.Tensor, b: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -51,6 +51,22 @@ class BM3(Recommender):
     def representations(self):
         users, items = self._online()
         return self.predictor(users), self.predictor(items)
+
+    def set_modal_inputs(self, tables):
+        tables_to_bank(self, self.modalities, tables)
+
+    def stage2_scores(self, users, items, modal):
+        """BM3 scores (predictor of the online network) for in-batch BPR; the modal head is the
+        user's predicted representation against the predicted projected features of each
+        modality (BM3's modal branch), weighted by ``cl_weight``; KT aligns that head."""
+        u_ori, i_ori = self._online()
+        u = self.predictor(u_ori[users])
+        scores = u @ self.predictor(i_ori[items]).T
+        modal_scores = sum(u @ self.predictor(getattr(self, f"{m}_trs")(modal[m])).T
+                           for m in self.modalities)
+        reg = (u_ori.norm() + i_ori.norm()) / self.n_items
+        return {"bpr": [(1.0, scores), (self.c.cl_weight, modal_scores)],
+                "student": modal_scores, "reg": self.c.reg_weight * reg}
 
     def loss(self, batch):
         users, items, gen = batch["users"], batch["pos"], batch["generator"]

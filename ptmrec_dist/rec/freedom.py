@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from ptmrec_dist.rec import graph
-from ptmrec_dist.rec.base import Recommender, bpr_loss, modal_tables, terms, xavier_embedding
+from ptmrec_dist.rec.base import (Recommender, bpr_loss, modal_tables, tables_to_bank, terms,
+                                  xavier_embedding)
 
 
 class FREEDOM(Recommender):
@@ -52,15 +53,7 @@ class FREEDOM(Recommender):
     def set_modal_inputs(self, tables):
         """Stage 2: the feature tables become the (untrained) feature bank, and the item-item
         graph is rebuilt from it, so the adapted features reach the ranking through the graph."""
-        for m in self.modalities:
-            name = f"{m}_embedding"
-            old = getattr(self, name)
-            table = tables[m].detach().to(old.device, torch.float32).clone()
-            if name in self._parameters:
-                del self._parameters[name]
-                self.register_buffer(name, table, persistent=False)
-            else:
-                setattr(self, name, table)
+        tables_to_bank(self, self.modalities, tables)
         device = self.mm_adj.device
         self.mm_adj, self.mm_adj_t = (a.to(device) for a in self._mm_graph(
             {m: getattr(self, f"{m}_embedding") for m in self.modalities}))

@@ -213,7 +213,7 @@ class Stage2Run:
         student = build_model(self.cfg, self.inter)
         if not student.needs_features:
             raise ConfigError(f"recommender.name={student.name} uses no item features: stage 2 "
-                              "adapts the backbone that produces them (use vbpr or freedom)")
+                              "adapts the backbone that produces them (use vbpr, freedom or bm3)")
         if self.teacher is not None:
             from safetensors.torch import load_file
             student.load_state_dict(load_file(str(self.teacher["weights"])))
