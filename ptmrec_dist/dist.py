@@ -142,19 +142,20 @@ def allreduce_sum(vector):
     """Sum a 1-d numpy vector over the ranks (float64); unchanged on one process."""
     import numpy as np
     import torch
-    import torch.distributed as tdist
-    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
-        return vector
     t = torch.from_numpy(np.asarray(vector, dtype=np.float64)).clone()
-    tdist.all_reduce(t)
-    return t.numpy()
+    return allreduce_tensor(t).numpy() if _multi_rank() else vector
+
+
+def _multi_rank() -> bool:
+    import torch.distributed as tdist
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
 
 
 def allreduce_tensor(t, op: str = "sum"):
     """Sum (or max) a CPU tensor over the ranks, in place; unchanged on one process. (nccl
     reduces device tensors only: the tensor makes a round trip through the GPU.)"""
     import torch.distributed as tdist
-    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+    if not _multi_rank():
         return t
     reduce_op = tdist.ReduceOp.MAX if op == "max" else tdist.ReduceOp.SUM
     if tdist.get_backend() == "nccl":

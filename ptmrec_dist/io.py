@@ -46,6 +46,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def atomic_save_safetensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> None:
+    """``tensors`` (name -> CPU tensor) as a safetensors file, written atomically."""
+    from safetensors.torch import save
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata))
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -182,21 +182,17 @@ def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu().clone().contiguous() for n, p in params.items()}
 
 
-def save_trainable(module: nn.Module, path: str | Path, meta: dict) -> Path:
+def save_trainable(module: nn.Module, path: str | Path, meta: dict,
+                   write: bool = True) -> Path:
     """``path`` (safetensors): the trainable weights, with ``meta`` (method, sizes) as JSON
-    metadata. Written atomically."""
-    import os
-    from safetensors.torch import save_file
-    from ptmrec_dist.io import temp_file_near
+    metadata, written atomically. Every rank must call it (ZeRO-3 gathers); only ranks with
+    ``write`` write."""
+    from ptmrec_dist.io import atomic_save_safetensors
 
-    path = Path(path)
     state = trainable_state_dict(module)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file_near(path)
-    os.close(fd)
-    save_file(state, tmp, metadata={"ptmrec": json.dumps(meta)})
-    os.replace(tmp, path)
-    return path
+    if write:
+        atomic_save_safetensors(path, state, {"ptmrec": json.dumps(meta)})
+    return Path(path)
 
 
 def load_trainable(module: nn.Module, path: str | Path) -> dict:

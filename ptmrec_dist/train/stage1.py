@@ -24,7 +24,7 @@ from ptmrec_dist.config import Config
 from ptmrec_dist.data.interactions import load_interactions
 from ptmrec_dist.errors import TrainingError
 from ptmrec_dist.eval.evaluate import Evaluator
-from ptmrec_dist.io import atomic_save_npy, atomic_write_json
+from ptmrec_dist.io import atomic_save_npy, atomic_save_safetensors, atomic_write_json
 from ptmrec_dist.rec.features import ItemFeatures, resolve_features
 from ptmrec_dist.run import RunDir
 from ptmrec_dist.train.engine import build_engine, resolve_ds_config
@@ -51,24 +51,31 @@ def _representations(model) -> tuple[torch.Tensor, torch.Tensor]:
     return users_r.detach(), items_r.detach()
 
 
+def save_model_and_representations(out: Path, state: dict,
+                                   reps: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """The best model's weights (``checkpoints/best/model.safetensors``) and representations
+    (``user_repr.npy``, ``item_repr.npy``: the teacher of stage 2, what ``evaluate`` reads)."""
+    atomic_save_safetensors(out / "checkpoints" / "best" / "model.safetensors",
+                            {k: v.detach().cpu() for k, v in state.items()})
+    atomic_save_npy(out / "user_repr.npy", reps[0].cpu().float().numpy())
+    atomic_save_npy(out / "item_repr.npy", reps[1].cpu().float().numpy())
+
+
 def _save_best(out: Path, model, engine, env: dist.DistEnv,
                reps: tuple[torch.Tensor, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
     if engine is not None:   # collective: every rank calls it
         engine.save_checkpoint(str(out / "checkpoints"), tag="best")
     if env.is_main:
-        (out / "checkpoints" / "best").mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(out / "checkpoints" / "best" / "model.safetensors"))
-        atomic_save_npy(out / "user_repr.npy", reps[0].cpu().float().numpy())
-        atomic_save_npy(out / "item_repr.npy", reps[1].cpu().float().numpy())
+        save_model_and_representations(out, model.state_dict(), reps)
 
 
-def build_model(cfg: Config, inter) -> rec.base.Recommender:
+def build_model(cfg: Config, inter, feats: ItemFeatures | None = None) -> rec.base.Recommender:
+    """The configured recommender on ``feats`` (default: the run's features, loaded here if the
+    model needs them)."""
     cls = rec.model_class(cfg.recommender.name)
-    feats = (resolve_features(cfg.data, inter.path, inter.n_items, required=True)
-             if cls.needs_features else ItemFeatures())
+    if feats is None:
+        feats = (resolve_features(cfg.data, inter.path, inter.n_items, required=True)
+                 if cls.needs_features else ItemFeatures())
     torch.manual_seed(cfg.seed)          # the same initial weights on every rank
     model = cls(inter.n_users, inter.n_items, feats, cfg.recommender, inter.csr("train"))
     model.features_info = feats.describe() if cls.needs_features else "none (ID only)"

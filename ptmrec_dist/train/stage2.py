@@ -50,7 +50,8 @@ from ptmrec_dist.run import RunDir
 from ptmrec_dist.train.engine import build_engine, gathered, resolve_ds_config
 from ptmrec_dist.train.losses import in_batch_bpr, kt_loss
 from ptmrec_dist.train.sampler import UserSampler, item_batches
-from ptmrec_dist.train.stage1 import _representations, build_model
+from ptmrec_dist.train.stage1 import (_representations, build_model,
+                                      save_model_and_representations)
 
 
 class Stage2Model(nn.Module):
@@ -143,23 +144,18 @@ def _check_dims(student, bank: dict) -> None:
 
 
 def _save_best(out: Path, model: Stage2Model, bank: dict, reps, meta: dict, env, cfg) -> None:
-    from safetensors.torch import save_file
-
-    save_trainable(model.backbone, out / "adapter.safetensors", meta)   # gathers under ZeRO-3
-    params = list(model.student.parameters())
-    with gathered(params):
-        state = {k: v.detach().cpu().contiguous() for k, v in model.student.state_dict().items()}
+    # collectives first (ZeRO-3 gathers on every rank), then the main rank writes
+    save_trainable(model.backbone, out / "adapter.safetensors", meta, write=env.is_main)
+    with gathered(list(model.student.parameters())):
+        state = {k: v.detach().cpu().clone() for k, v in model.student.state_dict().items()}
     if not env.is_main:
         return
-    (out / "checkpoints" / "best").mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "checkpoints" / "best" / "model.safetensors"))
+    save_model_and_representations(out, state, reps)
     dtype = np.float16 if cfg.extract.feature_dtype == "fp16" else np.float32
     for key in ("image", "text"):
         atomic_save_npy(out / "features" / f"{key}.npy", bank[key].astype(dtype))
     atomic_save_npy(out / "features" / "present.npy", bank["present"])
     atomic_write_json(out / "features" / "meta.json", {**meta, "dtype": cfg.extract.feature_dtype})
-    atomic_save_npy(out / "user_repr.npy", reps[0].cpu().float().numpy())
-    atomic_save_npy(out / "item_repr.npy", reps[1].cpu().float().numpy())
 
 
 class Stage2Run:
@@ -210,10 +206,17 @@ class Stage2Run:
 
     # ------------------------------------------------------------------ set-up
     def _student(self):
-        student = build_model(self.cfg, self.inter)
-        if not student.needs_features:
-            raise ConfigError(f"recommender.name={student.name} uses no item features: stage 2 "
+        from ptmrec_dist import rec
+        from ptmrec_dist.rec.features import resolve_features
+
+        name = self.cfg.recommender.name
+        if not rec.model_class(name).needs_features:
+            raise ConfigError(f"recommender.name={name} uses no item features: stage 2 "
                               "adapts the backbone that produces them (use vbpr, freedom or bm3)")
+        # the frozen features: the student's initial inputs and the knowledge-guided init's
+        self.frozen = resolve_features(self.cfg.data, self.inter.path, self.inter.n_items,
+                                       required=True)
+        student = build_model(self.cfg, self.inter, self.frozen)
         if self.teacher is not None:
             from safetensors.torch import load_file
             student.load_state_dict(load_file(str(self.teacher["weights"])))
@@ -228,10 +231,7 @@ class Stage2Run:
             if self.teacher is None:
                 raise ConfigError("peft.prompt_init=teacher needs stage2.teacher; use "
                                   "peft.prompt_init=random for one-stage runs")
-            from ptmrec_dist.rec.features import resolve_features
-            frozen = resolve_features(cfg.data, self.inter.path, self.inter.n_items,
-                                      required=True)
-            knowledge_init(backbone, frozen, self.teacher["items"])
+            knowledge_init(backbone, self.frozen, self.teacher["items"])
             guided = True
         return backbone.to(self.device), guided
 
