@@ -152,7 +152,11 @@ class Stage1Config:
     weight_decay: float = 0.0
     patience: int = 20                  # evaluations without a better valid metric before stopping
     eval_every: int = 1                 # epochs between evaluations on valid
-    ds_config: str = "zero0"            # a name in ds_configs/ (zero0, zero1, zero2) or a JSON path
+    ds_config: str = "zero0"            # a name in ds_configs/ (zero0 ... zero3) or a JSON path
+    grad_accum: int = 1                 # micro steps per optimizer step (batch_size stays global)
+    grad_clip: float = 0.0              # gradient-norm clipping; 0 = off
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"   # auto: bf16 on GPUs with it
+    adam: Literal["auto", "torch", "deepspeed"] = "auto"   # deepspeed: FusedAdam / CPUAdam
 
 
 @dataclass
@@ -184,7 +188,16 @@ class Stage2Config:
     popularity_weighting: bool = True   # weight BPR rows by item degree / mean degree
     activation_checkpointing: bool = False   # recompute the encoder layers in backward
     num_workers: int = 1                # dataloader workers that decode and preprocess items
-    ds_config: str = "zero2"
+    ds_config: str = "zero2"            # zero0..zero3, zero2_offload, zero3_offload or a JSON path
+    grad_accum: int = 1                 # micro steps per optimizer step (in-batch sets: per micro)
+    grad_clip: float = 0.0              # gradient-norm clipping; 0 = off
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"   # auto: bf16 on GPUs with it
+    adam: Literal["auto", "torch", "deepspeed"] = "auto"   # deepspeed: FusedAdam / CPUAdam
+    compile: bool = False               # torch.compile each encoder layer
+    warmup_steps: int = 0               # linear lr warm-up over this many optimizer steps
+    checkpoint_every: int = 0           # optimizer steps between resumable checkpoints (0: epoch
+    #                                     ends only; -1: none); --resume continues the newest
+    keep_checkpoints: int = 2           # resumable checkpoints kept (the newest)
 
 
 @dataclass
@@ -270,6 +283,14 @@ class Config:
             ("stage2.rec_lr", self.stage2.rec_lr >= 0, "must be >= 0"),
             ("stage2.num_workers", self.stage2.num_workers >= 0, "must be >= 0"),
             ("stage2.users_per_item", self.stage2.users_per_item >= 1, "must be >= 1"),
+            ("stage1.grad_accum", self.stage1.grad_accum >= 1, "must be >= 1"),
+            ("stage2.grad_accum", self.stage2.grad_accum >= 1, "must be >= 1"),
+            ("stage1.grad_clip", self.stage1.grad_clip >= 0, "must be >= 0 (0 = off)"),
+            ("stage2.grad_clip", self.stage2.grad_clip >= 0, "must be >= 0 (0 = off)"),
+            ("stage2.warmup_steps", self.stage2.warmup_steps >= 0, "must be >= 0"),
+            ("stage2.checkpoint_every", self.stage2.checkpoint_every >= -1,
+             "must be >= 1, 0 (epoch ends only) or -1 (never)"),
+            ("stage2.keep_checkpoints", self.stage2.keep_checkpoints >= 1, "must be >= 1"),
             ("peft.prompt_std", self.peft.prompt_std > 0, "must be > 0"),
             ("peft.lora_r", self.peft.lora_r >= 1, "must be >= 1"),
         ]

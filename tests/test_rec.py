@@ -284,31 +284,90 @@ def test_unknown_model_lists_the_names(data_path, inter):
 
 # ----------------------------------------------------------------------------- DeepSpeed config
 
+ALL_DS = ["zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"]
+
+
 @pytest.mark.parametrize("cuda", [False, True])
 def test_resolve_ds_config_fills_auto(cuda, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda)
-    for stage in (0, 1, 2, 3):
-        ds = resolve_ds_config(f"zero{stage}", batch_size=64, world_size=4, lr=0.01,
-                               weight_decay=0.25)
-        assert ds["zero_optimization"]["stage"] == stage
-        assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 16
-        assert ds["gradient_accumulation_steps"] == 1
+    for name in ALL_DS:
+        ds = resolve_ds_config(name, batch_size=64, world_size=4, lr=0.01, weight_decay=0.25,
+                               grad_accum=2, grad_clip=1.0, precision="auto")
+        assert ds["zero_optimization"]["stage"] == int(name[4])
+        assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 8
+        assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 1.0
         params = ds["optimizer"]["params"]
         assert params["lr"] == 0.01 and params["weight_decay"] == 0.25
-        assert params["torch_adam"] is (not cuda)
-        assert "auto" not in json.dumps(ds)
-        if stage >= 2:   # stage-2 configs: bf16 exactly where the hardware has it
-            assert ds["bf16"]["enabled"] is cuda
+        assert params["torch_adam"] is (not cuda)          # FusedAdam / CPUAdam on GPUs
+        assert ds["bf16"]["enabled"] is cuda and ds["fp16"]["enabled"] is False
+        assert "auto" not in json.dumps(ds) and not any(k.startswith("_") for k in ds)
+        offload = ds["zero_optimization"].get("offload_optimizer")
+        assert (offload is not None) == name.endswith("offload")
+        if offload:
+            assert offload["device"] == "cpu" and offload["pin_memory"] is cuda
+        if name != "zero0":   # the reduce bucket: DeepSpeed's default when the count is unknown
+            assert ds["zero_optimization"]["reduce_bucket_size"] == int(5e8)
+    # the reduce bucket follows the trainable count (ZeRO allocates it whatever that count is)
+    for trainable, bucket in [(4096, 4096), (int(6e8), int(5e8))]:
+        ds = resolve_ds_config("zero2", batch_size=8, world_size=1, lr=1e-3, weight_decay=0.0,
+                               trainable=trainable)
+        assert ds["zero_optimization"]["reduce_bucket_size"] == bucket
+    # explicit switches
+    ds = resolve_ds_config("zero2", batch_size=8, world_size=1, lr=1e-3, weight_decay=0.0,
+                           precision="bf16", adam="deepspeed")
+    assert ds["bf16"]["enabled"] and not ds["optimizer"]["params"]["torch_adam"]
+    ds = resolve_ds_config("zero2", batch_size=8, world_size=1, lr=1e-3, weight_decay=0.0,
+                           precision="fp32", adam="torch")
+    assert not ds["bf16"]["enabled"] and ds["optimizer"]["params"]["torch_adam"]
+
+
+def test_every_ds_config_opens_with_its_command():
+    from ptmrec_dist.train.engine import DS_DIR
+    files = sorted(DS_DIR.glob("*.json"))
+    assert sorted(p.stem for p in files) == sorted(ALL_DS)
+    for path in files:
+        first_key = next(iter(json.loads(path.read_text())))
+        usage = json.loads(path.read_text())["_usage"]
+        assert first_key == "_usage" and f"ds_config={path.stem}" in usage, path
+
+
+def test_fp16_needs_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"stage2\.precision.*fp16"):
+        resolve_ds_config("zero2", batch_size=8, world_size=1, lr=1e-3, weight_decay=0.0,
+                          precision="fp16", key="stage2")
 
 
 def test_ds_config_batch_not_multiple_of_ranks_and_unknown_name():
     with pytest.raises(ConfigError, match=r"stage1\.batch_size.*\(65\).*\(2\)"):
         resolve_ds_config("zero0", batch_size=65, world_size=2, lr=1e-3, weight_decay=0.0)
+    with pytest.raises(ConfigError, match=r"grad_accum' \(3\)"):
+        resolve_ds_config("zero0", batch_size=64, world_size=2, lr=1e-3, weight_decay=0.0,
+                          grad_accum=3)
     with pytest.raises(ConfigError) as err:
         resolve_ds_config("zero9", batch_size=64, world_size=1, lr=1e-3, weight_decay=0.0)
     msg = str(err.value)
-    assert "zero9" in msg and "zero0, zero1, zero2" in msg
+    assert "zero9" in msg and "zero0, zero1, zero2, zero2_offload, zero3" in msg
+
+
+def test_ds_config_numbers_that_disagree_with_the_config_name_both(tmp_path):
+    path = tmp_path / "mine.json"
+    for body, want in (({"gradient_clipping": 0.5}, r"gradient_clipping is 0\.5.*'stage2\.grad_clip' gives 0\.0"),
+                       ({"optimizer": {"type": "Adam", "params": {"lr": 0.1}}},
+                        r"optimizer\.params\.lr is 0\.1.*'stage2\.lr' gives 0\.01"),
+                       ({"bf16": {"enabled": True}}, r"bf16\.enabled is True.*'stage2\.precision'"),
+                       ({"train_micro_batch_size_per_gpu": 4},
+                        r"train_micro_batch_size_per_gpu is 4.*gives 64")):
+        path.write_text(json.dumps(body))
+        with pytest.raises(ConfigError, match=want):
+            resolve_ds_config(str(path), batch_size=64, world_size=1, lr=0.01,
+                              weight_decay=0.0, key="stage2", precision="fp32")
+    # the same values written out agree
+    path.write_text(json.dumps({"gradient_clipping": 1, "train_batch_size": 64}))
+    ds = resolve_ds_config(str(path), batch_size=64, world_size=1, lr=0.01, weight_decay=0.0,
+                           grad_clip=1.0)
+    assert ds["gradient_clipping"] == 1
 
 
 def test_custom_json_unknown_auto_and_fixed_batch_mismatch(tmp_path):
@@ -317,8 +376,24 @@ def test_custom_json_unknown_auto_and_fixed_batch_mismatch(tmp_path):
     with pytest.raises(ConfigError, match=r"fp16\.loss_scale"):
         resolve_ds_config(str(path), batch_size=8, world_size=1, lr=1e-3, weight_decay=0.0)
     path.write_text(json.dumps({"train_batch_size": 32}))
-    with pytest.raises(ConfigError, match="train_batch_size 32"):
+    with pytest.raises(ConfigError, match="train_batch_size is 32.*'stage1.batch_size' gives 64"):
         resolve_ds_config(str(path), batch_size=64, world_size=2, lr=1e-3, weight_decay=0.0)
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         resolve_ds_config(str(path), batch_size=8, world_size=1, lr=1e-3, weight_decay=0.0)
+
+
+@pytest.mark.parametrize("name, ranks", [("vit-b16", 8), ("vit-l14", 16)])
+def test_cluster_recipes_load_and_resolve(name, ranks, monkeypatch):
+    """The cluster recipes are valid configs whose DeepSpeed config resolves at their scale
+    (on a GPU: bf16 and FusedAdam)."""
+    from ptmrec_dist.config import load_config
+    from ptmrec_dist.train.engine import DS_DIR, stage_ds_config
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    path = DS_DIR.parent / "configs" / f"{name}.yaml"
+    assert f"--config configs/{name}.yaml" in "".join(path.read_text().splitlines()[:6])
+    cfg = load_config(path)
+    ds = stage_ds_config(cfg.stage2, ranks, "stage2")
+    assert ds["train_micro_batch_size_per_gpu"] == 64 and ds["bf16"]["enabled"]
+    assert ds["gradient_clipping"] == 1.0 and not ds["optimizer"]["params"]["torch_adam"]

@@ -1,12 +1,33 @@
 """DeepSpeed engine construction from a file in ``ds_configs/`` with ``"auto"`` values filled
-from our config.
+from our config, so that no number is written twice.
 
-``ds_config`` is a name (``zero0``, ``zero1``, ``zero2``, ...: ``ds_configs/NAME.json``) or a path
-to a JSON file. ``"auto"`` is resolved for: ``train_batch_size`` (the global batch),
-``train_micro_batch_size_per_gpu`` (global / ranks), ``gradient_accumulation_steps`` (1),
-``optimizer.params.lr`` / ``weight_decay``, and ``optimizer.params.torch_adam`` (torch's Adam on
-CPU, which needs no JIT build; DeepSpeed's fused Adam on GPU). A value left ``"auto"`` that we do
-not know is an error naming the key.
+``ds_config`` is a name (``zero0`` ... ``zero3``, ``zero2_offload``, ``zero3_offload``:
+``ds_configs/NAME.json``) or a path to a JSON file. Keys starting with ``_`` are comments (each
+file's ``_usage`` is the command that uses it) and are dropped. What ``"auto"`` becomes, from the
+stage's section (``stage1`` / ``stage2``) of the experiment config:
+
+=====================================  ===================================================
+``train_batch_size``                   ``batch_size`` (global, all ranks and micro steps)
+``train_micro_batch_size_per_gpu``     ``batch_size / (ranks x grad_accum)``
+``gradient_accumulation_steps``        ``grad_accum``
+``gradient_clipping``                  ``grad_clip`` (0 = off)
+``optimizer.params.lr`` / ``weight_decay``   ``lr`` / ``weight_decay``
+``optimizer.params.torch_adam``        ``adam``: ``torch`` (torch's Adam, no build), ``deepspeed``
+                                       (FusedAdam; DeepSpeedCPUAdam with optimizer offload; JIT
+                                       built on first use), ``auto`` = deepspeed on GPUs, torch on
+                                       CPU
+``bf16.enabled`` / ``fp16.enabled``    ``precision``: ``auto`` = bf16 where the GPU has it,
+                                       else fp32 (bf16 GEMMs are ~400x slower than fp32 on CPUs
+                                       without native bf16); fp16 needs a GPU
+``*.pin_memory``                       true where CUDA is
+``zero_optimization.reduce_bucket_size``  the number of trainable parameters, at most 5e8
+                                       (DeepSpeed's default): ZeRO allocates this bucket (twice
+                                       with ``overlap_comm``) every step whatever the trainable
+                                       count, 1.86 GiB in bf16 for a few thousand prompt weights
+=====================================  ===================================================
+
+A concrete value in the file that disagrees with what the config gives is a
+:class:`~ptmrec_dist.errors.ConfigError` (exit 2) naming both; so is a ``"auto"`` we do not know.
 """
 
 from __future__ import annotations
@@ -40,41 +61,124 @@ def _unresolved(node, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if node == "auto" else []
 
 
+def _strip_comments(node):
+    if isinstance(node, dict):
+        return {k: _strip_comments(v) for k, v in node.items() if not k.startswith("_")}
+    return node
+
+
+def resolve_precision(precision: str, key: str = "stage2") -> str:
+    """``auto`` -> ``bf16`` on a GPU with bf16, else ``fp32``; ``fp16`` needs CUDA."""
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not cuda:
+        raise ConfigError(f"config key '{key}.precision' is fp16, which DeepSpeed runs on GPUs "
+                          "only; use fp32 (or bf16) on CPU")
+    return precision
+
+
 def resolve_ds_config(name_or_path: str, *, batch_size: int, world_size: int, lr: float,
-                      weight_decay: float, key: str = "stage1") -> dict:
+                      weight_decay: float, key: str = "stage1", grad_accum: int = 1,
+                      grad_clip: float = 0.0, precision: str = "fp32",
+                      adam: str = "auto", trainable: int | None = None) -> dict:
     path = ds_config_path(name_or_path)
     try:
-        ds = json.loads(path.read_text(encoding="utf-8"))
+        ds = _strip_comments(json.loads(path.read_text(encoding="utf-8")))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
-    if batch_size % world_size:
+    if grad_accum < 1:
+        raise ConfigError(f"config key '{key}.grad_accum' must be >= 1 (got {grad_accum})")
+    if batch_size % (world_size * grad_accum):
         raise ConfigError(f"config key '{key}.batch_size' ({batch_size}) must be a multiple of "
-                          f"the number of ranks ({world_size})")
-    fill = {"train_batch_size": batch_size,
-            "train_micro_batch_size_per_gpu": batch_size // world_size,
-            "gradient_accumulation_steps": 1}
-    for k, v in fill.items():
-        if ds.get(k, "auto") == "auto":
-            ds[k] = v
-    params = ds.get("optimizer", {}).get("params", {})
-    for k, v in (("lr", lr), ("weight_decay", weight_decay),
-                 ("torch_adam", not torch.cuda.is_available())):
-        if params.get(k) == "auto":
-            params[k] = v
-    bf16 = ds.get("bf16", {})
-    if bf16.get("enabled") == "auto":   # bf16 only where the hardware has it (never on CPU)
-        bf16["enabled"] = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+                          f"the number of ranks ({world_size}) x '{key}.grad_accum' "
+                          f"({grad_accum})")
+    cuda = torch.cuda.is_available()
+    precision = resolve_precision(precision, key)
+    zero = ds.get("zero_optimization", {})
+    offload = any(isinstance(zero.get(k), dict) and zero[k].get("device", "none") != "none"
+                  for k in ("offload_optimizer", "offload_param"))
+    if adam == "auto":
+        adam = "deepspeed" if cuda else "torch"
+    # (ds key path, value from the config, the config key it comes from)
+    fills = [(("train_batch_size",), batch_size, "batch_size"),
+             (("train_micro_batch_size_per_gpu",), batch_size // (world_size * grad_accum),
+              "batch_size / (ranks x grad_accum)"),
+             (("gradient_accumulation_steps",), grad_accum, "grad_accum"),
+             (("gradient_clipping",), float(grad_clip), "grad_clip"),
+             (("optimizer", "params", "lr"), lr, "lr"),
+             (("optimizer", "params", "weight_decay"), weight_decay, "weight_decay"),
+             (("optimizer", "params", "torch_adam"), adam == "torch", "adam"),
+             (("bf16", "enabled"), precision == "bf16", "precision"),
+             (("fp16", "enabled"), precision == "fp16", "precision")]
+    for sub in ("offload_optimizer", "offload_param"):
+        if isinstance(zero.get(sub), dict):
+            fills.append((("zero_optimization", sub, "pin_memory"), cuda, "(CUDA available)"))
+    if zero.get("reduce_bucket_size") == "auto":   # a number written there is the user's choice
+        fills.append((("zero_optimization", "reduce_bucket_size"), reduce_bucket(trainable),
+                      "(trainable parameters)"))
+    for keys, value, source in fills:
+        node = ds
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node = None
+                break
+            node = node[k]
+        if node is None or keys[-1] not in node:
+            # absent: a precision the run needs gets its section; the rest keeps DeepSpeed's default
+            if keys[-1] == "enabled" and value:
+                ds[keys[0]] = {"enabled": True}
+            continue
+        current = node[keys[-1]]
+        if current == "auto":
+            node[keys[-1]] = value
+        elif current != value and not (isinstance(value, float) and isinstance(current, (int, float))
+                                        and float(current) == value):
+            where = f"config key '{key}.{source}'" if not source.startswith("(") else source
+            raise ConfigError(f"{path}: {'.'.join(keys)} is {current!r} but {where} gives "
+                              f"{value!r}: write \"auto\" there (or the same value)")
     left = _unresolved(ds)
     if left:
         raise ConfigError(f"{path}: cannot resolve \"auto\" for {', '.join(left)}")
-    micro, gas = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
-    if ds["train_batch_size"] != micro * gas * world_size:
-        raise ConfigError(f"{path}: train_batch_size {ds['train_batch_size']} != micro batch "
-                          f"{micro} x accumulation {gas} x ranks {world_size}")
+    if offload and adam == "deepspeed" and not cuda:
+        logging.getLogger(__name__).info("DeepSpeedCPUAdam is JIT-built on first use (~70 s)")
     return ds
 
 
-def build_engine(module: torch.nn.Module, ds_config: dict, param_groups: list | None = None):
+def reduce_bucket(trainable: int | None) -> int:
+    """``reduce_bucket_size`` for ``trainable`` parameters: all of them, at most DeepSpeed's
+    default 5e8 (also when the count is unknown)."""
+    return int(5e8) if trainable is None else int(min(5e8, max(1, trainable)))
+
+
+def stage_ds_config(stage_cfg, world_size: int, key: str, trainable: int | None = None) -> dict:
+    """:func:`resolve_ds_config` for a ``stage1`` / ``stage2`` config section."""
+    s = stage_cfg
+    return resolve_ds_config(s.ds_config, batch_size=s.batch_size, world_size=world_size,
+                             lr=s.lr, weight_decay=s.weight_decay, key=key,
+                             grad_accum=s.grad_accum, grad_clip=s.grad_clip,
+                             precision=s.precision, adam=s.adam, trainable=trainable)
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def warmup_schedule(warmup_steps: int):
+    """A linear warm-up of every parameter group's own lr over ``warmup_steps`` optimizer steps
+    (then constant), as the callable ``deepspeed.initialize`` takes; None for no warm-up. Its
+    state is part of every DeepSpeed checkpoint."""
+    if warmup_steps <= 0:
+        return None
+
+    def build(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
+    return build
+
+
+def build_engine(module: torch.nn.Module, ds_config: dict, param_groups: list | None = None,
+                 lr_scheduler=None):
     """``deepspeed.initialize`` over the trainable parameters, or over ``param_groups``
     (``[{"params": [...], "lr": ...}, ...]``); torch.distributed must already be initialised,
     by :func:`ptmrec_dist.dist.init`."""
@@ -85,7 +189,7 @@ def build_engine(module: torch.nn.Module, ds_config: dict, param_groups: list | 
     params = param_groups if param_groups is not None else \
         [p for p in module.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params,
-                                           config=ds_config)
+                                           config=ds_config, lr_scheduler=lr_scheduler)
     return engine
 
 

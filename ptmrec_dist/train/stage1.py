@@ -27,7 +27,7 @@ from ptmrec_dist.eval.evaluate import Evaluator
 from ptmrec_dist.io import atomic_save_npy, atomic_save_safetensors, atomic_write_json
 from ptmrec_dist.rec.features import ItemFeatures, resolve_features
 from ptmrec_dist.run import RunDir
-from ptmrec_dist.train.engine import build_engine, resolve_ds_config
+from ptmrec_dist.train.engine import build_engine, stage_ds_config
 from ptmrec_dist.train.sampler import BPRSampler, step_seed
 
 
@@ -100,12 +100,11 @@ def run_stage1(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
 
     engine = None
     if model.trainable:
-        ds_cfg = resolve_ds_config(s.ds_config, batch_size=s.batch_size,
-                                   world_size=env.world_size, lr=s.lr,
-                                   weight_decay=s.weight_decay)
-        engine = build_engine(_LossModule(model), ds_cfg)
-    sampler = BPRSampler(inter.csr("train"), s.batch_size, cfg.seed, env.rank, env.world_size,
-                         negatives=model.uses_negatives)
+        engine = build_engine(_LossModule(model), stage_ds_config(s, env.world_size, "stage1",
+                                                                 trainable=n_params))
+    # one micro batch per sampler step; DeepSpeed steps the optimizer every grad_accum of them
+    sampler = BPRSampler(inter.csr("train"), s.batch_size // max(1, s.grad_accum), cfg.seed,
+                         env.rank, env.world_size, negatives=model.uses_negatives)
 
     metric = cfg.eval.metric
     best = {"epoch": -1, "valid": None, "test": None}
