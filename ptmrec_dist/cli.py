@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", help="frozen features folder (data.features)")
     p.add_argument("--backbone", help="CLIP: local folder or hub id (backbone.name_or_path)")
     p.add_argument("--method", help="prompt, lora, ia3, full, frozen (peft.method)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in OUT/checkpoints (from scratch "
+                        "if there is none); the configuration must be the same")
     _common(p)
 
     p = sub.add_parser("evaluate", help="full-ranking metrics of a finished run")
@@ -229,13 +232,13 @@ def cmd_stage1(args) -> int:
                                                      "model": "recommender.name"}), args.out)
 
 
-def _train(run, cfg, out) -> int:
+def _train(run, cfg, out, **kw) -> int:
     """A training command on this process's rank; the process group is finished either way."""
     from ptmrec_dist import dist
     if not cfg.data.path:
         raise ConfigError("no interactions given: pass --data or set data.path")
     try:
-        run(cfg, Path(out))
+        run(cfg, Path(out), **kw)
     finally:
         dist.finish()
     return 0
@@ -247,7 +250,7 @@ def cmd_stage2(args) -> int:
     return _train(run_stage2, resolve_config(args, {
         "teacher": "stage2.teacher", "data": "data.path", "shards": "data.shards",
         "features": "data.features", "backbone": "backbone.name_or_path",
-        "method": "peft.method"}), args.out)
+        "method": "peft.method"}), args.out, resume=args.resume)
 
 
 def cmd_evaluate(args) -> int:

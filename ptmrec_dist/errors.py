@@ -90,3 +90,10 @@ class SkipReport:
         parts = [f"{c} {r} (first: {', '.join(map(str, self.first_ids[r]))})"
                  for r, c in self.counts.items()]
         return f"skipped {self.total} {what}: " + "; ".join(parts)
+
+
+class Interrupted(PtmrecError):
+    """A stop signal (SIGTERM/SIGUSR1) was handled: a checkpoint was written and the run
+    stopped; ``--resume`` continues it. Exit code 3 (so that dependent jobs do not start)."""
+
+    exit_code = 3

@@ -24,13 +24,22 @@ class RunDir:
         self.is_main = is_main
         self._t0 = time.time()
 
-    def start(self) -> "RunDir":
+    def start(self, resume_lines: int | None = None) -> "RunDir":
         """Create the folder and write the config; the log of an earlier run in the same folder
-        is kept as ``log.jsonl.1`` (``.2``, ...), not appended to."""
+        is kept as ``log.jsonl.1`` (``.2``, ...), not appended to. A resumed run
+        (``resume_lines``) continues the log from its first ``resume_lines`` records (those
+        written before the checkpoint it resumes from)."""
+        self.lines = 0
         if self.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
             log = self.path / LOG
-            if log.exists():
+            if resume_lines is not None:
+                kept = log.read_text(encoding="utf-8").splitlines(keepends=True)[:resume_lines] \
+                    if log.exists() else []
+                from ptmrec_dist.io import atomic_write_text
+                atomic_write_text(log, "".join(kept))
+                self.lines = len(kept)
+            elif log.exists():
                 n = 1
                 while log.with_name(f"{LOG}.{n}").exists():
                     n += 1
@@ -43,6 +52,7 @@ class RunDir:
         if self.is_main:
             append_jsonl(self.path / LOG, {**record,
                                            "elapsed_s": round(time.time() - self._t0, 3)})
+            self.lines += 1
 
     def write_metrics(self, metrics: dict) -> None:
         if self.is_main:

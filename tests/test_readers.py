@@ -335,3 +335,32 @@ def test_streaming_skips_bad_shards_and_says_so(shard_dirs, tmp_path, capsys):
     assert len(ds) == 10                                # ceil(20 / 2): the lost items not counted
     assert not {s["index"] for s in ds} & set(range(5, 10))
     assert "skipped 1 shards: 1 missing shard" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("num_workers, batch, per_epoch", [(0, 4, 41), (1, 4, 41),
+                                                          (2, 2, None), (3, 2, 41),
+                                                          (2, 3, 37)])
+def test_streaming_skip_resumes_the_epoch_mid_way(shard_dirs, num_workers, batch, per_epoch):
+    """A resumed epoch (``skip`` = batches already consumed) yields exactly the rest of the
+    uninterrupted epoch's batches, in order, whatever the workers (the DataLoader deals batches
+    from its workers in turn, passing over exhausted ones) and with short last batches: the
+    workers drop their share undecoded up to the last point where the turn is back at worker 0,
+    fewer than one batch per worker is left to drop after loading."""
+    shards = shard_dirs[3]
+    skip = SharedEpoch(0)
+    ds = StreamingItems(shards, rank=1, world_size=WORLD, num_workers=num_workers, seed=5,
+                        decode="none", shuffle_buffer=SMALL_BUFFER, batch_size=batch, skip=skip,
+                        samples_per_epoch=per_epoch)
+    loader = DataLoader(ds, batch_size=batch, num_workers=num_workers, collate_fn=collate_items,
+                        persistent_workers=num_workers > 0)
+    full = [b["index"].tolist() for b in loader]
+    assert len(full) == sum(ds.worker_batches()) > 4
+    assert any(len(b) < batch for b in full)
+    for k in range(len(full) + 1):
+        skip.set(k)
+        start = ds.skip_start(k)
+        assert k - max(1, num_workers) < start <= k
+        # the loader restarts at batch `start`; the caller drops the k - start before k
+        assert [b["index"].tolist() for b in loader] == full[start:], k
+    skip.set(0)
+    assert [b["index"].tolist() for b in loader] == full

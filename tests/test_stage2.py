@@ -3,6 +3,7 @@ small demo (PTMRec with a teacher, one-stage runs, FREEDOM, ZeRO-3, the exported
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,6 +226,64 @@ def test_zero3_trains_prompts(demo, tmp_path):
     assert sum(v.numel() for v in state.values()) == m["params"]["backbone"]["trainable"]
     ref = load_file(str(out / "stage2" / "adapter.safetensors"))
     assert set(state) == set(ref)
+    # save -> reload: a fresh backbone with the adapter gives the run's saved features
+    cfg = load_config(tmp_path / "z3" / "config.yaml")
+    backbone = apply_method(load_backbone(cfg.backbone), cfg)
+    load_trainable(backbone, tmp_path / "z3" / "adapter.safetensors")
+    bank = extract_all(backbone, out / "shards", cfg, DistEnv(), torch.device("cpu"))
+    saved = np.load(tmp_path / "z3" / "features" / "image.npy").astype(np.float32)
+    np.testing.assert_allclose(bank["image"], saved, atol=2e-3, rtol=2e-3)
+
+
+def test_bf16_training_on_cpu(demo, tmp_path):
+    """stage2.precision=bf16 (DeepSpeed casts backbone and student): inputs, feature bank and
+    projections follow the cast; training and evaluation run (slowly on CPU: auto keeps fp32)."""
+    out, _ = demo
+    m = run_stage2(stage2_cfg(out, "stage2.precision=bf16", "stage2.epochs=1"), tmp_path / "b",
+                   log=_quiet)
+    assert m["bf16"] and m["epochs_run"] == 1
+    log = _log(tmp_path / "b")
+    assert math.isfinite(log[-1]["loss"]) and log[-1]["backbone_shift"] > 0
+
+
+@pytest.fixture(scope="module")
+def one_epoch(demo, tmp_path_factory):
+    """The log of one plain epoch (ZeRO-2, torch Adam, eager layers): the reference the
+    switches are compared with."""
+    out, _ = demo
+    run = tmp_path_factory.mktemp("ref") / "one-epoch"
+    run_stage2(stage2_cfg(out, "stage2.epochs=1"), run, log=_quiet)
+    return _log(run)
+
+
+@pytest.mark.heavy
+def test_compiled_encoder_layers_train(demo, one_epoch, tmp_path):
+    """stage2.compile=true: torch.compile of every encoder layer (inductor on CPU: about a
+    minute of compilation) trains like the eager model."""
+    out, _ = demo
+    m = run_stage2(stage2_cfg(out, "stage2.compile=true", "stage2.epochs=1"), tmp_path / "c",
+                   log=_quiet)
+    log = _log(tmp_path / "c")
+    assert m["epochs_run"] == 1 and log[1]["loss"] == pytest.approx(one_epoch[1]["loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("ds_config,adam", [
+    ("zero2_offload", "torch"),
+    pytest.param("zero2_offload", "deepspeed", marks=pytest.mark.heavy),   # DeepSpeedCPUAdam
+    pytest.param("zero2", "deepspeed", marks=pytest.mark.heavy),           # FusedAdam (CPU op)
+])
+def test_offload_and_deepspeed_adam_train_like_the_plain_run(demo, one_epoch, tmp_path,
+                                                             ds_config, adam):
+    """ZeRO-Offload (optimizer states and the Adam step on the host) and DeepSpeed's own Adam
+    kernels (JIT-built on first use, about a minute each, cached in TORCH_EXTENSIONS_DIR) give
+    the plain run's first epoch: same losses, same movement of the prompts."""
+    out, _ = demo
+    m = run_stage2(stage2_cfg(out, "stage2.epochs=1", f"stage2.ds_config={ds_config}",
+                              f"stage2.adam={adam}"), tmp_path / "o", log=_quiet)
+    log = _log(tmp_path / "o")
+    assert m["epochs_run"] == 1
+    assert log[1]["loss"] == pytest.approx(one_epoch[1]["loss"], rel=1e-4)
+    assert log[1]["backbone_shift"] == pytest.approx(one_epoch[1]["backbone_shift"], rel=1e-3)
 
 
 def test_cli_stage2_bad_inputs_exit_2(demo, tmp_path, capsys):
@@ -236,19 +295,30 @@ def test_cli_stage2_bad_inputs_exit_2(demo, tmp_path, capsys):
     assert main(args + ["--teacher", str(out / "stage1"), "peft.method=nope"]) == 2
 
 
-def test_two_ranks_under_torchrun(demo, tmp_path):
-    """2 torchrun ranks (gloo, ZeRO-2): each rank streams its share of the items and re-extracts
-    its share of the catalog; the bank gathered over the ranks covers every item once and equals
-    the features the exported adapter gives on one process."""
+TWO_RANKS = ["stage2.epochs=2", "stage2.checkpoint_every=2", "stage2.keep_checkpoints=50"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(demo, tmp_path_factory):
+    """An uninterrupted 2-rank torchrun run (gloo, ZeRO-2), checkpointing every 2 steps."""
     from test_stage1 import ptmrec
 
     out, _ = demo
-    run = tmp_path / "r2"
+    run = tmp_path_factory.mktemp("r2") / "run"
     proc = ptmrec("stage2", "--config", out / "stage2" / "config.yaml", "--out", run,
-                  "stage2.epochs=1", ranks=2)
+                  *TWO_RANKS, ranks=2)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return run
+
+
+def test_two_ranks_under_torchrun(demo, two_ranks):
+    """2 torchrun ranks (gloo, ZeRO-2): each rank streams its share of the items and re-extracts
+    its share of the catalog; the bank gathered over the ranks covers every item once and equals
+    the features the exported adapter gives on one process."""
+    out, _ = demo
+    run = two_ranks
     m = json.loads((run / "metrics.json").read_text())
-    assert m["world_size"] == 2 and m["epochs_run"] == 1
+    assert m["world_size"] == 2 and m["epochs_run"] == 2
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     n_items = int(np.load(out / "features" / "present.npy").sum())
     # both ranks' streamed items (resampled: equal shares per rank), less those with no training user
@@ -260,3 +330,158 @@ def test_two_ranks_under_torchrun(demo, tmp_path):
     bank = extract_all(backbone, out / "shards", cfg, DistEnv(), torch.device("cpu"))
     saved = np.load(run / "features" / "text.npy").astype(np.float32)
     np.testing.assert_allclose(bank["text"], saved, atol=2e-3, rtol=2e-3)
+
+
+# --------------------------------------------------------------------------- exact resume
+
+def _states(run):
+    from ptmrec_dist.train.checkpoint import checkpoint_dirs
+    return [(p, json.loads((p / "state.json").read_text()))
+            for p in checkpoint_dirs(run / "checkpoints")]
+
+
+def _log(run):
+    return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _same_run(a, b):
+    """Same metrics and the same per-epoch log (losses, valid metrics), exactly."""
+    ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (a, b))
+    assert ma["valid"] == mb["valid"] and ma["test"] == mb["test"]
+    assert ma["best_epoch"] == mb["best_epoch"] and ma["epochs_run"] == mb["epochs_run"]
+    keys = ("epoch", "loss", "bpr", "kt", "items", "valid", "best", "backbone_shift")
+    assert [{k: r.get(k) for k in keys} for r in _log(a)] == \
+        [{k: r.get(k) for k in keys} for r in _log(b)]
+
+
+def _wait_for_checkpoint(run, proc, after: int = -1, timeout: float = 240.0):
+    """The first mid-epoch checkpoint past optimizer step ``after`` (polling)."""
+    import time
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        for path, state in _states(run):
+            if state["step"] > after and not state["epoch_done"]:
+                return path, state
+        assert proc.poll() is None, "the run ended before a mid-epoch checkpoint"
+        time.sleep(0.02)
+    raise AssertionError("no mid-epoch checkpoint appeared")
+
+
+def test_resume_mid_epoch_is_exact_with_workers_and_warmup(demo, tmp_path):
+    """One rank, 2 loader workers, an lr warm-up (scheduler state), checkpoints every 3
+    optimizer steps: resuming from a mid-epoch checkpoint (as after a kill: the later ones
+    removed) gives exactly the uninterrupted run's losses and metrics. Checkpoints hold the
+    trainable weights only."""
+    import shutil
+
+    out, _ = demo
+    over = ["stage2.epochs=2", "stage2.checkpoint_every=3", "stage2.keep_checkpoints=50",
+            "stage2.warmup_steps=4", "stage2.num_workers=2"]
+    ref = tmp_path / "ref"
+    run_stage2(stage2_cfg(out, *over), ref, log=_quiet)
+    states = _states(ref)
+    mid = [(p, s) for p, s in states if s["epoch"] == 1 and not s["epoch_done"]]
+    assert mid and any(s["epoch_done"] for _, s in states)
+    cut, state = mid[0]
+    assert state["next_step"] > 0
+    run = tmp_path / "resumed"
+    shutil.copytree(ref, run)
+    (run / "metrics.json").unlink()
+    for path, s in _states(run):
+        if s["step"] > state["step"]:
+            shutil.rmtree(path)
+    m = run_stage2(stage2_cfg(out, *over), run, log=_quiet, resume=True)
+    assert m["epochs_run"] == 2
+    _same_run(ref, run)
+    # only the trainable weights are in the DeepSpeed checkpoint
+    model = torch.load(cut / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    params = {n for n, t in model.items() if n.startswith("backbone.")}
+    assert params and params <= {"backbone.prompts.text", "backbone.prompts.vision"}
+
+
+def test_resume_refuses_another_backbone_or_config(demo, tmp_path):
+    from transformers import CLIPModel
+
+    from ptmrec_dist.errors import InputError
+
+    out, _ = demo
+    run = tmp_path / "run"
+    run_stage2(stage2_cfg(out, "stage2.epochs=1"), run, log=_quiet)
+    with pytest.raises(InputError, match=r"stage2\.kt_weight is 1\.0 here, 10\.0"):
+        run_stage2(stage2_cfg(out, "stage2.epochs=1", "stage2.kt_weight=1"), run, log=_quiet,
+                   resume=True)
+    cfg = stage2_cfg(out, "stage2.epochs=1")
+    other = tmp_path / "other-backbone"
+    clip = CLIPModel.from_pretrained(cfg.backbone.name_or_path)
+    with torch.no_grad():
+        clip.visual_projection.weight[0, 0] += 1e-3
+    clip.save_pretrained(other)
+    import shutil
+    for f in Path(cfg.backbone.name_or_path).iterdir():
+        if not (other / f.name).exists():
+            shutil.copy(f, other / f.name)
+    with pytest.raises(InputError, match="weight hash"):
+        run_stage2(stage2_cfg(out, "stage2.epochs=1", f"backbone.name_or_path={other}"), run,
+                   log=_quiet, resume=True)
+    # with nothing to resume, --resume starts from scratch
+    m = run_stage2(stage2_cfg(out, "stage2.epochs=1"), tmp_path / "fresh", log=_quiet,
+                   resume=True)
+    assert m["epochs_run"] == 1
+
+
+def test_two_ranks_sigusr1_then_sigkill_then_resume_is_exact(demo, two_ranks, tmp_path):
+    """2 torchrun ranks. SIGUSR1 to rank 1 only (what SLURM sends before preemption): both
+    ranks agree, checkpoint mid-epoch and exit 3. ``--resume`` continues; that run is killed
+    with SIGKILL (the whole process group) after its next checkpoint; ``--resume`` again
+    finishes with exactly the metrics of the uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from ptmrec_dist.dist import free_port
+    from test_stage1 import child_env
+
+    out, _ = demo
+    run = tmp_path / "run"
+
+    def launch(*extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), "-m", "ptmrec_dist", "stage2", "--config",
+               str(out / "stage2" / "config.yaml"), "--out", str(run), *TWO_RANKS, *extra]
+        return subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def rank_pids(proc):
+        """{rank: pid} of torchrun's workers (each in its own session)."""
+        kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+        pids = {}
+        for pid in kids.stdout.split():
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            ranks = [int(v[5:]) for v in env if v.startswith(b"RANK=")]
+            if ranks:
+                pids[ranks[0]] = int(pid)
+        assert sorted(pids) == [0, 1], pids
+        return pids
+
+    proc = launch()
+    _, first = _wait_for_checkpoint(run, proc)
+    os.kill(rank_pids(proc)[1], signal.SIGUSR1)
+    text, _ = proc.communicate(timeout=240)
+    assert proc.returncode != 0 and "stopped by SIGUSR1" in text, text[-3000:]
+    stopped = [s for _, s in _states(run) if s["step"] > first["step"]]
+    assert stopped and not stopped[-1]["epoch_done"]
+    assert not (run / "metrics.json").exists()
+
+    proc = launch("--resume")
+    _wait_for_checkpoint(run, proc, after=stopped[-1]["step"])
+    for pid in [*rank_pids(proc).values(), proc.pid]:    # as a lost node: everything at once
+        os.kill(pid, signal.SIGKILL)
+    text, _ = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and "resumed from" in text, text[-3000:]
+    assert not (run / "metrics.json").exists()
+
+    proc = launch("--resume")
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, text[-3000:]
+    _same_run(two_ranks, run)

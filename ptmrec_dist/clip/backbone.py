@@ -74,7 +74,6 @@ class FrozenBackbone(nn.Module):
         self.processor = processor
         self.text_tower = freeze(text_tower) if text_tower is not None else None
         self.name_or_path = name_or_path
-        self.dtype = next(clip.parameters()).dtype
         vision = clip.config.vision_config
         self.image_size = vision.image_size
         self.image_dim = clip.config.projection_dim
@@ -88,6 +87,11 @@ class FrozenBackbone(nn.Module):
         if self.text_tower is not None:
             self.text_tower.eval()
         return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The towers' current dtype (DeepSpeed's bf16/fp16 casts the module after loading)."""
+        return next(self.clip.parameters()).dtype
 
     @property
     def tokenizer(self):

@@ -26,7 +26,7 @@ from torch import nn
 
 from ptmrec_dist.clip.backbone import FrozenBackbone
 from ptmrec_dist.clip.prompts import PromptLearner, text_features, vision_features
-from ptmrec_dist.errors import ConfigError, InputError
+from ptmrec_dist.errors import ConfigError, InputError, TrainingError
 
 
 class AdaptedBackbone(FrozenBackbone):
@@ -179,7 +179,14 @@ def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
     from ptmrec_dist.train.engine import gathered
     with gathered(list(params.values())):
-        return {n: p.detach().cpu().clone().contiguous() for n, p in params.items()}
+        state = {n: p.detach().cpu().clone().contiguous() for n, p in params.items()}
+    # a ZeRO-3 partition read outside a gather is an empty tensor: never export one
+    partial = [n for n, p in params.items()
+               if state[n].numel() != getattr(p, "ds_numel", p.numel()) or state[n].numel() == 0]
+    if partial:
+        raise TrainingError(f"the trainable weights {', '.join(partial[:3])} are empty or "
+                            "partial (ZeRO-3 partitions not gathered); nothing was saved")
+    return state
 
 
 def save_trainable(module: nn.Module, path: str | Path, meta: dict,

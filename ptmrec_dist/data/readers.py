@@ -185,10 +185,15 @@ class StreamingItems(_ShardReader):
     def __init__(self, shard_dir, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  seed: int = 0, epoch: SharedEpoch | None = None,
                  samples_per_epoch: int | None = None, shuffle_buffer: int = 256,
-                 decode: Decode = "pil", on_bad_sample: str = "error", verify: bool = True):
+                 decode: Decode = "pil", on_bad_sample: str = "error", verify: bool = True,
+                 batch_size: int = 1, skip: SharedEpoch | None = None):
         super().__init__(shard_dir, rank, world_size, num_workers, decode, on_bad_sample, "auto")
         self.seed = seed
         self.epoch = epoch if epoch is not None else SharedEpoch(0)
+        # resuming mid-epoch: the DataLoader batches (of ``batch_size``) already consumed this
+        # epoch; each worker drops its share undecoded (:meth:`skipped_samples`)
+        self.batch_size = batch_size
+        self.skip = skip if skip is not None else SharedEpoch(0)
         self.entries = self._verify(None) if verify else list(self.manifest["shards"])
         if not self.entries:
             raise ShardError(self.shard_dir, "no readable shards")
@@ -202,6 +207,40 @@ class StreamingItems(_ShardReader):
 
     def __len__(self) -> int:
         return self.samples_per_rank
+
+    def worker_batches(self) -> list[int]:
+        """DataLoader batches each worker yields in an epoch (its last one may be short)."""
+        return [-(-self.worker_quota(w) // self.batch_size) for w in range(self.num_workers)]
+
+    def _deal(self, batches: int) -> tuple[list[int], int]:
+        """How the DataLoader deals an epoch's first ``batches`` batches: it takes them from
+        its workers in turn (0, 1, ...), passing over exhausted ones. Returns the batches taken
+        from each worker and the worker whose turn is next."""
+        left, taken = self.worker_batches(), [0] * self.num_workers
+        w = 0
+        for _ in range(min(batches, sum(left))):
+            while taken[w] == left[w]:
+                w = (w + 1) % self.num_workers
+            taken[w] += 1
+            w = (w + 1) % self.num_workers
+        return taken, w
+
+    def skip_start(self, batches: int) -> int:
+        """The batch a resumed epoch's DataLoader starts at when ``batches`` were consumed: the
+        largest ``k <= batches`` after which the turn is back at the first worker with batches
+        left (a new DataLoader iterator starts dealing at worker 0); the caller drops the
+        ``batches - k`` (< workers) batches between."""
+        for k in range(batches, -1, -1):
+            taken, nxt = self._deal(k)
+            left = self.worker_batches()
+            if all(taken[w] == left[w] for w in range(nxt)):
+                return k
+        return 0
+
+    def skipped_samples(self, worker: int, batches: int) -> int:
+        """Samples ``worker`` drops undecoded for a resumed epoch (``batches`` consumed)."""
+        taken, _ = self._deal(self.skip_start(batches))
+        return min(taken[worker] * self.batch_size, self.worker_quota(worker))
 
     def _cycle(self, entries, slot, rng) -> Iterator[dict]:
         while True:
@@ -225,10 +264,13 @@ class StreamingItems(_ShardReader):
             source = self._cycle(self.entries, slot, np.random.default_rng([self.seed, epoch, slot]))
         rng = np.random.default_rng([self.seed, epoch, slot, 1])
         quota = self.worker_quota(slot % self.num_workers)
+        skip = self.skipped_samples(slot % self.num_workers, self.skip.get())
         buffer: list[dict] = []
-        for _ in range(quota):
+        for n in range(quota):
             while len(buffer) < max(1, self.shuffle_buffer):
                 buffer.append(next(source))
             k = int(rng.integers(len(buffer)))
             buffer[k], buffer[-1] = buffer[-1], buffer[k]
-            yield decode_sample(buffer.pop(), self.decode)
+            sample = buffer.pop()
+            if n >= skip:
+                yield decode_sample(sample, self.decode)

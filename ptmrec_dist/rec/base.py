@@ -133,7 +133,9 @@ def tables_to_bank(module: nn.Module, modalities, tables: dict[str, torch.Tensor
     for m in modalities:
         name = f"{m}_embedding"
         old = getattr(module, name)
-        table = tables[m].detach().to(old.device, torch.float32).clone()
+        # in the dtype of its projection (bf16 / fp16 when DeepSpeed casts the model)
+        dtype = getattr(module, f"{m}_trs").weight.dtype
+        table = tables[m].detach().to(old.device, dtype).clone()
         if name in module._parameters:
             del module._parameters[name]
             module.register_buffer(name, table, persistent=False)

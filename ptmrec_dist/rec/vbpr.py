@@ -38,7 +38,8 @@ class VBPR(Recommender):
         ids = self.item_embedding
         if index is not None:
             feats, ids = [f[index] for f in feats], ids[index]
-        return torch.cat([ids, self.item_linear(torch.cat(feats, dim=1))], dim=1)
+        content = self.item_linear(torch.cat(feats, dim=1).to(self.item_linear.weight.dtype))
+        return torch.cat([ids, content], dim=1)
 
     def representations(self):
         return self.user_embedding, self._items()

@@ -106,11 +106,16 @@ class UserSampler:
 
 
 def item_batches(loader, sampler: UserSampler, epoch: int, rank: int, device, weighting: bool,
-             users_per_item: int):
+                 users_per_item: int, first_step: int = 0, loader_start: int = 0):
     """Training batches: the streamed items that have a training user, ``users_per_item`` users
-    for each (rows ``r`` of the score matrices; row r's positive is item ``pos[r]``)."""
+    for each (rows ``r`` of the score matrices; row r's positive is item ``pos[r]``).
+    A resumed epoch: the loader starts at batch ``loader_start`` (see
+    :meth:`~ptmrec_dist.data.readers.StreamingItems.skip_start`), training at ``first_step``;
+    users are drawn per step, so they are those of the uninterrupted epoch."""
     k = users_per_item
-    for step, raw in enumerate(loader):
+    for step, raw in enumerate(loader, start=loader_start):
+        if step < first_step:
+            continue
         items = raw["index"].numpy()
         users, keep = sampler(items, epoch, step, rank, k)
         weight = 1.0

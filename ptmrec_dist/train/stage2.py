@@ -42,12 +42,14 @@ from ptmrec_dist.clip.methods import (apply_method, param_counts, save_trainable
 from ptmrec_dist.config import Config, load_config
 from ptmrec_dist.data.interactions import load_interactions
 from ptmrec_dist.data.readers import SharedEpoch, StreamingItems
-from ptmrec_dist.errors import ConfigError, InputError, TrainingError
+from ptmrec_dist.errors import ConfigError, InputError, Interrupted, TrainingError
 from ptmrec_dist.eval.evaluate import Evaluator
 from ptmrec_dist.io import atomic_save_npy, atomic_write_json
 from ptmrec_dist.rec.base import terms
 from ptmrec_dist.run import RunDir
-from ptmrec_dist.train.engine import build_engine, gathered, resolve_ds_config
+from ptmrec_dist.train.checkpoint import Checkpointer, StopSignals, latest_checkpoint
+from ptmrec_dist.train.engine import (build_engine, gathered, stage_ds_config, warmup_schedule,
+                                      zero_stage)
 from ptmrec_dist.train.losses import in_batch_bpr, kt_loss
 from ptmrec_dist.train.sampler import UserSampler, item_batches
 from ptmrec_dist.train.stage1 import (_representations, build_model,
@@ -163,7 +165,7 @@ class Stage2Run:
     student, adapted backbone, engine, item stream), :meth:`run` trains and returns the
     metrics."""
 
-    def __init__(self, cfg: Config, out: Path, env: dist.DistEnv, log):
+    def __init__(self, cfg: Config, out: Path, env: dist.DistEnv, log, resume: bool = False):
         s = self.s = cfg.stage2
         self.cfg, self.out, self.env = cfg, out, env
         self.say = log if env.is_main else (lambda *_: None)
@@ -182,7 +184,13 @@ class Stage2Run:
         self.student = self._student()
         self.backbone, self.knowledge_init = self._backbone()
         self.shards = Path(cfg.data.shards)
-        self.run_dir = RunDir(out, cfg, env.is_main).start()
+        self.checkpointer = Checkpointer(out / "checkpoints", env, s.keep_checkpoints)
+        self.resume_from = latest_checkpoint(out / "checkpoints") if resume else None
+        if resume and self.resume_from is None:
+            self.say(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
+        resume_state = self._resume_state() if self.resume_from is not None else None
+        self.run_dir = RunDir(out, cfg, env.is_main).start(
+            resume_state["log_lines"] if resume_state else None)
         self.evaluator = Evaluator(cfg, self.inter, env)
         self.model = Stage2Model(self.backbone, self.student, self.teacher, s.kt_weight,
                                  s.kt_tau).to(self.device)
@@ -195,7 +203,7 @@ class Stage2Run:
         self.init_state = trainable_state_dict(self.backbone) \
             if 0 < bb["trainable"] <= 0.1 * bb["total"] else None
         self.sampler = UserSampler(self.inter.csr("train"), cfg.seed)
-        self.epoch_ref = SharedEpoch(0)
+        self.epoch_ref, self.skip_ref = SharedEpoch(0), SharedEpoch(0)
         self.loader = self._loader()
         self.meta = {"method": self.backbone.method, "backbone": self.backbone.name_or_path,
                      "prompt_len": s.prompt_len, "prompt_depth": s.prompt_depth,
@@ -203,6 +211,15 @@ class Stage2Run:
         self.best = {"epoch": None, "valid": None, "test": None}
         self.times = {"train": [], "extract": [], "eval": []}
         self.bad = 0
+        # resumable state: the feature bank as the epoch began (numpy, all ranks alike), the
+        # items this rank wrote into it since, where the last checkpoint of this epoch is
+        self.bank_start: dict[str, np.ndarray] = {}
+        self.written: set[int] = set()
+        self.bank_ckpt: Path | None = None
+        self.epochs_run, self.stopped_early = 0, False
+        self.start = {"epoch": 0, "step": 0, "sums": {}, "items_seen": 0}
+        if resume_state is not None:
+            self._restore()
 
     # ------------------------------------------------------------------ set-up
     def _student(self):
@@ -225,7 +242,14 @@ class Stage2Run:
     def _backbone(self):
         cfg = self.cfg
         torch.manual_seed(cfg.seed)              # the same prompts / adapters on every rank
-        backbone = apply_method(load_backbone(cfg.backbone), cfg)
+        frozen = load_backbone(cfg.backbone)
+        # recorded in every checkpoint: a resumed run must rebuild the same pretrained weights
+        self.backbone_hash = frozen.weights_hash()
+        backbone = apply_method(frozen, cfg)
+        if self.s.compile:
+            for tower in (backbone.clip.vision_model, backbone.clip.text_model):
+                for layer in tower.encoder.layers:
+                    layer.compile()
         guided = False
         if backbone.prompts is not None and cfg.peft.prompt_init == "teacher":
             if self.teacher is None:
@@ -241,51 +265,144 @@ class Stage2Run:
                    "lr": s.lr},
                   {"params": [p for p in self.student.parameters() if p.requires_grad],
                    "lr": s.rec_lr}]
-        ds_cfg = resolve_ds_config(s.ds_config, batch_size=s.batch_size,
-                                   world_size=self.env.world_size, lr=s.lr,
-                                   weight_decay=s.weight_decay, key="stage2")
-        if ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
+        ds_cfg = stage_ds_config(s, self.env.world_size, "stage2",
+                                 trainable=sum(p.numel() for g in groups for p in g["params"]))
+        if zero_stage(ds_cfg) == 3:
             # the recommenders read their tables directly (not through a submodule call), so
             # ZeRO-3 must gather them around the whole forward
             import deepspeed
             for p in self.student.parameters():
                 deepspeed.zero.register_external_parameter(self.model, p)
         engine = build_engine(self.model, ds_cfg,
-                              param_groups=[g for g in groups if g["params"]])
+                              param_groups=[g for g in groups if g["params"]],
+                              lr_scheduler=warmup_schedule(s.warmup_steps))
         return engine, ds_cfg
 
     def _loader(self):
         from torch.utils.data import DataLoader
 
         s, env = self.s, self.env
+        micro = s.batch_size // (env.world_size * s.grad_accum)
         reader = StreamingItems(self.shards, rank=env.rank, world_size=env.world_size,
                                 num_workers=s.num_workers, seed=self.cfg.seed,
-                                epoch=self.epoch_ref, on_bad_sample=self.cfg.data.on_bad_sample)
-        return DataLoader(reader, batch_size=s.batch_size // env.world_size,
+                                epoch=self.epoch_ref, on_bad_sample=self.cfg.data.on_bad_sample,
+                                batch_size=micro, skip=self.skip_ref)
+        return DataLoader(reader, batch_size=micro,
                           num_workers=s.num_workers, collate_fn=Preprocess(self.backbone),
                           persistent_workers=s.num_workers > 0)
 
+    # ------------------------------------------------------------------ checkpoints
+    # settings that may change between a run and its resumption (the rest must not)
+    RESUMABLE_CHANGES = ("stage2.epochs", "stage2.patience", "stage2.checkpoint_every",
+                         "stage2.keep_checkpoints", "dist.", "backbone.name_or_path")
+
+    def _resume_state(self) -> dict:
+        """``state.json`` of the checkpoint to resume, checked against this run."""
+        import json
+
+        from ptmrec_dist.config import to_dict
+        path = self.resume_from
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        if state.get("backbone_sha256") != self.backbone_hash:
+            raise InputError(path, f"the backbone {self.cfg.backbone.name_or_path} does not "
+                                   "have the pretrained weights this run was trained on (weight "
+                                   f"hash {self.backbone_hash[:12]}..., checkpoint "
+                                   f"{str(state.get('backbone_sha256'))[:12]}...)")
+        flat = lambda d, pre="": {k2: v2 for k, v in d.items() for k2, v2 in  # noqa: E731
+                                  (flat(v, f"{pre}{k}.").items() if isinstance(v, dict)
+                                   else [(f"{pre}{k}", v)])}
+        mine, theirs = flat(to_dict(self.cfg)), flat(state["config"])
+        changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)
+                         and not k.startswith(self.RESUMABLE_CHANGES))
+        if changed:
+            raise InputError(path, "cannot resume with another configuration: " + ", ".join(
+                f"{k} is {mine.get(k)!r} here, {theirs.get(k)!r} in the checkpoint"
+                for k in changed[:5]))
+        return state
+
+    def _restore(self) -> None:
+        """Engine, RNG, bookkeeping and the feature bank of the checkpoint (collective)."""
+        state, rank_state = self.checkpointer.load(self.engine, self.resume_from)
+        self.best, self.bad = state["best"], state["bad"]
+        self.times, self.epochs_run = state["times"], state["epochs_run"]
+        self.bank_start = {k: self.checkpointer.array(self.resume_from, f"bank_{k}")
+                           for k in state["bank_keys"]}
+        self.student.set_modal_inputs({m: torch.from_numpy(self.bank_start[m])
+                                       for m in self.student.modalities})
+        written = rank_state["written"]
+        if len(written["items"]):
+            self.student.update_modal_inputs(written["items"], written["values"])
+        self.written = set(written["items"].tolist())
+        self.bank_ckpt = self.resume_from
+        if state["epoch_done"]:
+            self.start = {"epoch": state["epoch"] + 1, "step": 0, "sums": {}, "items_seen": 0}
+        else:
+            self.start = {"epoch": state["epoch"], "step": state["next_step"],
+                          "sums": rank_state["sums"], "items_seen": rank_state["items_seen"]}
+        where = "done" if state["epoch_done"] else f"after micro step {state['next_step']}"
+        self.say(f"resumed from {self.resume_from}: epoch {state['epoch']} {where}, optimizer "
+                 f"step {state['step']}")
+
+    def checkpoint(self, epoch: int, next_step: int, epoch_done: bool, sums: dict,
+                   items_seen: int) -> Path:
+        """A resumable checkpoint (collective): after ``next_step`` micro steps of ``epoch``,
+        or after the epoch and its evaluation (``epoch_done``)."""
+        from ptmrec_dist.config import to_dict
+        student = self.student
+        items = torch.tensor(sorted(self.written), dtype=torch.long)
+        tables = student.item_modal_inputs()
+        values = {m: t.detach()[items.to(t.device)].cpu() for m, t in tables.items()}
+        state = {"epoch": epoch, "next_step": next_step, "epoch_done": epoch_done,
+                 "best": self.best, "bad": self.bad, "times": self.times,
+                 "epochs_run": self.epochs_run, "log_lines": self.run_dir.lines,
+                 "bank_keys": sorted(self.bank_start), "backbone_sha256": self.backbone_hash,
+                 "config": to_dict(self.cfg)}
+        rank_state = {"written": {"items": items, "values": values},
+                      "sums": {k: v.detach().cpu() for k, v in sums.items()},
+                      "items_seen": items_seen}
+        path = self.checkpointer.save(
+            self.engine, int(self.engine.global_steps), state, rank_state,
+            {f"bank_{k}": v for k, v in self.bank_start.items()},
+            link_from=self.bank_ckpt)
+        self.bank_ckpt = path
+        return path
+
     # ------------------------------------------------------------------ epochs
-    def train_epoch(self, epoch: int) -> dict:
+    def train_epoch(self, epoch: int, stop: StopSignals | None = None) -> dict:
         s, env, engine, student = self.s, self.env, self.engine, self.student
         t0 = time.perf_counter()
+        first = self.start["step"] if epoch == self.start["epoch"] else 0
+        sums: dict[str, torch.Tensor] = dict(self.start["sums"]) if first else {}
+        items_seen = self.start["items_seen"] if first else 0
         self.epoch_ref.set(epoch)
+        self.skip_ref.set(first)
         engine.module.train()
         student.pre_epoch(epoch, torch.Generator().manual_seed(
             int(np.random.SeedSequence([self.cfg.seed, epoch, 3]).generate_state(1)[0])))
-        sums: dict[str, torch.Tensor] = {}
-        steps = items_seen = 0
+        steps = first
         for batch in item_batches(self.loader, self.sampler, epoch, env.rank, engine.device,
-                                  s.popularity_weighting, s.users_per_item):
+                                  s.popularity_weighting, s.users_per_item, first_step=first,
+                                  loader_start=self.loader.dataset.skip_start(first)):
             result = engine(batch)
             engine.backward(result["loss"])
             engine.step()
             student.update_modal_inputs(batch["items"], result["modal"])
+            self.written.update(batch["items"].tolist())
             for k, v in result.items():
                 if k != "modal":
                     sums[k] = sums.get(k, 0.0) + v.detach().float()
             steps += 1
             items_seen += len(batch["items"]) if batch["weight"] else 0
+            if steps % s.grad_accum:
+                continue                      # mid-accumulation: nothing can be saved here
+            if stop is not None and stop.requested():
+                path = self.checkpoint(epoch, steps, False, sums, items_seen)
+                raise Interrupted(f"stopped by {stop.received or 'a signal on another rank'} "
+                                  f"at epoch {epoch}, step {steps}; checkpoint {path}; continue "
+                                  "with --resume")
+            if s.checkpoint_every > 0 and engine.global_steps % s.checkpoint_every == 0:
+                self.checkpoint(epoch, steps, False, sums, items_seen)
+        self.skip_ref.set(0)
         values = dist.allreduce_sum(np.array([float(v) for v in sums.values()] + [items_seen]))
         record = {"epoch": epoch, **{k: round(v / (steps * env.world_size), 6)
                                      for k, v in zip(sums, values[:-1])}}
@@ -293,6 +410,7 @@ class Stage2Run:
             raise TrainingError(f"stage 2: the loss of epoch {epoch} is {record['loss']} "
                                 f"(terms: {record}); lower stage2.lr / stage2.rec_lr")
         self.times["train"].append(time.perf_counter() - t0)
+        self.steps_in_epoch = steps
         return {**record, "train_s": round(self.times["train"][-1], 3), "items": int(values[-1]),
                 "items_per_s": round(values[-1] / self.times["train"][-1], 1)}
 
@@ -306,6 +424,8 @@ class Stage2Run:
         if first:
             _check_dims(student, bank)
         student.set_modal_inputs({m: torch.from_numpy(bank[m]) for m in student.modalities})
+        self.bank_start = {m: bank[m] for m in student.modalities}
+        self.written, self.bank_ckpt = set(), None
         self.times["extract"].append(time.perf_counter() - t0)
         t1 = time.perf_counter()
         with gathered(list(student.parameters())):
@@ -345,19 +465,33 @@ class Stage2Run:
                  f"{self.inter.n_users} users x {self.inter.n_items} items; backbone trainable "
                  f"{bb['trainable']} of {bb['total']} ({bb['trainable_pct']}%); teacher: "
                  f"{self.teacher['run'] if self.teacher else 'none (one stage)'}; "
-                 f"{self.env.world_size} rank(s)"
+                 f"{self.env.world_size} rank(s), ZeRO-{zero_stage(self.ds_cfg)}"
                  f"{'; bf16' if self.ds_cfg.get('bf16', {}).get('enabled') else ''}")
-        self.refresh_and_evaluate(-1, {"epoch": -1}, first=True)
-        epochs_run, stopped_early = 0, False
-        for epoch in range(s.epochs):
-            record = self.train_epoch(epoch)
-            epochs_run = epoch + 1
-            self.refresh_and_evaluate(epoch, record)
-            if self.bad >= s.patience:
-                stopped_early = True
-                self.say(f"early stop: no better valid {metric} in {s.patience} epochs")
-                break
-        metrics = self._metrics(epochs_run, stopped_early)
+        if self.resume_from is None:
+            self.refresh_and_evaluate(-1, {"epoch": -1}, first=True)
+        with StopSignals() as stop:
+            for epoch in range(self.start["epoch"], s.epochs):
+                if self.bad >= s.patience:       # resumed after the stopping epoch
+                    self.stopped_early = True
+                    break
+                record = self.train_epoch(epoch, stop)
+                self.epochs_run = epoch + 1
+                self.refresh_and_evaluate(epoch, record)
+                if s.checkpoint_every >= 0:
+                    if self.steps_in_epoch % s.grad_accum == 0:
+                        self.checkpoint(epoch, 0, True, {}, 0)
+                    else:
+                        self.say(f"epoch {epoch}: {self.steps_in_epoch} micro steps is not a "
+                                 f"multiple of stage2.grad_accum ({s.grad_accum}): gradients "
+                                 "are mid-accumulation, no epoch-end checkpoint")
+                if self.bad >= s.patience:
+                    self.stopped_early = True
+                    self.say(f"early stop: no better valid {metric} in {s.patience} epochs")
+                    break
+                if stop.requested():
+                    raise Interrupted(f"stopped by {stop.received or 'a signal on another rank'}"
+                                      f" after epoch {epoch}; continue with --resume")
+        metrics = self._metrics(self.epochs_run, self.stopped_early)
         self.run_dir.write_metrics(metrics)
         best = self.best
         self.say(f"best epoch {best['epoch']}: valid {metric} {best['valid'][metric]:.4f}, "
@@ -389,7 +523,8 @@ class Stage2Run:
 
 
 def run_stage2(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
-               log=print) -> dict:
-    """The whole command on this rank (see the module doc); returns the metrics."""
+               log=print, resume: bool = False) -> dict:
+    """The whole command on this rank (see the module doc); returns the metrics. ``resume``:
+    continue from the newest checkpoint in ``OUT/checkpoints`` (from scratch if none)."""
     env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, env)
-    return Stage2Run(cfg, Path(out), env, log).run()
+    return Stage2Run(cfg, Path(out), env, log, resume).run()
