@@ -108,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=["tiny", "default"], default="default")
     _common(p)
 
+    p = sub.add_parser("plan", help="per-rank memory estimate of the stage-2 job (parameters, "
+                                    "gradients, optimizer, activations; a micro batch that fits)")
+    p.add_argument("--world-size", type=int,
+                   help="ranks (default: from the launcher's environment, 1 outside one)")
+    p.add_argument("--device-memory", type=float, default=80.0, metavar="GIB",
+                   help="memory of one accelerator, for the micro-batch suggestion (default 80)")
+    p.add_argument("--users", type=int, help="users, when data.path is not set")
+    p.add_argument("--items", type=int, help="items, when data.path is not set")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _common(p)
+
     p = sub.add_parser("config", help="print the resolved configuration as YAML")
     _common(p)
     return parser
@@ -301,6 +312,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from ptmrec_dist.plan import estimate, format_plan
+
+    plan = estimate(resolve_config(args), world_size=args.world_size,
+                    device_memory_gib=args.device_memory, users=args.users, items=args.items)
+    print(dumps_json(plan) if args.json else format_plan(plan))
+    return 0
+
+
 def cmd_config(args) -> int:
     print(to_yaml(resolve_config(args)), end="")
     return 0
@@ -311,7 +331,7 @@ COMMANDS = {"make-data": cmd_make_data, "make-backbone": cmd_make_backbone, "sta
             "shard": cmd_shard, "extract": cmd_extract, "stage1": cmd_stage1,
             "stage2": cmd_stage2,
             "evaluate": cmd_evaluate, "verify": cmd_verify, "demo": cmd_demo,
-            "config": cmd_config}
+            "plan": cmd_plan, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:
