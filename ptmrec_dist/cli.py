@@ -19,6 +19,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="config overrides, e.g. stage2.kt_weight=0.5 data.split=random")
 
 
+def _resume_flag(p) -> None:
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in OUT/checkpoints (from scratch "
+                        "if there is none); the configuration must be the same")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ptmrec", description="PTMRec: parameter-efficient CLIP tuning for multimodal "
@@ -73,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", help="item features folder (data.features)")
     p.add_argument("--model", help="base recommender: pop, bpr, vbpr, freedom, bm3 "
                                    "(recommender.name)")
+    _resume_flag(p)
     _common(p)
 
     p = sub.add_parser("stage2", help="tune the backbone (prompts/LoRA/IA3/full) with the "
@@ -85,9 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", help="frozen features folder (data.features)")
     p.add_argument("--backbone", help="CLIP: local folder or hub id (backbone.name_or_path)")
     p.add_argument("--method", help="prompt, lora, ia3, full, frozen (peft.method)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in OUT/checkpoints (from scratch "
-                        "if there is none); the configuration must be the same")
+    _resume_flag(p)
     _common(p)
 
     p = sub.add_parser("evaluate", help="full-ranking metrics of a finished run")
@@ -240,7 +245,8 @@ def cmd_stage1(args) -> int:
 
     return _train(run_stage1, resolve_config(args, {"data": "data.path",
                                                      "features": "data.features",
-                                                     "model": "recommender.name"}), args.out)
+                                                     "model": "recommender.name"}), args.out,
+                  resume=args.resume)
 
 
 def _train(run, cfg, out, **kw) -> int:

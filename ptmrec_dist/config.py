@@ -157,6 +157,8 @@ class Stage1Config:
     grad_clip: float = 0.0              # gradient-norm clipping; 0 = off
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"   # auto: bf16 on GPUs with it
     adam: Literal["auto", "torch", "deepspeed"] = "auto"   # deepspeed: FusedAdam / CPUAdam
+    checkpoint_every: int = 5           # epochs between resumable checkpoints (0: only on a stop
+                                        # signal); `stage1 --resume` continues from the newest
 
 
 @dataclass
@@ -284,6 +286,7 @@ class Config:
             ("stage2.num_workers", self.stage2.num_workers >= 0, "must be >= 0"),
             ("stage2.users_per_item", self.stage2.users_per_item >= 1, "must be >= 1"),
             ("stage1.grad_accum", self.stage1.grad_accum >= 1, "must be >= 1"),
+            ("stage1.checkpoint_every", self.stage1.checkpoint_every >= 0, "must be >= 0"),
             ("stage2.grad_accum", self.stage2.grad_accum >= 1, "must be >= 1"),
             ("stage1.grad_clip", self.stage1.grad_clip >= 0, "must be >= 0 (0 = off)"),
             ("stage2.grad_clip", self.stage2.grad_clip >= 0, "must be >= 0 (0 = off)"),

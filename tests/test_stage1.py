@@ -187,6 +187,56 @@ def test_eval_every(data, in_process, tmp_path):
     assert m["best_epoch"] in (0, 3, 6, 7) and m["epochs_run"] == 8
 
 
+def test_signal_checkpoint_then_resume_is_exact(data, trained, monkeypatch, tmp_path):
+    """SIGUSR1 during epoch 6 -> the epoch ends, a checkpoint is written, Interrupted (exit 3);
+    --resume finishes the 15 epochs with the uninterrupted run's models and metrics. Another
+    configuration is refused, naming the key."""
+    import signal
+
+    from ptmrec_dist.errors import Interrupted
+    from ptmrec_dist.train.checkpoint import checkpoint_dirs
+    from ptmrec_dist.train.sampler import BPRSampler
+
+    ref_out, ref = trained("vbpr")
+    out = tmp_path / "r"
+    epoch_of = BPRSampler.epoch
+
+    def signalled(self, epoch):
+        if epoch == 6:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return epoch_of(self, epoch)
+
+    monkeypatch.setattr(BPRSampler, "epoch", signalled)
+    with pytest.raises(Interrupted, match="SIGUSR1 after epoch 6") as err:
+        train(data, out, "vbpr")
+    assert err.value.exit_code == 3
+    monkeypatch.setattr(BPRSampler, "epoch", epoch_of)
+    saved = [json.loads((p / "state.json").read_text())["epoch"]
+             for p in checkpoint_dirs(out / "checkpoints")]
+    assert saved == [4, 6]                    # stage1.checkpoint_every=5, then the signal's
+    assert [r["epoch"] for r in read_log(out)] == list(range(7))
+    assert not (out / "metrics.json").exists()
+
+    cfg = load_config(None, [f"data.path={data}", "recommender.name=vbpr", *QUICK,
+                             "stage1.lr=0.02"])
+    with pytest.raises(InputError, match="stage1.lr is 0.02 here, 0.01 in the checkpoint"):
+        run_stage1(cfg, out, log=lambda *_: None, resume=True)
+
+    cfg = load_config(None, [f"data.path={data}", "recommender.name=vbpr", *QUICK])
+    m = run_stage1(cfg, out, log=lambda *_: None, resume=True)
+    for key in ("best_epoch", "epochs_run", "valid", "test"):
+        assert m[key] == ref[key], key
+    for f in ("user_repr.npy", "item_repr.npy"):
+        np.testing.assert_array_equal(np.load(out / f), np.load(ref_out / f))
+    drop = ("elapsed_s", "epoch_s", "eval_s")
+    strip = (lambda log: [{k: v for k, v in r.items() if k not in drop} for r in log])
+    assert strip(read_log(out)) == strip(read_log(ref_out))
+    # a fresh run in the folder (no --resume) replaces the old run: its checkpoints go
+    assert checkpoint_dirs(out / "checkpoints")
+    train(data, out, "vbpr", "stage1.epochs=2")
+    assert checkpoint_dirs(out / "checkpoints") == []
+
+
 # ------------------------------------------------------------------------------ subprocesses
 
 def free_port() -> int:

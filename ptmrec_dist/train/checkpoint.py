@@ -66,9 +66,52 @@ def latest_checkpoint(root: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def read_state(path: Path, cfg, allowed: tuple[str, ...], backbone_hash: str | None = None) -> dict:
+    """``state.json`` of the checkpoint ``path``, checked against this run: the configuration
+    must be the same except for keys starting with one of ``allowed``, and ``backbone_hash``
+    (when given) must be the one recorded at save time."""
+    import json
+
+    from ptmrec_dist.config import to_dict
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        raise InputError(path, "not a checkpoint: state.json is missing")
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    if backbone_hash is not None and state.get("backbone_sha256") != backbone_hash:
+        raise InputError(path, f"the backbone {cfg.backbone.name_or_path} does not have the "
+                               "pretrained weights this run was trained on (weight hash "
+                               f"{backbone_hash[:12]}..., checkpoint "
+                               f"{str(state.get('backbone_sha256'))[:12]}...)")
+
+    def flat(d: dict, pre: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+        return out
+
+    mine, theirs = flat(to_dict(cfg)), flat(state["config"])
+    changed = sorted(k for k in set(mine) | set(theirs)
+                     if mine.get(k) != theirs.get(k) and not k.startswith(allowed))
+    if changed:
+        raise InputError(path, "cannot resume with another configuration: " + ", ".join(
+            f"{k} is {mine.get(k)!r} here, {theirs.get(k)!r} in the checkpoint"
+            for k in changed[:5]))
+    return state
+
+
 class Checkpointer:
     def __init__(self, root: Path, env: dist.DistEnv, keep: int = 2):
         self.root, self.env, self.keep = Path(root), env, max(1, keep)
+
+    def clear(self) -> int:
+        """Remove the resumable checkpoints of an earlier run in this folder (a run started
+        without ``--resume`` replaces it: a later ``--resume`` must not find them). Main rank;
+        returns how many were removed."""
+        old = checkpoint_dirs(self.root) + sorted(self.root.glob(".tmp-*"))
+        if self.env.is_main:
+            for path in old:
+                shutil.rmtree(path, ignore_errors=True)
+        return len(old)
 
     def save(self, engine, step: int, state: dict, rank_state: dict,
              arrays: dict[str, np.ndarray] | None = None,

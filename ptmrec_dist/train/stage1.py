@@ -20,13 +20,15 @@ import torch
 from torch import nn
 
 from ptmrec_dist import dist, rec
-from ptmrec_dist.config import Config
+from ptmrec_dist.config import Config, to_dict
 from ptmrec_dist.data.interactions import load_interactions
-from ptmrec_dist.errors import TrainingError
+from ptmrec_dist.errors import Interrupted, TrainingError
 from ptmrec_dist.eval.evaluate import Evaluator
 from ptmrec_dist.io import atomic_save_npy, atomic_save_safetensors, atomic_write_json
 from ptmrec_dist.rec.features import ItemFeatures, resolve_features
 from ptmrec_dist.run import RunDir
+from ptmrec_dist.train.checkpoint import (Checkpointer, StopSignals, latest_checkpoint,
+                                          read_state)
 from ptmrec_dist.train.engine import build_engine, stage_ds_config
 from ptmrec_dist.train.sampler import BPRSampler, step_seed
 
@@ -82,15 +84,28 @@ def build_model(cfg: Config, inter, feats: ItemFeatures | None = None) -> rec.ba
     return model
 
 
+# settings that may change between a run and its resumption (the rest must not)
+RESUMABLE_CHANGES = ("stage1.epochs", "stage1.patience", "stage1.checkpoint_every", "dist.")
+
+
 def run_stage1(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
-               log=print) -> dict:
+               log=print, resume: bool = False) -> dict:
+    """The whole command on this rank; returns the metrics. ``resume``: continue after the
+    epoch of the newest checkpoint in ``OUT/checkpoints`` (from scratch if none)."""
     out = Path(out)
     env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, env)
     say = log if env.is_main else (lambda *_: None)
     t_start = time.perf_counter()
     inter = load_interactions(cfg.data.path, cfg.data)
     model = build_model(cfg, inter)
-    run = RunDir(out, cfg, env.is_main).start()
+    checkpointer = Checkpointer(out / "checkpoints", env)
+    resume_from = latest_checkpoint(out / "checkpoints") if resume else None
+    if resume and resume_from is None:
+        say(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
+    if resume_from is None and checkpointer.clear():
+        say(f"removed the resumable checkpoints of an earlier run in {out / 'checkpoints'}")
+    state = read_state(resume_from, cfg, RESUMABLE_CHANGES) if resume_from else None
+    run = RunDir(out, cfg, env.is_main).start(state["log_lines"] if state else None)
     evaluator = Evaluator(cfg, inter, env)
     s = cfg.stage1
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -110,58 +125,81 @@ def run_stage1(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
     best = {"epoch": -1, "valid": None, "test": None}
     bad_evals, epochs_run, stopped_early = 0, 0, False
     epoch_times, eval_times = [], []
-    for epoch in range(s.epochs if model.trainable else 1):
-        t0 = time.perf_counter()
-        record = {"epoch": epoch}
-        if model.trainable:
-            model.train()
-            seed = step_seed(cfg.seed, epoch, 0, stream=1)
-            model.pre_epoch(epoch, torch.Generator().manual_seed(seed))
-            sums: dict[str, torch.Tensor] = {}
-            for batch in sampler.epoch(epoch):
-                batch = {k: v.to(engine.device) if torch.is_tensor(v) else v
-                         for k, v in batch.items()}
-                terms = engine(batch)
-                engine.backward(terms["loss"])
-                engine.step()
-                for k, v in terms.items():   # summed on the device: no sync per step
-                    sums[k] = sums.get(k, 0.0) + v.detach()
-            # each rank's value estimates the batch mean: average over ranks and steps
-            values = np.array([float(v) for v in sums.values()])
-            sums_vec = dist.allreduce_sum(values) / env.world_size
-            record.update({k: round(v / len(sampler), 6) for k, v in zip(sums, sums_vec)})
-            if not np.isfinite(record["loss"]):
-                raise TrainingError(f"stage 1: the loss of epoch {epoch} is {record['loss']} "
-                                    f"(terms: {record}); lower stage1.lr or check the features")
-            epoch_times.append(time.perf_counter() - t0)
-            record["epoch_s"] = round(epoch_times[-1], 3)
-        epochs_run = epoch + 1
-        if epoch % s.eval_every and epoch != s.epochs - 1:
-            run.log(**record)
-            continue
-        t1 = time.perf_counter()
-        model.eval()
-        reps = _representations(model)
-        valid = evaluator(reps, "valid")
-        eval_times.append(time.perf_counter() - t1)
-        record.update(valid={k: round(v, 6) for k, v in valid.items()},
-                      eval_s=round(eval_times[-1], 3))
-        improved = best["valid"] is None or valid[metric] > best["valid"][metric]
-        if improved:
-            best = {"epoch": epoch, "valid": valid, "test": evaluator(reps, "test")}
-            _save_best(out, model, engine, env, reps)
-            bad_evals = 0
-        else:
-            bad_evals += 1
-        record["best"] = improved
-        run.log(**record)
-        say(f"epoch {epoch:4d}  loss {record.get('loss', float('nan')):.4f}  "
-            f"valid {metric} {valid[metric]:.4f}{'  *' if improved else ''}  "
-            f"({record.get('epoch_s', 0):.1f}s + eval {record['eval_s']:.1f}s)")
-        if bad_evals >= s.patience:
-            stopped_early = True
-            say(f"early stop: no better valid {metric} in {s.patience} evaluations")
-            break
+    if state is not None and engine is not None:
+        state = checkpointer.load(engine, resume_from)[0]
+        best, bad_evals, epochs_run = state["best"], state["bad"], state["epoch"] + 1
+        epoch_times, eval_times = state["times"]["epoch"], state["times"]["eval"]
+        say(f"resumed from {resume_from}: epoch {state['epoch']} done")
+
+    def checkpoint(epoch: int) -> Path:
+        return checkpointer.save(engine, int(engine.global_steps), {
+            "epoch": epoch, "best": best, "bad": bad_evals, "log_lines": run.lines,
+            "times": {"epoch": epoch_times, "eval": eval_times}, "config": to_dict(cfg)}, {})
+
+    with StopSignals() as stop:
+        for epoch in range(epochs_run if state else 0, s.epochs if model.trainable else 1):
+            if bad_evals >= s.patience:            # resumed after the stopping evaluation
+                stopped_early = True
+                break
+            t0 = time.perf_counter()
+            record = {"epoch": epoch}
+            if model.trainable:
+                model.train()
+                seed = step_seed(cfg.seed, epoch, 0, stream=1)
+                model.pre_epoch(epoch, torch.Generator().manual_seed(seed))
+                sums: dict[str, torch.Tensor] = {}
+                for batch in sampler.epoch(epoch):
+                    batch = {k: v.to(engine.device) if torch.is_tensor(v) else v
+                             for k, v in batch.items()}
+                    terms = engine(batch)
+                    engine.backward(terms["loss"])
+                    engine.step()
+                    for k, v in terms.items():   # summed on the device: no sync per step
+                        sums[k] = sums.get(k, 0.0) + v.detach()
+                # each rank's value estimates the batch mean: average over ranks and steps
+                values = np.array([float(v) for v in sums.values()])
+                sums_vec = dist.allreduce_sum(values) / env.world_size
+                record.update({k: round(v / len(sampler), 6) for k, v in zip(sums, sums_vec)})
+                if not np.isfinite(record["loss"]):
+                    raise TrainingError(f"stage 1: the loss of epoch {epoch} is {record['loss']} "
+                                        f"(terms: {record}); lower stage1.lr or check the features")
+                epoch_times.append(time.perf_counter() - t0)
+                record["epoch_s"] = round(epoch_times[-1], 3)
+            epochs_run = epoch + 1
+            if epoch % s.eval_every and epoch != s.epochs - 1:
+                run.log(**record)
+            else:
+                t1 = time.perf_counter()
+                model.eval()
+                reps = _representations(model)
+                valid = evaluator(reps, "valid")
+                eval_times.append(time.perf_counter() - t1)
+                record.update(valid={k: round(v, 6) for k, v in valid.items()},
+                              eval_s=round(eval_times[-1], 3))
+                improved = best["valid"] is None or valid[metric] > best["valid"][metric]
+                if improved:
+                    best = {"epoch": epoch, "valid": valid, "test": evaluator(reps, "test")}
+                    _save_best(out, model, engine, env, reps)
+                    bad_evals = 0
+                else:
+                    bad_evals += 1
+                record["best"] = improved
+                run.log(**record)
+                say(f"epoch {epoch:4d}  loss {record.get('loss', float('nan')):.4f}  "
+                    f"valid {metric} {valid[metric]:.4f}{'  *' if improved else ''}  "
+                    f"({record.get('epoch_s', 0):.1f}s + eval {record['eval_s']:.1f}s)")
+            if engine is not None:
+                stopping = stop.requested()        # collective: every rank, every epoch
+                if stopping or (s.checkpoint_every and epochs_run % s.checkpoint_every == 0):
+                    path = checkpoint(epoch)
+                    if stopping:
+                        who = stop.received or "a signal on another rank"
+                        raise Interrupted(f"stopped by {who} after epoch {epoch}; checkpoint "
+                                          f"{path}; continue with --resume")
+            if bad_evals >= s.patience:
+                stopped_early = True
+                say(f"early stop: no better valid {metric} in {s.patience} evaluations")
+                break
 
     metrics = {
         "model": model.name, "metric": metric, "best_epoch": best["epoch"],

@@ -47,7 +47,8 @@ from ptmrec_dist.eval.evaluate import Evaluator
 from ptmrec_dist.io import atomic_save_npy, atomic_write_json
 from ptmrec_dist.rec.base import terms
 from ptmrec_dist.run import RunDir
-from ptmrec_dist.train.checkpoint import Checkpointer, StopSignals, latest_checkpoint
+from ptmrec_dist.train.checkpoint import (Checkpointer, StopSignals, latest_checkpoint,
+                                          read_state)
 from ptmrec_dist.train.engine import (build_engine, gathered, stage_ds_config, warmup_schedule,
                                       zero_stage)
 from ptmrec_dist.train.losses import in_batch_bpr, kt_loss
@@ -188,6 +189,9 @@ class Stage2Run:
         self.resume_from = latest_checkpoint(out / "checkpoints") if resume else None
         if resume and self.resume_from is None:
             self.say(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
+        if self.resume_from is None and self.checkpointer.clear():
+            self.say(f"removed the resumable checkpoints of an earlier run in "
+                     f"{out / 'checkpoints'}")
         resume_state = self._resume_state() if self.resume_from is not None else None
         self.run_dir = RunDir(out, cfg, env.is_main).start(
             resume_state["log_lines"] if resume_state else None)
@@ -298,27 +302,7 @@ class Stage2Run:
 
     def _resume_state(self) -> dict:
         """``state.json`` of the checkpoint to resume, checked against this run."""
-        import json
-
-        from ptmrec_dist.config import to_dict
-        path = self.resume_from
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        if state.get("backbone_sha256") != self.backbone_hash:
-            raise InputError(path, f"the backbone {self.cfg.backbone.name_or_path} does not "
-                                   "have the pretrained weights this run was trained on (weight "
-                                   f"hash {self.backbone_hash[:12]}..., checkpoint "
-                                   f"{str(state.get('backbone_sha256'))[:12]}...)")
-        flat = lambda d, pre="": {k2: v2 for k, v in d.items() for k2, v2 in  # noqa: E731
-                                  (flat(v, f"{pre}{k}.").items() if isinstance(v, dict)
-                                   else [(f"{pre}{k}", v)])}
-        mine, theirs = flat(to_dict(self.cfg)), flat(state["config"])
-        changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)
-                         and not k.startswith(self.RESUMABLE_CHANGES))
-        if changed:
-            raise InputError(path, "cannot resume with another configuration: " + ", ".join(
-                f"{k} is {mine.get(k)!r} here, {theirs.get(k)!r} in the checkpoint"
-                for k in changed[:5]))
-        return state
+        return read_state(self.resume_from, self.cfg, self.RESUMABLE_CHANGES, self.backbone_hash)
 
     def _restore(self) -> None:
         """Engine, RNG, bookkeeping and the feature bank of the checkpoint (collective)."""
