@@ -495,7 +495,7 @@ class Planner:
         self.zero = zero_settings(self.ds)
         self.precision = precision_of(self.ds)
         self.mixed = self.precision != "fp32"
-        if getattr(cfg.stage2, "precision", None) == "auto" and not self.mixed:
+        if cfg.stage2.precision == "auto" and not self.mixed:
             self.notes.append("stage2.precision=auto is fp32 on this machine (no bf16 GPU); "
                               "add stage2.precision=bf16 to plan for GPUs that have bf16")
         opt = str((self.ds.get("optimizer") or {}).get("type", "adam")).lower()
@@ -518,7 +518,7 @@ class Planner:
                         sum(p.numel() for p in params if not p.requires_grad and p.numel() < thr))]
         # the recommender
         self.data = data_sizes(cfg, users, items)
-        self.rec = None
+        self.rec, self.rec_buffers = None, 0
         rb = 2 if self.mixed else 4
         if self.data is None:
             self.notes.append("recommender left out: set data.path or pass --users and --items")
@@ -548,7 +548,7 @@ class Planner:
         if self.zero["offload_optimizer"] == "nvme" or self.zero["offload_param"] == "nvme":
             self.notes.append("nvme offload: the offloaded parts are shown in the host column "
                               "but live on the NVMe device (plus pinned host staging buffers)")
-        if getattr(cfg.stage2, "compile", False):
+        if cfg.stage2.compile:
             self.notes.append("stage2.compile: torch.compile may fuse ops and save fewer "
                               "activations than counted here")
         if self.attn == "sdpa":
@@ -568,7 +568,7 @@ class Planner:
         act = self.activations(micro)
         rows["activations"] = {"device": act["total"], "host": 0}
         rows["zero_buffers"] = {"device": self.zero_buffers, "host": 0}
-        rows["buffers"] = {"device": getattr(self, "rec_buffers", 0), "host": 0}
+        rows["buffers"] = {"device": self.rec_buffers, "host": 0}
         dev = {k: v["device"] for k, v in rows.items()}
         fixed = (dev["parameters_trainable"] + dev["parameters_frozen"] + dev["optimizer"]
                  + dev["zero_buffers"] + dev["buffers"])

@@ -66,39 +66,6 @@ def latest_checkpoint(root: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def read_state(path: Path, cfg, allowed: tuple[str, ...], backbone_hash: str | None = None) -> dict:
-    """``state.json`` of the checkpoint ``path``, checked against this run: the configuration
-    must be the same except for keys starting with one of ``allowed``, and ``backbone_hash``
-    (when given) must be the one recorded at save time."""
-    import json
-
-    from ptmrec_dist.config import to_dict
-    state_file = path / "state.json"
-    if not state_file.is_file():
-        raise InputError(path, "not a checkpoint: state.json is missing")
-    state = json.loads(state_file.read_text(encoding="utf-8"))
-    if backbone_hash is not None and state.get("backbone_sha256") != backbone_hash:
-        raise InputError(path, f"the backbone {cfg.backbone.name_or_path} does not have the "
-                               "pretrained weights this run was trained on (weight hash "
-                               f"{backbone_hash[:12]}..., checkpoint "
-                               f"{str(state.get('backbone_sha256'))[:12]}...)")
-
-    def flat(d: dict, pre: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
-        return out
-
-    mine, theirs = flat(to_dict(cfg)), flat(state["config"])
-    changed = sorted(k for k in set(mine) | set(theirs)
-                     if mine.get(k) != theirs.get(k) and not k.startswith(allowed))
-    if changed:
-        raise InputError(path, "cannot resume with another configuration: " + ", ".join(
-            f"{k} is {mine.get(k)!r} here, {theirs.get(k)!r} in the checkpoint"
-            for k in changed[:5]))
-    return state
-
-
 class Checkpointer:
     def __init__(self, root: Path, env: dist.DistEnv, keep: int = 2):
         self.root, self.env, self.keep = Path(root), env, max(1, keep)
@@ -152,11 +119,15 @@ class Checkpointer:
         dist.barrier()
         return final
 
-    def load(self, engine, path: Path) -> tuple[dict, dict]:
-        """Restore the engine (weights, optimizer, scheduler) and this rank's RNG states from
-        ``path``; returns ``(state, rank_state)``. Collective."""
+    def read(self, path: Path, cfg, allowed: tuple[str, ...],
+             backbone_hash: str | None = None) -> dict:
+        """``state.json`` of the checkpoint ``path``, checked against this run before anything
+        is built from it: the same number of ranks, the same configuration except for keys
+        starting with one of ``allowed``, and (when given) the backbone weight hash recorded at
+        save time."""
         import json
 
+        from ptmrec_dist.config import to_dict
         state_file = path / "state.json"
         if not state_file.is_file():
             raise InputError(path, "not a checkpoint: state.json is missing")
@@ -165,6 +136,30 @@ class Checkpointer:
             raise InputError(path, f"saved by {state['world_size']} ranks, resumed with "
                                    f"{self.env.world_size}: the data position and the "
                                    "partitioned optimizer states need the same number of ranks")
+        if backbone_hash is not None and state.get("backbone_sha256") != backbone_hash:
+            raise InputError(path, f"the backbone {cfg.backbone.name_or_path} does not have the "
+                                   "pretrained weights this run was trained on (weight hash "
+                                   f"{backbone_hash[:12]}..., checkpoint "
+                                   f"{str(state.get('backbone_sha256'))[:12]}...)")
+
+        def flat(d: dict, pre: str = "") -> dict:
+            out = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+            return out
+
+        mine, theirs = flat(to_dict(cfg)), flat(state["config"])
+        changed = sorted(k for k in set(mine) | set(theirs)
+                         if mine.get(k) != theirs.get(k) and not k.startswith(allowed))
+        if changed:
+            raise InputError(path, "cannot resume with another configuration: " + ", ".join(
+                f"{k} is {mine.get(k)!r} here, {theirs.get(k)!r} in the checkpoint"
+                for k in changed[:5]))
+        return state
+
+    def load(self, engine, path: Path) -> dict:
+        """Restore the engine (weights, optimizer, scheduler) and this rank's RNG states from
+        ``path`` (checked first with :meth:`read`); returns this rank's state. Collective."""
         rank_file = path / f"rank{self.env.rank}.pt"
         if not rank_file.is_file():
             raise InputError(rank_file, "missing: the checkpoint is incomplete")
@@ -176,7 +171,7 @@ class Checkpointer:
             raise InputError(path, "DeepSpeed could not load this checkpoint")
         rank_state = torch.load(rank_file, weights_only=False)
         set_rng_state(rank_state.pop("rng"))
-        return state, rank_state
+        return rank_state
 
     def array(self, path: Path, key: str) -> np.ndarray:
         return np.load(path / f"{key}.npy")

@@ -87,8 +87,6 @@ def resolve_ds_config(name_or_path: str, *, batch_size: int, world_size: int, lr
         ds = _strip_comments(json.loads(path.read_text(encoding="utf-8")))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
-    if grad_accum < 1:
-        raise ConfigError(f"config key '{key}.grad_accum' must be >= 1 (got {grad_accum})")
     if batch_size % (world_size * grad_accum):
         raise ConfigError(f"config key '{key}.batch_size' ({batch_size}) must be a multiple of "
                           f"the number of ranks ({world_size}) x '{key}.grad_accum' "

@@ -27,8 +27,7 @@ from ptmrec_dist.eval.evaluate import Evaluator
 from ptmrec_dist.io import atomic_save_npy, atomic_save_safetensors, atomic_write_json
 from ptmrec_dist.rec.features import ItemFeatures, resolve_features
 from ptmrec_dist.run import RunDir
-from ptmrec_dist.train.checkpoint import (Checkpointer, StopSignals, latest_checkpoint,
-                                          read_state)
+from ptmrec_dist.train.checkpoint import Checkpointer, StopSignals, latest_checkpoint
 from ptmrec_dist.train.engine import build_engine, stage_ds_config
 from ptmrec_dist.train.sampler import BPRSampler, step_seed
 
@@ -104,7 +103,7 @@ def run_stage1(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
         say(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
     if resume_from is None and checkpointer.clear():
         say(f"removed the resumable checkpoints of an earlier run in {out / 'checkpoints'}")
-    state = read_state(resume_from, cfg, RESUMABLE_CHANGES) if resume_from else None
+    state = checkpointer.read(resume_from, cfg, RESUMABLE_CHANGES) if resume_from else None
     run = RunDir(out, cfg, env.is_main).start(state["log_lines"] if state else None)
     evaluator = Evaluator(cfg, inter, env)
     s = cfg.stage1
@@ -126,7 +125,7 @@ def run_stage1(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
     bad_evals, epochs_run, stopped_early = 0, 0, False
     epoch_times, eval_times = [], []
     if state is not None and engine is not None:
-        state = checkpointer.load(engine, resume_from)[0]
+        checkpointer.load(engine, resume_from)
         best, bad_evals, epochs_run = state["best"], state["bad"], state["epoch"] + 1
         epoch_times, eval_times = state["times"]["epoch"], state["times"]["eval"]
         say(f"resumed from {resume_from}: epoch {state['epoch']} done")

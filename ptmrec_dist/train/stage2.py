@@ -47,8 +47,7 @@ from ptmrec_dist.eval.evaluate import Evaluator
 from ptmrec_dist.io import atomic_save_npy, atomic_write_json
 from ptmrec_dist.rec.base import terms
 from ptmrec_dist.run import RunDir
-from ptmrec_dist.train.checkpoint import (Checkpointer, StopSignals, latest_checkpoint,
-                                          read_state)
+from ptmrec_dist.train.checkpoint import Checkpointer, StopSignals, latest_checkpoint
 from ptmrec_dist.train.engine import (build_engine, gathered, stage_ds_config, warmup_schedule,
                                       zero_stage)
 from ptmrec_dist.train.losses import in_batch_bpr, kt_loss
@@ -192,9 +191,11 @@ class Stage2Run:
         if self.resume_from is None and self.checkpointer.clear():
             self.say(f"removed the resumable checkpoints of an earlier run in "
                      f"{out / 'checkpoints'}")
-        resume_state = self._resume_state() if self.resume_from is not None else None
+        # checked before anything is built from it
+        self.resume_state = None if self.resume_from is None else self.checkpointer.read(
+            self.resume_from, cfg, self.RESUMABLE_CHANGES, self.backbone_hash)
         self.run_dir = RunDir(out, cfg, env.is_main).start(
-            resume_state["log_lines"] if resume_state else None)
+            self.resume_state["log_lines"] if self.resume_state else None)
         self.evaluator = Evaluator(cfg, self.inter, env)
         self.model = Stage2Model(self.backbone, self.student, self.teacher, s.kt_weight,
                                  s.kt_tau).to(self.device)
@@ -222,7 +223,7 @@ class Stage2Run:
         self.bank_ckpt: Path | None = None
         self.epochs_run, self.stopped_early = 0, False
         self.start = {"epoch": 0, "step": 0, "sums": {}, "items_seen": 0}
-        if resume_state is not None:
+        if self.resume_state is not None:
             self._restore()
 
     # ------------------------------------------------------------------ set-up
@@ -300,13 +301,10 @@ class Stage2Run:
     RESUMABLE_CHANGES = ("stage2.epochs", "stage2.patience", "stage2.checkpoint_every",
                          "stage2.keep_checkpoints", "dist.", "backbone.name_or_path")
 
-    def _resume_state(self) -> dict:
-        """``state.json`` of the checkpoint to resume, checked against this run."""
-        return read_state(self.resume_from, self.cfg, self.RESUMABLE_CHANGES, self.backbone_hash)
-
     def _restore(self) -> None:
         """Engine, RNG, bookkeeping and the feature bank of the checkpoint (collective)."""
-        state, rank_state = self.checkpointer.load(self.engine, self.resume_from)
+        state = self.resume_state
+        rank_state = self.checkpointer.load(self.engine, self.resume_from)
         self.best, self.bad = state["best"], state["bad"]
         self.times, self.epochs_run = state["times"], state["epochs_run"]
         self.bank_start = {k: self.checkpointer.array(self.resume_from, f"bank_{k}")
@@ -461,9 +459,11 @@ class Stage2Run:
                 record = self.train_epoch(epoch, stop)
                 self.epochs_run = epoch + 1
                 self.refresh_and_evaluate(epoch, record)
-                if s.checkpoint_every >= 0:
+                stopping = stop.requested()      # collective: every rank, every epoch
+                path = None
+                if s.checkpoint_every >= 0 or stopping:
                     if self.steps_in_epoch % s.grad_accum == 0:
-                        self.checkpoint(epoch, 0, True, {}, 0)
+                        path = self.checkpoint(epoch, 0, True, {}, 0)
                     else:
                         self.say(f"epoch {epoch}: {self.steps_in_epoch} micro steps is not a "
                                  f"multiple of stage2.grad_accum ({s.grad_accum}): gradients "
@@ -472,9 +472,11 @@ class Stage2Run:
                     self.stopped_early = True
                     self.say(f"early stop: no better valid {metric} in {s.patience} epochs")
                     break
-                if stop.requested():
+                if stopping:
                     raise Interrupted(f"stopped by {stop.received or 'a signal on another rank'}"
-                                      f" after epoch {epoch}; continue with --resume")
+                                      f" after epoch {epoch}; "
+                                      f"{f'checkpoint {path}' if path else 'no new checkpoint'}"
+                                      "; continue with --resume")
         metrics = self._metrics(self.epochs_run, self.stopped_early)
         self.run_dir.write_metrics(metrics)
         best = self.best
