@@ -117,7 +117,8 @@ def init(backend: str = "auto", timeout_s: int = 1800, env: DistEnv | None = Non
         backend = resolve_backend(backend)
         if backend == "nccl":
             import torch
-            torch.cuda.set_device(env.local_rank)      # one GPU per local rank
+            # one GPU per local rank; srun --gpus-per-task may leave each task only its own
+            torch.cuda.set_device(env.local_rank % max(1, torch.cuda.device_count()))
         tdist.init_process_group(backend=backend, rank=env.rank,
                                  world_size=env.world_size,
                                  timeout=datetime.timedelta(seconds=timeout_s))

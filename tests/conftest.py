@@ -116,3 +116,41 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """A small demo (``demo_fixtures.SMALL``): data, shards, backbone, features, stage 1 (vbpr)
+    and stage 2 (PTMRec); ``(out folder, summary)``. Tests must not change it."""
+    from demo_fixtures import build_small_demo
+    out = tmp_path_factory.mktemp("s2") / "demo"
+    return out, build_small_demo(out)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real 2-node SLURM cluster on this machine (``slurm/local_cluster.sh``: munge, slurmctld,
+    slurmd n1 and n2; installed with apt the first time). Started unless one is up already, and
+    then stopped at the end of the session. Needs root, as CI has; elsewhere start it first with
+    ``sudo slurm/local_cluster.sh up --nodes 2``."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "slurm" / "local_cluster.sh"
+    status = subprocess.run(["bash", str(script), "status"], capture_output=True, text=True)
+    was_up = status.returncode == 0 and status.stdout.strip() != "down"
+    if was_up:
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True)
+        assert {"n1", "n2"} <= set(nodes.stdout.split()), \
+            f"a SLURM cluster is up but has no nodes n1 and n2:\n{status.stdout}"
+    elif os.geteuid() != 0:
+        pytest.fail("the SLURM tests need a local cluster: run `sudo slurm/local_cluster.sh up "
+                    "--nodes 2` (or the tests as root, as CI does)", pytrace=False)
+    else:
+        up = subprocess.run(["bash", str(script), "up", "--nodes", "2"], capture_output=True,
+                            text=True, timeout=600)
+        assert up.returncode == 0, f"local_cluster.sh up failed:\n{up.stdout}\n{up.stderr}"
+    yield
+    if not was_up:
+        down = subprocess.run(["bash", str(script), "down"], capture_output=True, text=True,
+                              timeout=120)
+        assert down.returncode == 0, down.stderr

@@ -173,3 +173,33 @@ def test_real_pretrained_text_tower_minilm(world, tmp_path):
     same = category[:, None] == category[None, :]
     off_diag = ~np.eye(len(text), dtype=bool)
     assert sims[same & off_diag].mean() > sims[~same].mean() + 0.1
+
+
+def test_a_stop_signal_exits_3_and_keeps_finished_shards(world, tmp_path, monkeypatch, capsys):
+    """SIGUSR1 (SLURM's warning) during extraction: exit code 3 naming the signal, the shard
+    parts written before it are kept, and the rerun finishes only the rest."""
+    import signal
+
+    from ptmrec_dist.clip import extract as extract_mod
+
+    out = tmp_path / "feat"
+    args = ["extract", "--shards", str(world / "shards"), "--backbone", str(world / "clip"),
+            "--out", str(out), "extract.num_workers=0", "extract.batch_size=16"]
+    real_save, saved = extract_mod._save_part, []
+
+    def save_then_signal(path, *a):
+        real_save(path, *a)
+        saved.append(path.name)
+        if len(saved) == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(extract_mod, "_save_part", save_then_signal)
+    assert main(args) == 3
+    assert "extraction stopped by SIGUSR1" in capsys.readouterr().err
+    assert [p.name for p in (out / "parts").glob("*.npz")] == saved[:1]
+    assert not (out / "image.npy").exists()
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL      # handler restored
+    monkeypatch.setattr(extract_mod, "_save_part", real_save)
+    assert main(args) == 0
+    assert "resume: 1 of 4 shards" in capsys.readouterr().out
+    assert np.load(out / "present.npy").all()

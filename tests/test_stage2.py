@@ -10,12 +10,12 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from demo_fixtures import SMALL
 from ptmrec_dist.cli import main
 from ptmrec_dist.clip.backbone import load_backbone
 from ptmrec_dist.clip.extract import extract_all
 from ptmrec_dist.clip.methods import apply_method, load_trainable
 from ptmrec_dist.config import load_config
-from ptmrec_dist.demo import demo_config, run_demo
 from ptmrec_dist.dist import DistEnv
 from ptmrec_dist.errors import ConfigError
 from ptmrec_dist.eval.evaluate import evaluate_run
@@ -23,11 +23,6 @@ from ptmrec_dist.train.losses import in_batch_bpr, kt_loss
 from ptmrec_dist.train.sampler import UserSampler
 from ptmrec_dist.train.stage2 import run_stage2
 
-SMALL = ["synthetic.n_items=120", "synthetic.n_users=60", "data.shard_size=40",
-         "demo_backbone.width=32", "demo_backbone.heads=2", "demo_backbone.layers=2",
-         "demo_backbone.epochs=1", "extract.num_workers=0", "stage1.epochs=3",
-         "stage2.epochs=2", "stage2.batch_size=16", "stage2.num_workers=0",
-         "stage2.prompt_len=2", "stage2.prompt_depth=2"]
 
 
 def _quiet(*_):
@@ -110,16 +105,6 @@ def test_in_batch_bpr_with_several_users_per_item():
 
 
 # --------------------------------------------------------------------------- whole runs
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """A small demo: data, shards, backbone, features, stage 1 (vbpr) and stage 2 (PTMRec)."""
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("s2") / "demo"
-    cfg = load_config(None, SMALL, base=demo_config("tiny"))
-    summary = run_demo(cfg, out, "tiny", log=_quiet)
-    return out, summary
-
 
 def stage2_cfg(out, *overrides):
     cfg = load_config(out / "stage1" / "config.yaml", SMALL)

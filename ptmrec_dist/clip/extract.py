@@ -11,6 +11,7 @@ by the same backbone weights. ``OUT`` must be on storage all ranks share.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -25,7 +26,7 @@ from ptmrec_dist.config import Config
 from ptmrec_dist.data.readers import ExactlyOnceItems
 from ptmrec_dist.data.shards import load_manifest
 from ptmrec_dist.dist import DistEnv
-from ptmrec_dist.errors import PtmrecError, ShardError
+from ptmrec_dist.errors import Interrupted, PtmrecError, ShardError
 from ptmrec_dist.io import atomic_save_npy, atomic_write_json, sha256_file, temp_file_near
 
 PARTS = "parts"
@@ -161,13 +162,41 @@ def run_extract(cfg: Config, shards: Path, out: Path, env: DistEnv, log=print) -
     from ptmrec_dist import dist
 
     t0 = time.perf_counter()
-    if not env.distributed:
-        return _run(cfg, shards, out, env, log, t0)
-    dist.init(cfg.dist.backend, cfg.dist.timeout_s, env)
+    with _stop_on_signal(out):
+        if not env.distributed:
+            return _run(cfg, shards, out, env, log, t0)
+        dist.init(cfg.dist.backend, cfg.dist.timeout_s, env)
+        try:
+            return _run(cfg, shards, out, env, log, t0)
+        finally:
+            dist.teardown()
+
+
+@contextlib.contextmanager
+def _stop_on_signal(out: Path):
+    """SIGTERM/SIGUSR1 (SLURM's warning before a time limit, requeue or preemption) stop the
+    extraction at once with :class:`Interrupted` (exit code 3): parts are written atomically per
+    finished shard, so a rerun loses only the shards in flight."""
+    import signal
+    import threading
+
+    main_pid = os.getpid()
+
+    def stop(signum, frame):
+        if os.getpid() != main_pid:    # a forked loader worker: the main process stops it
+            return
+        raise Interrupted(f"extraction stopped by {signal.Signals(signum).name}; finished shards "
+                          f"are kept in {out / 'parts'}, rerun the same command to continue")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        return _run(cfg, shards, out, env, log, t0)
+        yield
     finally:
-        dist.teardown()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def _run(cfg: Config, shards: Path, out: Path, env: DistEnv, log, t0: float) -> dict | None:
