@@ -124,6 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     _common(p)
 
+    p = sub.add_parser("tune", help="Ray Tune sweep over stage 2 (tuning/*.yaml): ASHA on the "
+                                    "valid metric; results.csv, best.yaml, sweep.png")
+    p.add_argument("sweep", help="sweep file: base config, search space, tune.* settings")
+    p.add_argument("--out", required=True, help="sweep folder (shared storage on clusters): "
+                                                "trials/, ray/, results.csv, best.yaml")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the sweep in OUT (after the driver died); finished trials "
+                        "are kept, unfinished ones resume from their checkpoints")
+    p.add_argument("--base", help="experiment config replacing the sweep file's 'base:'")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides of the sweep's config, e.g. tune.num_samples=16")
+
     p = sub.add_parser("config", help="print the resolved configuration as YAML")
     _common(p)
     return parser
@@ -327,6 +339,14 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from ptmrec_dist.tune import load_sweep, run_sweep
+
+    sweep = load_sweep(args.sweep, args.overrides, base_config=args.base)
+    summary = run_sweep(sweep, args.out, resume=args.resume)
+    return 0 if summary["trials"] > summary["errors"] else 1
+
+
 def cmd_config(args) -> int:
     print(to_yaml(resolve_config(args)), end="")
     return 0
@@ -337,7 +357,7 @@ COMMANDS = {"make-data": cmd_make_data, "make-backbone": cmd_make_backbone, "sta
             "shard": cmd_shard, "extract": cmd_extract, "stage1": cmd_stage1,
             "stage2": cmd_stage2,
             "evaluate": cmd_evaluate, "verify": cmd_verify, "demo": cmd_demo,
-            "plan": cmd_plan, "config": cmd_config}
+            "plan": cmd_plan, "tune": cmd_tune, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:

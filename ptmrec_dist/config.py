@@ -210,9 +210,20 @@ class DistConfig:
 
 @dataclass
 class TuneConfig:
-    num_samples: int = 8
-    max_concurrent_trials: int = 1
-    metric: str = "valid/recall@20"
+    """``ptmrec tune``: the search space lives in the sweep file (tuning/*.yaml, ``space:``)."""
+    num_samples: int = 8                # trials drawn (grid: repeats of the whole grid)
+    max_concurrent_trials: int = 1      # bounded by the CPUs/GPUs a trial needs
+    metric: str = "valid/recall@20"     # maximised; valid only (the test set never chooses)
+    search: Literal["grid", "random", "optuna"] = "random"
+    scheduler: Literal["asha", "fifo"] = "asha"   # asha: stop weak trials at epoch rungs
+    grace_period: int = 1               # ASHA: epochs every trial runs before it may be stopped
+    reduction_factor: int = 2           # ASHA: keep the top 1/reduction_factor at each rung
+    max_failures: int = 1               # retries of a failed trial (from its last checkpoint)
+    workers_per_trial: int = 1          # > 1: Ray Train TorchTrainer, one DeepSpeed rank each
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    address: str = ""                   # Ray cluster: "" starts a local one, "auto" or HOST:PORT
+    num_cpus: int = 0                   # the local Ray's CPUs (0: all of this machine's)
 
 
 @dataclass
@@ -296,6 +307,18 @@ class Config:
             ("stage2.keep_checkpoints", self.stage2.keep_checkpoints >= 1, "must be >= 1"),
             ("peft.prompt_std", self.peft.prompt_std > 0, "must be > 0"),
             ("peft.lora_r", self.peft.lora_r >= 1, "must be >= 1"),
+            ("tune.metric", self.tune.metric.startswith("valid/")
+             and _metric_ok(self.tune.metric[len("valid/"):], self.eval.ks),
+             "must be valid/METRIC@K (METRIC@K as eval.metric; the test set never chooses)"),
+            ("tune.num_samples", self.tune.num_samples >= 1, "must be >= 1"),
+            ("tune.max_concurrent_trials", self.tune.max_concurrent_trials >= 1, "must be >= 1"),
+            ("tune.grace_period", self.tune.grace_period >= 1, "must be >= 1"),
+            ("tune.reduction_factor", self.tune.reduction_factor >= 2, "must be >= 2"),
+            ("tune.max_failures", self.tune.max_failures >= 0, "must be >= 0"),
+            ("tune.workers_per_trial", self.tune.workers_per_trial >= 1, "must be >= 1"),
+            ("tune.cpus_per_worker", self.tune.cpus_per_worker > 0, "must be > 0"),
+            ("tune.gpus_per_worker", self.tune.gpus_per_worker >= 0, "must be >= 0"),
+            ("tune.num_cpus", self.tune.num_cpus >= 0, "must be >= 0 (0 = all)"),
         ]
         for key, ok, what in checks:
             if not ok:
@@ -460,17 +483,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     cfg = base if base is not None else Config()
     if path:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        data = read_yaml(path, "config file")
         merged = merge_dicts(to_dict(cfg), data, path)
         cfg = _build(Config, merged, "")
     for item in overrides:
         set_key(cfg, *parse_override(item))
     return cfg.validate()
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's content ({} when empty); a missing file or bad YAML names the file."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def merge_into(cfg: Config, sections: dict, source: Path | str = "") -> Config:
+    """``cfg`` with YAML-like ``sections`` (``{"stage2": {"epochs": 4}}``) merged over it;
+    unknown keys and wrong types name ``source``."""
+    try:
+        return _build(Config, merge_dicts(to_dict(cfg), sections, source), "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def merge_dicts(base: dict, update: Any, source: Path | str = "") -> dict:

@@ -27,7 +27,7 @@ class DistEnv:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = DEFAULT_PORT
-    launcher: str = "single"          # single | torchrun | slurm
+    launcher: str = "single"          # single | torchrun | slurm | ray
 
     @property
     def is_main(self) -> bool:
@@ -87,6 +87,16 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
                        master_port=port, launcher="slurm")
     return DistEnv(master_addr=addr or "127.0.0.1",
                    master_port=_int(env, "MASTER_PORT", DEFAULT_PORT))
+
+
+def from_ray(ctx) -> DistEnv:
+    """A Ray Train worker (``ray.train.get_context()``): Ray has set up the process group."""
+    env = os.environ
+    return DistEnv(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                   local_rank=ctx.get_local_rank(), local_world_size=ctx.get_local_world_size(),
+                   node_rank=ctx.get_node_rank(),
+                   master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                   master_port=_int(env, "MASTER_PORT", DEFAULT_PORT), launcher="ray")
 
 
 def free_port() -> int:

@@ -165,9 +165,10 @@ class Stage2Run:
     student, adapted backbone, engine, item stream), :meth:`run` trains and returns the
     metrics."""
 
-    def __init__(self, cfg: Config, out: Path, env: dist.DistEnv, log, resume: bool = False):
+    def __init__(self, cfg: Config, out: Path, env: dist.DistEnv, log, resume: bool = False,
+                 on_epoch=None):
         s = self.s = cfg.stage2
-        self.cfg, self.out, self.env = cfg, out, env
+        self.cfg, self.out, self.env, self.on_epoch = cfg, out, env, on_epoch
         self.say = log if env.is_main else (lambda *_: None)
         self.t_start = time.perf_counter()
         if not cfg.data.shards:
@@ -468,6 +469,8 @@ class Stage2Run:
                         self.say(f"epoch {epoch}: {self.steps_in_epoch} micro steps is not a "
                                  f"multiple of stage2.grad_accum ({s.grad_accum}): gradients "
                                  "are mid-accumulation, no epoch-end checkpoint")
+                if self.on_epoch is not None:    # after the checkpoint: a retry resumes here
+                    self.on_epoch(self.progress(epoch, record))
                 if self.bad >= s.patience:
                     self.stopped_early = True
                     self.say(f"early stop: no better valid {metric} in {s.patience} epochs")
@@ -484,6 +487,14 @@ class Stage2Run:
                  f"test {metric} {best['test'][metric]:.4f} -> {self.out}")
         dist.barrier()
         return metrics
+
+    def progress(self, epoch: int, record: dict) -> dict:
+        """What an epoch reports to a sweep (the same on every rank): this epoch's loss and
+        valid metrics, and the best epoch so far with its valid and test metrics."""
+        best = self.best
+        return {"epoch": epoch, "epochs": epoch + 1, "loss": record.get("loss"),
+                "valid": dict(record["valid"]), "best_epoch": best["epoch"],
+                "best_valid": dict(best["valid"]), "best_test": dict(best["test"])}
 
     def _metrics(self, epochs_run: int, stopped_early: bool) -> dict:
         s, counts, times = self.s, self.counts, self.times
@@ -509,8 +520,10 @@ class Stage2Run:
 
 
 def run_stage2(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
-               log=print, resume: bool = False) -> dict:
+               log=print, resume: bool = False, on_epoch=None) -> dict:
     """The whole command on this rank (see the module doc); returns the metrics. ``resume``:
-    continue from the newest checkpoint in ``OUT/checkpoints`` (from scratch if none)."""
+    continue from the newest checkpoint in ``OUT/checkpoints`` (from scratch if none).
+    ``on_epoch(progress)`` is called on every rank after each trained epoch's evaluation and
+    checkpoint (:meth:`Stage2Run.progress`; ``ptmrec tune`` reports it to Ray Tune)."""
     env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, env)
-    return Stage2Run(cfg, Path(out), env, log, resume).run()
+    return Stage2Run(cfg, Path(out), env, log, resume, on_epoch).run()
