@@ -307,8 +307,10 @@ class Config:
             ("stage2.keep_checkpoints", self.stage2.keep_checkpoints >= 1, "must be >= 1"),
             ("peft.prompt_std", self.peft.prompt_std > 0, "must be > 0"),
             ("peft.lora_r", self.peft.lora_r >= 1, "must be >= 1"),
+            # K must also be in eval.ks; `ptmrec tune` checks that (other commands may
+            # narrow eval.ks, e.g. evaluate --dump-topk)
             ("tune.metric", self.tune.metric.startswith("valid/")
-             and _metric_ok(self.tune.metric[len("valid/"):], self.eval.ks),
+             and _metric_ok(self.tune.metric[len("valid/"):], [_k(self.tune.metric)]),
              "must be valid/METRIC@K (METRIC@K as eval.metric; the test set never chooses)"),
             ("tune.num_samples", self.tune.num_samples >= 1, "must be >= 1"),
             ("tune.max_concurrent_trials", self.tune.max_concurrent_trials >= 1, "must be >= 1"),
@@ -324,6 +326,11 @@ class Config:
             if not ok:
                 raise ConfigError(f"config key '{key}' {what} (got {get_key(self, key)!r})")
         return self
+
+
+def _k(metric: str) -> int:
+    k = metric.rpartition("@")[2]
+    return int(k) if k.isdigit() else -1
 
 
 def _metric_ok(metric: str, ks: list[int]) -> bool:

@@ -101,6 +101,10 @@ def load_sweep(path: str | Path, overrides: list[str] = (),
         key, _, raw = item.partition("=")
         set_key(cfg, key.strip(), raw)
     cfg.validate()
+    k = int(cfg.tune.metric.rpartition("@")[2])
+    if k not in cfg.eval.ks:
+        raise ConfigError(f"{path}: tune.metric {cfg.tune.metric} needs K={k} in eval.ks "
+                          f"(it is {cfg.eval.ks})")
     for key, spec in space.items():
         kind, values = _domain_values(path, key, spec)
         if cfg.tune.search == "grid" and kind in ("uniform", "loguniform", "randint", "choice"):

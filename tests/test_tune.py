@@ -90,6 +90,8 @@ def test_sweep_files_are_checked_before_ray_starts(demo, tmp_path):
     bad({"peft.method": ["prompt", "nope"]}, r"value 'nope'")
     bad({"stage2.kt_weight": [1.0]}, r"tune\.metric' must be valid/METRIC@K .*test set",
         tune={"metric": "test/recall@20"})
+    bad({"stage2.kt_weight": [1.0]}, r"tune\.metric valid/recall@20 needs K=20 in eval\.ks",
+        eval={"ks": [5, 10], "metric": "recall@10"})
     bad({}, "'space' must map config keys to domains")
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({"base": "missing.yaml", "space": {"stage2.lr": [0.1]}}))
