@@ -37,7 +37,7 @@ gpus=${SLURM_GPUS_ON_NODE:-0}
 # this node's ports and temp dir, from its index in the job's node list (SLURM_NODEID counts
 # within a step); several Ray nodes of one job may share a host (the local test cluster)
 node_args='i=0; for n in '"${nodes[*]}"'; do [ "$n" = "$SLURMD_NODENAME" ] && break; i=$((i + 1)); done
-  base=$(('"$port"' + 1 + 8 * i)); wmin=$((10000 + ('"$SLURM_JOB_ID"' % 40) * 1000 + 100 * i));
+  base=$(('"$port"' + 1 + 8 * i)); wmin=$((10000 + ('"$SLURM_JOB_ID"' % 20) * 1000 + 100 * i));
   args="--node-manager-port $base --object-manager-port $((base + 1)) --dashboard-agent-listen-port $((base + 2))
         --dashboard-agent-grpc-port $((base + 3)) --runtime-env-agent-port $((base + 4)) --metrics-export-port $((base + 5))
         --min-worker-port $wmin --max-worker-port $((wmin + 99)) --num-cpus '"$cpus"' --num-gpus '"$gpus"'
