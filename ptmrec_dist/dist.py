@@ -1,8 +1,9 @@
 """Rank, world size and master address from the launcher's environment; process-group set-up.
 
 The only module that knows how a job was launched: ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK),
-``srun`` (SLURM_PROCID/SLURM_STEP_NUM_TASKS/...), or a plain single process. Everything else asks
-:func:`detect` (or receives a :class:`DistEnv`) and never reads the environment itself.
+``srun`` (SLURM_PROCID/SLURM_STEP_NUM_TASKS/...), a Ray Train worker (:func:`from_ray`), or a
+plain single process. Everything else asks :func:`detect` (or receives a :class:`DistEnv`) and
+never reads the environment itself.
 """
 
 from __future__ import annotations
