@@ -62,13 +62,20 @@ SWITCHES = {   # switch name -> config overrides (compile is applied by this scr
 }
 ADAMS = {"torch": "torch.optim.AdamW (foreach)", "cpuadam": "deepspeed.ops.adam.DeepSpeedCPUAdam",
          "fusedadam": "deepspeed.ops.adam.FusedAdam"}
+def _shape_preset(name: str) -> dict:
+    """A named OpenAI shape (ptmrec_dist.clip.shapes) in this bench's preset form."""
+    from ptmrec_dist.clip.shapes import clip_config
+    c = clip_config(name)
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    return dict(vision={k: getattr(c.vision_config, k) for k in (*keys, "image_size",
+                                                                    "patch_size")},
+                text={k: getattr(c.text_config, k) for k in (*keys, "max_position_embeddings",
+                                                                  "vocab_size")},
+                projection_dim=c.projection_dim)
+
+
 PRESETS = {
-    "vit-b16": dict(
-        vision=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                    intermediate_size=3072, image_size=224, patch_size=16),
-        text=dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8,
-                  intermediate_size=2048, max_position_embeddings=77, vocab_size=49408),
-        projection_dim=512),
+    "vit-b16": _shape_preset("vit-b16"),
     # 4 layers: the default stage2.prompt_depth is 4
     "tiny": dict(
         vision=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,

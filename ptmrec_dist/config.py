@@ -310,7 +310,7 @@ class Config:
             # K must also be in eval.ks; `ptmrec tune` checks that (other commands may
             # narrow eval.ks, e.g. evaluate --dump-topk)
             ("tune.metric", self.tune.metric.startswith("valid/")
-             and _metric_ok(self.tune.metric[len("valid/"):], [_k(self.tune.metric)]),
+             and _metric_ok(self.tune.metric[len("valid/"):]),
              "must be valid/METRIC@K (METRIC@K as eval.metric; the test set never chooses)"),
             ("tune.num_samples", self.tune.num_samples >= 1, "must be >= 1"),
             ("tune.max_concurrent_trials", self.tune.max_concurrent_trials >= 1, "must be >= 1"),
@@ -328,14 +328,11 @@ class Config:
         return self
 
 
-def _k(metric: str) -> int:
-    k = metric.rpartition("@")[2]
-    return int(k) if k.isdigit() else -1
-
-
-def _metric_ok(metric: str, ks: list[int]) -> bool:
+def _metric_ok(metric: str, ks: list[int] | None = None) -> bool:
+    """METRIC@K with a known METRIC, and K in ``ks`` (any K when ``ks`` is None)."""
     name, _, k = metric.partition("@")
-    return name in ("recall", "ndcg", "precision", "map", "hit") and k.isdigit() and int(k) in ks
+    return name in ("recall", "ndcg", "precision", "map", "hit") and k.isdigit() \
+        and (ks is None or int(k) in ks)
 
 
 # --------------------------------------------------------------------------- type checking

@@ -183,6 +183,20 @@ def _attempt(out: Path, env_rank: int) -> None:
                                 "node": ray.get_runtime_context().get_node_id()}) + "\n")
 
 
+def _reporter(out: Path, report, checkpoint_cls):
+    """``on_epoch`` for a trial: ``report(metrics, checkpoint=...)`` with a pointer checkpoint
+    (the run keeps its own state; Tune needs one to restore the trial); ``checkpoint_cls``
+    None reports the metrics alone (Ray Train ranks other than 0)."""
+    def on_epoch(progress: dict) -> None:
+        if checkpoint_cls is None:
+            report(_metric_columns(progress))
+            return
+        with tempfile.TemporaryDirectory() as d:
+            Path(d, "trial.json").write_text(json.dumps({"run": str(out), **progress}))
+            report(_metric_columns(progress), checkpoint=checkpoint_cls.from_directory(d))
+    return on_epoch
+
+
 def _file_log(out: Path):
     def log(*parts) -> None:
         with open(out / "stdout.log", "a", encoding="utf-8") as f:
@@ -200,15 +214,9 @@ def run_trial(params: dict, base: Config, trials: Path) -> None:
     cfg = trial_config(base, params)
     out = trials / tune.get_context().get_trial_id()
     _attempt(out, 0)
-
-    def report(progress: dict) -> None:
-        with tempfile.TemporaryDirectory() as d:     # a pointer: the run keeps its own state
-            Path(d, "trial.json").write_text(json.dumps({"run": str(out), **progress}))
-            tune.report(_metric_columns(progress), checkpoint=tune.Checkpoint.from_directory(d))
-
     # a retried or restored trial continues from its own newest checkpoint (exact resume)
     run_stage2(cfg, out, DistEnv(master_port=free_port()), log=_file_log(out), resume=True,
-               on_epoch=report)
+               on_epoch=_reporter(out, tune.report, tune.Checkpoint))
 
 
 def run_trial_workers(params: dict, base: Config, trials: Path) -> None:
@@ -249,16 +257,7 @@ def _worker_loop(config: dict) -> None:
     env = dist.from_ray(ray.train.get_context())
     out = Path(config["out"])
     _attempt(out, env.rank)
-
-    def report(progress: dict) -> None:
-        if env.is_main:
-            with tempfile.TemporaryDirectory() as d:
-                Path(d, "trial.json").write_text(json.dumps({"run": str(out), **progress}))
-                ray.train.report(_metric_columns(progress),
-                                 checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(_metric_columns(progress))
-
+    report = _reporter(out, ray.train.report, ray.train.Checkpoint if env.is_main else None)
     log = _file_log(out) if env.is_main else (lambda *_: None)
     run_stage2(cfg, out, env, log=log, resume=True, on_epoch=report)
 
