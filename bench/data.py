@@ -10,31 +10,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from _util import peak_rss_mb, timed, write_result  # noqa: E402
 from ptmrec_dist.config import DataConfig, SyntheticConfig  # noqa: E402
 from ptmrec_dist.data.interactions import load_interactions  # noqa: E402
 from ptmrec_dist.data.readers import ExactlyOnceItems, StreamingItems, collate_items  # noqa: E402
 from ptmrec_dist.data.shards import write_shards  # noqa: E402
 from ptmrec_dist.data.synthetic import generate  # noqa: E402
-from ptmrec_dist.io import atomic_write_json  # noqa: E402
 
 BABY = ROOT.parent / "shared" / "data" / "amazon-baby"
-
-
-def timed(fn, *args, **kw):
-    t0 = time.perf_counter()
-    out = fn(*args, **kw)
-    return out, time.perf_counter() - t0
 
 
 def read_all(ds, workers: int) -> int:
@@ -93,8 +86,8 @@ def main() -> None:
             n, secs = timed(read_all, ds, workers)
             res[f"read_streaming_workers{workers}"] = {"items": n, "seconds": round(secs, 2),
                                                       "items_per_s": round(n / secs)}
-    res["peak_rss_MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    atomic_write_json(Path(args.out) / "data.json", res)
+    res["peak_rss_MB"] = round(peak_rss_mb())
+    write_result(args.out, "data", res)
     print(json.dumps(res, indent=2))
 
 

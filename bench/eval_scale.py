@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _util import peak_rss_mb, run_child, write_result  # noqa: E402
+from _util import peak_rss_mb, run_child, timed, write_result  # noqa: E402
 
 
 def child(items: int, users: int, dim: int, memory_mb: int) -> dict:
@@ -43,10 +42,8 @@ def child(items: int, users: int, dim: int, memory_mb: int) -> dict:
     target = target - target.multiply(train)     # no target item is also a training item
     target.eliminate_zeros()
     before = peak_rss_mb()
-    t0 = time.perf_counter()
-    metrics = evaluate(lambda u: u_rep[u] @ i_rep.T, train, target, [5, 10, 20, 50],
-                       memory_mb=memory_mb)
-    seconds = time.perf_counter() - t0
+    metrics, seconds = timed(evaluate, lambda u: u_rep[u] @ i_rep.T, train, target,
+                             [5, 10, 20, 50], memory_mb=memory_mb)
     after = peak_rss_mb()
     return {"items": items, "users": users, "dim": dim, "memory_mb": memory_mb,
             "chunk_users": chunk_size(items, 0, memory_mb), "seconds": round(seconds, 1),

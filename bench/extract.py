@@ -21,17 +21,19 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ptmrec_dist.clip.demo_backbone import build_image_processor, build_tokenizer, \
-    clip_config as demo_clip_config  # noqa: E402
+from ptmrec_dist.clip.demo_backbone import clip_config as demo_clip_config  # noqa: E402
 from ptmrec_dist.clip.extract import run_extract  # noqa: E402
+from ptmrec_dist.clip.images import build_image_processor  # noqa: E402
 from ptmrec_dist.clip.shapes import clip_config, image_tower_flops  # noqa: E402
+from ptmrec_dist.clip.tokenizer import build_tokenizer  # noqa: E402
 from ptmrec_dist.config import Config, DemoBackboneConfig, SyntheticConfig  # noqa: E402
 from ptmrec_dist.data.shards import write_shards  # noqa: E402
 from ptmrec_dist.data.synthetic import generate  # noqa: E402
 from ptmrec_dist.dist import DistEnv  # noqa: E402
-from ptmrec_dist.io import atomic_write_json  # noqa: E402
+from _util import write_result  # noqa: E402
 
 
 def gemm_gflops(n: int = 2048, reps: int = 5) -> float:
@@ -136,7 +138,7 @@ def main() -> None:
             "gflops_per_image": round(flops / 1e9, 2), "images_per_s": round(rate, 2),
             "achieved_gflops": round(rate * flops / 1e9, 1),
             "fraction_of_gemm": round(rate * flops / 1e9 / res["gemm_fp32_gflops"], 3)}
-    atomic_write_json(Path(args.out) / "extract.json", res)
+    write_result(args.out, "extract", res)
     print(json.dumps(res, indent=2))
 
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _util import peak_rss_mb, run_child, write_result  # noqa: E402
+from _util import peak_rss_mb, run_child, timed, write_result  # noqa: E402
 
 
 def child(items: int, dim: int, edges: int) -> dict:
@@ -32,9 +32,7 @@ def child(items: int, dim: int, edges: int) -> dict:
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(items, dim, generator=g)
     base = peak_rss_mb()
-    t0 = time.perf_counter()
-    adj = graph.knn_graph(feats, k=10)
-    knn_s = time.perf_counter() - t0
+    adj, knn_s = timed(graph.knn_graph, feats, k=10)
     knn_peak = peak_rss_mb()
     n_users = max(1, edges // 20)
     users = torch.randint(0, n_users, (edges,), generator=g)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,24 +27,21 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _util import write_result  # noqa: E402
+from ptmrec_dist.dist import free_port  # noqa: E402
+
 BABY = ROOT.parent / "shared" / "data" / "amazon-baby" / "baby.inter"
 DEMO = ROOT / "out" / "demo"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stage1(out: Path, data: str, model: str, features: str | None, *overrides: str,
            ranks: int = 1) -> dict:
     launch = [sys.executable, "-m", "ptmrec_dist"] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-        "--master_port", str(_free_port()), "-m", "ptmrec_dist"]
+        "--master_port", str(free_port()), "-m", "ptmrec_dist"]
     cmd = [*launch, "stage1", "--out", str(out), "--data", data,
            "--model", model, *(["--features", features] if features else []), *overrides]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -47,9 +47,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ptmrec_dist.io import atomic_write_json  # noqa: E402
+from _util import reset_peak, status_mb, write_result  # noqa: E402
 
 METHODS = ("prompt", "lora", "ia3", "full")
 SWITCHES = {   # switch name -> config overrides (compile is applied by this script)
@@ -88,24 +89,6 @@ GOALS = {"trainable_pct": 1.0, "peak_ratio": 0.5, "step_time_ratio": 0.7}
 LR = 1e-4      # the step's cost does not depend on it; small so that random weights stay finite
 
 
-# --------------------------------------------------------------------------- memory
-def _status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak() -> bool:
-    """Reset VmHWM to the current RSS; False where the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 # --------------------------------------------------------------------------- the model
 def save_random_clip(preset: str, out: Path) -> Path:
     """A CLIP of ``preset``'s shape with random weights + a processor, saved like a real one
@@ -119,7 +102,7 @@ def save_random_clip(preset: str, out: Path) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, \
         CLIPTokenizer
 
-    from ptmrec_dist.clip.demo_backbone import bytes_to_unicode
+    from ptmrec_dist.clip.tokenizer import bytes_to_unicode
 
     vocab_size, size = shape["text"]["vocab_size"], shape["vision"]["image_size"]
     base = list(bytes_to_unicode().values())
@@ -154,18 +137,6 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, tau: float = 0.07) ->
             + torch.nn.functional.cross_entropy(logits.T, target)) / 2
 
 
-def compile_layers(backbone, backend: str) -> int:
-    """``torch.compile`` every encoder layer of both towers in place (the module tree, and so
-    the code path of prompts.py, stays the same). Lazy: errors show at the first step."""
-    import torch._dynamo
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    clip = backbone.clip
-    layers = list(clip.vision_model.encoder.layers) + list(clip.text_model.encoder.layers)
-    for layer in layers:
-        layer.compile(backend=backend)
-    return len(layers)
-
-
 def make_optimizer(switch: str, params: list):
     """AdamW over ``params``: torch's, or one of DeepSpeed's kernels (the ``stage2.adam``
     switch: ``cpuadam`` is what ZeRO-Offload runs, ``fusedadam`` what GPUs run)."""
@@ -182,6 +153,7 @@ def child(args) -> dict:
     """Load, adapt, train ``--warmup`` + ``--steps`` steps; one JSON object."""
     torch.set_num_threads(args.threads)
     from ptmrec_dist.clip.backbone import load_backbone
+    from ptmrec_dist.clip.compile import compile_layers
     from ptmrec_dist.clip.methods import apply_method, param_counts
     from ptmrec_dist.config import load_config
 
@@ -196,7 +168,9 @@ def child(args) -> dict:
     row["load_s"] = round(time.perf_counter() - t0, 2)
     row.update(param_counts(backbone))
     if args.switch == "compile":
-        row["compiled_layers"] = compile_layers(backbone, args.compile_backend)
+        import torch._dynamo as dynamo
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+        row["compiled_layers"] = compile_layers(backbone, backend=args.compile_backend)
         row["compile_backend"] = args.compile_backend
     params = [p for p in backbone.parameters() if p.requires_grad]
     opt = make_optimizer(args.switch, params)
@@ -234,21 +208,21 @@ def child(args) -> dict:
         for t in tensors:
             t.sum()
     row["weights_mb"] = round(sum(t.numel() * t.element_size() for t in tensors) / 2 ** 20, 1)
-    row["loaded_mb"] = round(_status_mb("VmRSS"), 1)
+    row["loaded_mb"] = round(status_mb("VmRSS"), 1)
     row["hwm_reset"] = reset_peak()
     warm = []
     for _ in range(max(args.warmup, 1 if args.switch == "compile" else 0)):
         warm.append(step())
     row["warmup_s"] = [round(t, 3) for t, _ in warm]
-    row["rss_after_warmup_mb"] = round(_status_mb("VmRSS"), 1)
-    row["peak_incl_warmup_mb"] = round(_status_mb("VmHWM"), 1)
+    row["rss_after_warmup_mb"] = round(status_mb("VmRSS"), 1)
+    row["peak_incl_warmup_mb"] = round(status_mb("VmHWM"), 1)
     row["hwm_reset"] &= reset_peak()
     row["loadavg_before"] = [round(x, 2) for x in os.getloadavg()]
     del opt_times[:]
     timed = [step() for _ in range(args.steps)]
     row["optimizer_step_s"] = round(statistics.median(opt_times), 4)
     row["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    row["peak_mb"] = round(_status_mb("VmHWM"), 1)
+    row["peak_mb"] = round(status_mb("VmHWM"), 1)
     row["step_increase_mb"] = round(row["peak_mb"] - row["loaded_mb"], 1)
     times = [t for t, _ in timed]
     row["step_s"] = round(statistics.median(times), 4)
@@ -446,8 +420,7 @@ def main() -> int:
         "rows": rows, "goals": goal_rows,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
-    path = Path(args.out) / "stage2_cost.json"
-    atomic_write_json(path, res)
+    path = write_result(args.out, "stage2_cost", res)
     print(f"\nwrote {path}")
     failed = [f"{r['method']}/{r['switch']}" for r in rows
               if r["status"] != "ok" and r["switch"] != "compile"]

@@ -32,6 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ptmrec_dist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _data_commands(sub)
+    _training_commands(sub)
+    _tool_commands(sub)
+    return parser
+
+
+def _data_commands(sub) -> None:
+    """From raw items to features: make-data, stats, shard, make-backbone, extract."""
     p = sub.add_parser("make-data", help="generate the built-in synthetic benchmark data")
     p.add_argument("kind", choices=["synthetic"])
     p.add_argument("--out", required=True, help="output folder")
@@ -71,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="features folder: image.npy, text.npy, meta.json")
     _common(p)
 
+
+def _training_commands(sub) -> None:
+    """stage1, stage2, evaluate."""
     p = sub.add_parser("stage1", help="train a base recommender (BPR) under DeepSpeed; "
                                       "early stopping on valid")
     p.add_argument("--out", required=True, help="run folder (checkpoints, representations, "
@@ -104,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides of the run's config, e.g. eval.mask_valid_at_test=true")
 
+
+def _tool_commands(sub) -> None:
+    """verify, demo, plan, tune, config."""
     p = sub.add_parser("verify", help="check shards against their manifest (size, sha256, tar)")
     p.add_argument("shards", help="folder with items-*.tar and manifest.json")
     p.add_argument("--no-hash", action="store_true", help="check sizes only (fast)")
@@ -138,7 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved configuration as YAML")
     _common(p)
-    return parser
 
 
 def _flags_to_overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
@@ -174,28 +187,9 @@ def cmd_make_data(args) -> int:
     return 0
 
 
-def format_stats(stats: dict) -> str:
-    s = stats["splits"]
-    per_user = stats["interactions_per_user"]
-    lines = [
-        f"data:          {stats['path']} ({stats['format']})",
-        f"users:         {stats['users']}",
-        f"items:         {stats['items']}",
-        f"interactions:  {stats['interactions']}  (density {stats['density']:.5f})",
-        f"split:         train {s['train']} / valid {s['valid']} / test {s['test']}"
-        f"  (rule: {stats['split_rule']})",
-        f"per user:      min {per_user['min']}, median {per_user['median']:g}, max {per_user['max']}",
-    ]
-    if stats["duplicates_removed"]:
-        lines.append(f"duplicates:    {stats['duplicates_removed']} removed")
-    if stats["dropped_eval_without_train"]:
-        lines.append(f"dropped:       {stats['dropped_eval_without_train']} valid/test rows of "
-                     "users without train rows")
-    return "\n".join(lines)
-
-
 def cmd_stats(args) -> int:
     from ptmrec_dist.data.interactions import load_interactions
+    from ptmrec_dist.data.stats import format_stats
 
     cfg = resolve_config(args, {"path": "data.path"})
     if not cfg.data.path:

@@ -1,12 +1,12 @@
 """``ptmrec demo``: the whole flow on built-in synthetic data, one folder per step.
 
-Layout (a contract later steps fill in): ``OUT/data/ OUT/shards/ OUT/backbone/ OUT/features/
-OUT/stage1/ OUT/stage2/ OUT/summary.json``, plus the resolved ``OUT/config.yaml`` and
-``OUT/log.jsonl`` (one record per step). Steps that exist so far: data generation, sharding,
-statistics, the demo backbone, feature extraction, stage 1 (``recommender.name``, vbpr by default,
-next to the ``pop`` baseline), stage 2 (PTMRec: ``peft.method`` on the backbone, the stage-1 run as
-teacher). ``summary.json`` lists the steps that ran and the metrics of each stage side by side
-(frozen features = stage 1 against PTMRec = stage 2), with parameter counts.
+Layout: ``OUT/data/ OUT/shards/ OUT/backbone/ OUT/features/ OUT/stage1/ OUT/stage2/
+OUT/summary.json``, plus the resolved ``OUT/config.yaml`` and ``OUT/log.jsonl`` (one record per
+step). Steps: data generation, sharding, statistics, the demo backbone, feature extraction,
+stage 1 (``recommender.name``, vbpr by default, next to the ``pop`` baseline), stage 2 (PTMRec:
+``peft.method`` on the backbone, the stage-1 run as teacher). ``summary.json`` lists the steps
+that ran and the metrics of each stage side by side (frozen features = stage 1 against PTMRec =
+stage 2), with parameter counts.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ SIZES = {
     "tiny": {"n_items": 300, "n_users": 200, "shard_size": 100, "stage2_epochs": 2},
     "default": {"n_items": 3000, "n_users": 3000, "shard_size": 500, "stage2_epochs": 8},
 }
-PENDING_STEPS: list[str] = []
 STEPS = 8
 
 
@@ -47,12 +46,12 @@ def prepare_inputs(cfg: Config, out: Path, run: RunDir, log=print) -> tuple[dict
     """Steps 1-5 (data, shards, statistics, backbone, frozen features); sets
     ``cfg.backbone.name_or_path`` and ``cfg.data.shards``. Returns ``(steps, stats)``.
     ``bench/ablation.py`` prepares its benchmark with it too."""
-    from ptmrec_dist.cli import format_stats
     from ptmrec_dist.clip.demo_backbone import build_demo_backbone
     from ptmrec_dist.clip.extract import run_extract
     from ptmrec_dist.dist import DistEnv
     from ptmrec_dist.data.interactions import load_interactions
     from ptmrec_dist.data.shards import write_shards
+    from ptmrec_dist.data.stats import format_stats
     from ptmrec_dist.data.synthetic import generate
 
     steps: dict[str, dict] = {}
@@ -151,7 +150,7 @@ def run_demo(cfg: Config, out: Path, size: str, log=print) -> dict:
     log(format_stage_table(stages))
 
     summary = {"size": size, "data": stats, "steps": steps,
-               "not_yet_available": PENDING_STEPS,
+               "not_yet_available": [],
                "stages": stages}   # stage results side by side
     atomic_write_json(out / "summary.json", summary)
     log(f"summary: {out / 'summary.json'}")

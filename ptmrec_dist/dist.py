@@ -179,6 +179,24 @@ def allreduce_tensor(t, op: str = "sum"):
     return t
 
 
+def device(env: DistEnv):
+    """The torch device of this rank: the GPU of its local rank where CUDA is, else the CPU.
+    Every module asks here instead of building a device name itself."""
+    import torch
+    return torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def gathered(params: list):
+    """A context in which ZeRO-3-partitioned ``params`` are whole (read-only); a no-op for
+    parameters DeepSpeed does not partition (ZeRO 0-2, or no engine at all)."""
+    import contextlib
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
 def barrier() -> None:
     import torch.distributed as tdist
     if tdist.is_available() and tdist.is_initialized():

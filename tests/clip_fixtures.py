@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from ptmrec_dist.clip.demo_backbone import bytes_to_unicode
+from ptmrec_dist.clip.tokenizer import bytes_to_unicode
 
 
 def save_tiny_clip(out: Path, image_size: int = 32, width: int = 32, projection: int = 16,

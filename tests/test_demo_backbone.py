@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ptmrec_dist.clip.demo_backbone import (
-    BOS, EOS, METRICS_FILE, build_demo_backbone, build_image_processor, build_tokenizer,
-    load_images, normalisation_table, normalise_images, normalise_text, state_dict_hash,
-)
+from ptmrec_dist.clip.backbone import weights_hash as state_dict_hash
+from ptmrec_dist.clip.demo_backbone import METRICS_FILE, build_demo_backbone
+from ptmrec_dist.clip.images import (build_image_processor, load_images, normalisation_table,
+                                     normalise_images)
+from ptmrec_dist.clip.tokenizer import BOS, EOS, build_tokenizer, normalise_text
 from ptmrec_dist.config import DemoBackboneConfig, SyntheticConfig
 from ptmrec_dist.data.catalog import read_catalog
 from ptmrec_dist.data.synthetic import generate
@@ -230,3 +231,21 @@ def test_bad_input_and_config(catalog, tmp_path):
     (bare / "items.jsonl").write_text((catalog / "items.jsonl").read_text())
     with pytest.raises(InputError, match="captions"):
         build_demo_backbone(bare, tmp_path / "o", tiny_cfg(), log=_quiet)
+
+
+def test_bpe_training_is_deterministic_across_processes():
+    """The library trainer breaks ties by symbol id and numbers some symbols in the order of a
+    randomly seeded hash map: the vocabulary must not depend on the process (tie-heavy texts,
+    4 fresh interpreters with different hash seeds)."""
+    import subprocess
+    import sys
+
+    code = ("import json; from ptmrec_dist.clip.tokenizer import train_bpe; "
+            "v, m = train_bpe(['xb xc xd xe xf xg'] * 2 + ['a red round cup', 'a blue cup'] * 3,"
+            " min_count=2); print(json.dumps([sorted(v.items(), key=lambda kv: kv[1]), m]))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True, env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout
+            for seed in range(4)}
+    assert len(outs) == 1
+    vocab, merges = json.loads(outs.pop())
+    assert len(merges) > 5 and vocab[-2:] == [[BOS, len(vocab) - 2], [EOS, len(vocab) - 1]]

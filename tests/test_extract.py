@@ -4,7 +4,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from ptmrec_dist.clip.backbone import load_backbone
 from ptmrec_dist.config import BackboneConfig, SyntheticConfig
 from ptmrec_dist.data.shards import write_shards
 from ptmrec_dist.data.synthetic import generate
+from ptmrec_dist.dist import free_port
 from ptmrec_dist.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,12 +39,6 @@ def env_for_subprocess(**extra):
                OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_backbone_is_frozen_and_stays_in_eval(world):

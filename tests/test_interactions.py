@@ -209,7 +209,7 @@ valid_rows = st.lists(st.tuples(st.integers(0, 30), st.integers(0, 40), st.integ
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(valid_rows, st.booleans())
 def test_fast_and_validating_parsers_agree(tmp_path, rows, crlf):
-    from ptmrec_dist.data.interactions import _parse
+    from ptmrec_dist.data.interactions import parse_interactions as _parse
     eol = "\r\n" if crlf else "\n"
     body = "".join(f"{u}\t{i}\t{x}\t{t!r}{eol}" + (eol if blank else "")
                    for u, i, x, t, blank in rows)

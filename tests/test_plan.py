@@ -323,7 +323,7 @@ def test_recommender_counts_match_the_real_models():
     cfg = Config()
     for name in ("vbpr", "freedom", "bm3"):
         cfg.recommender.name = name
-        model = rec.build(name, n_users, n_items, feats, cfg.recommender, train)
+        model = rec.model_class(name)(n_users, n_items, feats, cfg.recommender, train)
         sizes = recommender_sizes(cfg, n_users, n_items, dim, train.nnz)
         assert sizes["trainable"] == sum(p.numel() for p in model.parameters()
                                          if p.requires_grad), name

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -15,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from ptmrec_dist.data.readers import ExactlyOnceItems, SharedEpoch, StreamingItems, collate_items
 from ptmrec_dist.data.shards import write_shards
+from ptmrec_dist.dist import free_port
 from ptmrec_dist.errors import ShardError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,12 +198,6 @@ def test_pil_images_collate_through_a_dataloader(shard_dirs):
 
 
 # ------------------------------------------------------------------------------ real processes
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_exactly_once_with_two_real_processes(shard_dirs, tmp_path):
     """torchrun, 2 ranks x 2 DataLoader workers, gloo all_gather_object; both split modes."""

@@ -11,42 +11,19 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from test_stage1 import child_env, ptmrec
-from test_stage2 import _same_run, _states
+from run_fixtures import assert_same_run, checkpoint_states, job, job_env, ptmrec, sbatch
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "slurm"
 # 4 epochs, so that a signal sent after the first checkpoint arrives well before the end
 RUN = ["stage2.epochs=4", "stage2.checkpoint_every=2", "stage2.keep_checkpoints=50"]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
-
-
-def job_env() -> dict:
-    """What the jobs inherit (sbatch exports the environment): this interpreter, CPU, offline."""
-    return {**child_env(), "PYTHON": sys.executable}
-
-
-def sbatch(*args, wait: bool = False, timeout: float = 300) -> tuple[int, subprocess.CompletedProcess]:
-    cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), *map(str, args)]
-    proc = subprocess.run(cmd, env=job_env(), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-    m = re.match(r"(\d+)", proc.stdout)
-    assert m, f"sbatch printed no job id: {proc.stdout}\n{proc.stderr}"
-    return int(m.group(1)), proc
-
-
-def job(job_id: int) -> dict:
-    """``scontrol show job`` as a dict (kept for MinJobAge after the end)."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True,
-                         text=True, check=True).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
 def wait_for(job_id: int, timeout: float = 240) -> dict:
@@ -94,13 +71,13 @@ def test_sbatch_stage2_on_two_nodes_equals_torchrun(demo, uninterrupted, tmp_pat
     proc = ptmrec("stage2", "--config", out / "stage2" / "config.yaml", "--out", reference, *RUN,
                   ranks=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _same_run(reference, run)
+    assert_same_run(reference, run)
 
 
 def _first_checkpoint(run: Path, job_id: int, timeout: float = 180) -> int:
     t0 = time.time()
     while time.time() - t0 < timeout:
-        states = _states(run) if (run / "checkpoints").is_dir() else []
+        states = checkpoint_states(run) if (run / "checkpoints").is_dir() else []
         if states:
             return states[0][1]["step"]
         assert job(job_id)["JobState"] in {"PENDING", "RUNNING", "CONFIGURING"}, job(job_id)
@@ -135,7 +112,7 @@ def test_signal_checkpoints_requeues_and_resumes_exactly(demo, uninterrupted, tm
         assert "requeueing job" in text
     else:
         assert "SLURM is requeueing this job already" in text
-    _same_run(uninterrupted[1], run)
+    assert_same_run(uninterrupted[1], run)
 
 
 def _pipeline(*args, timeout: float = 420):

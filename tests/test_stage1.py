@@ -7,15 +7,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from rec_fixtures import make_tiny_dataset
+from run_fixtures import ptmrec, read_log
 from safetensors.torch import load_file
 
 from ptmrec_dist import rec
@@ -25,7 +23,6 @@ from ptmrec_dist.errors import InputError, TrainingError
 from ptmrec_dist.eval.evaluate import evaluate_run
 from ptmrec_dist.train.stage1 import build_model, run_stage1
 
-ROOT = Path(__file__).resolve().parents[1]
 KEYS = {f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map", "hit") for k in (5, 10, 20, 50)}
 QUICK = ["stage1.epochs=15", "stage1.batch_size=64", "stage1.lr=0.01"]
 RANDOM_RECALL20 = 20 / 52     # each user: 60 items - 8 training ones masked, 1 held-out positive
@@ -64,10 +61,6 @@ def trained(data, in_process, tmp_path_factory):
             cache[name] = (out, train(data, out, name))
         return cache[name]
     return get
-
-
-def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
 def splits(data: Path) -> dict[int, dict[int, set]]:
@@ -238,29 +231,6 @@ def test_signal_checkpoint_then_resume_is_exact(data, trained, monkeypatch, tmp_
 
 
 # ------------------------------------------------------------------------------ subprocesses
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def child_env() -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
-def ptmrec(*args, ranks: int = 1, cwd=None) -> subprocess.CompletedProcess:
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-               "--master_port", str(free_port())] if ranks > 1 else [sys.executable])
-    return subprocess.run([*launch, "-m", "ptmrec_dist", *map(str, args)], env=child_env(),
-                          cwd=cwd, capture_output=True, text=True, timeout=300, check=False)
-
 
 def stage1_cli(data, out, name, ds_config, ranks=1):
     proc = ptmrec("stage1", "--out", out, "--data", data, "--model", name,

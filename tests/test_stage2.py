@@ -11,6 +11,7 @@ import scipy.sparse as sp
 import torch
 
 from demo_fixtures import SMALL
+from run_fixtures import assert_same_run, checkpoint_states, child_env, ptmrec, read_log
 from ptmrec_dist.cli import main
 from ptmrec_dist.clip.backbone import load_backbone
 from ptmrec_dist.clip.extract import extract_all
@@ -227,7 +228,7 @@ def test_bf16_training_on_cpu(demo, tmp_path):
     m = run_stage2(stage2_cfg(out, "stage2.precision=bf16", "stage2.epochs=1"), tmp_path / "b",
                    log=_quiet)
     assert m["bf16"] and m["epochs_run"] == 1
-    log = _log(tmp_path / "b")
+    log = read_log(tmp_path / "b")
     assert math.isfinite(log[-1]["loss"]) and log[-1]["backbone_shift"] > 0
 
 
@@ -238,7 +239,7 @@ def one_epoch(demo, tmp_path_factory):
     out, _ = demo
     run = tmp_path_factory.mktemp("ref") / "one-epoch"
     run_stage2(stage2_cfg(out, "stage2.epochs=1"), run, log=_quiet)
-    return _log(run)
+    return read_log(run)
 
 
 @pytest.mark.heavy
@@ -248,7 +249,7 @@ def test_compiled_encoder_layers_train(demo, one_epoch, tmp_path):
     out, _ = demo
     m = run_stage2(stage2_cfg(out, "stage2.compile=true", "stage2.epochs=1"), tmp_path / "c",
                    log=_quiet)
-    log = _log(tmp_path / "c")
+    log = read_log(tmp_path / "c")
     assert m["epochs_run"] == 1 and log[1]["loss"] == pytest.approx(one_epoch[1]["loss"], rel=1e-3)
 
 
@@ -265,7 +266,7 @@ def test_offload_and_deepspeed_adam_train_like_the_plain_run(demo, one_epoch, tm
     out, _ = demo
     m = run_stage2(stage2_cfg(out, "stage2.epochs=1", f"stage2.ds_config={ds_config}",
                               f"stage2.adam={adam}"), tmp_path / "o", log=_quiet)
-    log = _log(tmp_path / "o")
+    log = read_log(tmp_path / "o")
     assert m["epochs_run"] == 1
     assert log[1]["loss"] == pytest.approx(one_epoch[1]["loss"], rel=1e-4)
     assert log[1]["backbone_shift"] == pytest.approx(one_epoch[1]["backbone_shift"], rel=1e-3)
@@ -286,8 +287,6 @@ TWO_RANKS = ["stage2.epochs=2", "stage2.checkpoint_every=2", "stage2.keep_checkp
 @pytest.fixture(scope="module")
 def two_ranks(demo, tmp_path_factory):
     """An uninterrupted 2-rank torchrun run (gloo, ZeRO-2), checkpointing every 2 steps."""
-    from test_stage1 import ptmrec
-
     out, _ = demo
     run = tmp_path_factory.mktemp("r2") / "run"
     proc = ptmrec("stage2", "--config", out / "stage2" / "config.yaml", "--out", run,
@@ -319,32 +318,12 @@ def test_two_ranks_under_torchrun(demo, two_ranks):
 
 # --------------------------------------------------------------------------- exact resume
 
-def _states(run):
-    from ptmrec_dist.train.checkpoint import checkpoint_dirs
-    return [(p, json.loads((p / "state.json").read_text()))
-            for p in checkpoint_dirs(run / "checkpoints")]
-
-
-def _log(run):
-    return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
-
-
-def _same_run(a, b):
-    """Same metrics and the same per-epoch log (losses, valid metrics), exactly."""
-    ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (a, b))
-    assert ma["valid"] == mb["valid"] and ma["test"] == mb["test"]
-    assert ma["best_epoch"] == mb["best_epoch"] and ma["epochs_run"] == mb["epochs_run"]
-    keys = ("epoch", "loss", "bpr", "kt", "items", "valid", "best", "backbone_shift")
-    assert [{k: r.get(k) for k in keys} for r in _log(a)] == \
-        [{k: r.get(k) for k in keys} for r in _log(b)]
-
-
 def _wait_for_checkpoint(run, proc, after: int = -1, timeout: float = 240.0):
     """The first mid-epoch checkpoint past optimizer step ``after`` (polling)."""
     import time
     t0 = time.time()
     while time.time() - t0 < timeout:
-        for path, state in _states(run):
+        for path, state in checkpoint_states(run):
             if state["step"] > after and not state["epoch_done"]:
                 return path, state
         assert proc.poll() is None, "the run ended before a mid-epoch checkpoint"
@@ -364,7 +343,7 @@ def test_resume_mid_epoch_is_exact_with_workers_and_warmup(demo, tmp_path):
             "stage2.warmup_steps=4", "stage2.num_workers=2"]
     ref = tmp_path / "ref"
     run_stage2(stage2_cfg(out, *over), ref, log=_quiet)
-    states = _states(ref)
+    states = checkpoint_states(ref)
     mid = [(p, s) for p, s in states if s["epoch"] == 1 and not s["epoch_done"]]
     assert mid and any(s["epoch_done"] for _, s in states)
     cut, state = mid[0]
@@ -372,12 +351,12 @@ def test_resume_mid_epoch_is_exact_with_workers_and_warmup(demo, tmp_path):
     run = tmp_path / "resumed"
     shutil.copytree(ref, run)
     (run / "metrics.json").unlink()
-    for path, s in _states(run):
+    for path, s in checkpoint_states(run):
         if s["step"] > state["step"]:
             shutil.rmtree(path)
     m = run_stage2(stage2_cfg(out, *over), run, log=_quiet, resume=True)
     assert m["epochs_run"] == 2
-    _same_run(ref, run)
+    assert_same_run(ref, run)
     # only the trainable weights are in the DeepSpeed checkpoint
     model = torch.load(cut / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     params = {n for n, t in model.items() if n.startswith("backbone.")}
@@ -425,7 +404,6 @@ def test_two_ranks_sigusr1_then_sigkill_then_resume_is_exact(demo, two_ranks, tm
     import sys
 
     from ptmrec_dist.dist import free_port
-    from test_stage1 import child_env
 
     out, _ = demo
     run = tmp_path / "run"
@@ -454,7 +432,7 @@ def test_two_ranks_sigusr1_then_sigkill_then_resume_is_exact(demo, two_ranks, tm
     os.kill(rank_pids(proc)[1], signal.SIGUSR1)
     text, _ = proc.communicate(timeout=240)
     assert proc.returncode != 0 and "stopped by SIGUSR1" in text, text[-3000:]
-    stopped = [s for _, s in _states(run) if s["step"] > first["step"]]
+    stopped = [s for _, s in checkpoint_states(run) if s["step"] > first["step"]]
     assert stopped and not stopped[-1]["epoch_done"]
     assert not (run / "metrics.json").exists()
 
@@ -469,4 +447,4 @@ def test_two_ranks_sigusr1_then_sigkill_then_resume_is_exact(demo, two_ranks, tm
     proc = launch("--resume")
     text, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, text[-3000:]
-    _same_run(two_ranks, run)
+    assert_same_run(two_ranks, run)

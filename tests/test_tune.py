@@ -21,8 +21,7 @@ import yaml
 from ptmrec_dist.config import load_config
 from ptmrec_dist.errors import ConfigError
 from ptmrec_dist.tune import load_sweep
-from test_stage1 import child_env, ptmrec
-from test_stage2 import _log
+from run_fixtures import child_env, job, ptmrec, read_log, sbatch
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("epoch", "loss", "bpr", "kt", "items", "valid")
@@ -63,8 +62,8 @@ def tune_cli(*args, timeout: float = 420) -> subprocess.CompletedProcess:
 
 
 def same_log(a: Path, b: Path) -> None:
-    assert [{k: r.get(k) for k in KEYS} for r in _log(a)] == \
-        [{k: r.get(k) for k in KEYS} for r in _log(b)]
+    assert [{k: r.get(k) for k in KEYS} for r in read_log(a)] == \
+        [{k: r.get(k) for k in KEYS} for r in read_log(b)]
 
 
 # --------------------------------------------------------------------------- sweep files
@@ -257,8 +256,6 @@ def test_tune_sh_spreads_a_sweep_over_two_slurm_nodes(demo, slurm_cluster, tmp_p
     """``sbatch --nodes 2 slurm/tune.sh``: a Ray head on n1 and a Ray node on n2 (per-job ports
     and temp dirs), 2 concurrent 1-CPU trials -> one on each node; afterwards no Ray process
     and no temp dir of the job is left."""
-    from test_slurm import job, sbatch
-
     out, _ = demo
     sweep = write_sweep(tmp_path / "kt.yaml", out, {"stage2.kt_weight": [1.0, 10.0]},
                         tune={"search": "grid", "num_samples": 1, "scheduler": "fifo",

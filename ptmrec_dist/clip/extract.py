@@ -202,8 +202,7 @@ def _stop_on_signal(out: Path):
 def _run(cfg: Config, shards: Path, out: Path, env: DistEnv, log, t0: float) -> dict | None:
     from ptmrec_dist import dist
     from ptmrec_dist.run import RunDir
-    device = torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() \
-        else torch.device("cpu")
+    device = dist.device(env)
     manifest = load_manifest(shards)
     run = RunDir(out, cfg, is_main=env.is_main).start()
     backbone = load_backbone(cfg.backbone, device)

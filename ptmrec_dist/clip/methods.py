@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ptmrec_dist import dist
 from ptmrec_dist.clip.backbone import FrozenBackbone
 from ptmrec_dist.clip.prompts import PromptLearner, text_features, vision_features
 from ptmrec_dist.errors import ConfigError, InputError, TrainingError
@@ -177,8 +178,7 @@ def param_counts(module: nn.Module) -> dict:
 def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The method's own weights (gathered first under ZeRO-3)."""
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    from ptmrec_dist.train.engine import gathered
-    with gathered(list(params.values())):
+    with dist.gathered(list(params.values())):
         state = {n: p.detach().cpu().clone().contiguous() for n, p in params.items()}
     # a ZeRO-3 partition read outside a gather is an empty tensor: never export one
     partial = [n for n, p in params.items()

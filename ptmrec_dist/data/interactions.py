@@ -215,7 +215,9 @@ def _parse_fast(path: Path) -> _Parsed | None:
                    None, timestamps=ts, labels=col.get("x_label"))
 
 
-def _parse(path: Path, fast: bool = True) -> _Parsed:
+def parse_interactions(path: Path, fast: bool = True) -> _Parsed:
+    """The file's rows as dense user / item indices (ids, labels, timestamps when present),
+    validated but neither deduplicated nor split; ``fast``: try numpy's reader on ``.inter``."""
     if fast and path.suffix == ".inter":
         fast = _parse_fast(path)
         if fast is not None:
@@ -277,7 +279,7 @@ def load_interactions(path: str | Path, cfg: DataConfig | None = None, warn=None
     cfg = cfg or DataConfig()
     warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
     path = find_interactions_file(path)
-    p = _parse(path)
+    p = parse_interactions(path)
     users, items, labels, timestamps = p.users, p.items, p.labels, p.timestamps
     n_users, n_items, raw_rows = p.n_users, p.n_items, p.raw_rows
     user_ids, item_ids = p.user_ids, p.item_ids

@@ -25,6 +25,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ptmrec_dist import seeds
 from ptmrec_dist.data.shards import item_key, load_manifest, verify_shards
 from ptmrec_dist.errors import ShardError
 
@@ -262,7 +263,7 @@ class StreamingItems(_ShardReader):
             source = self._cycle(entries, None, np.random.default_rng([self.seed, epoch, slot]))
         else:
             source = self._cycle(self.entries, slot, np.random.default_rng([self.seed, epoch, slot]))
-        rng = np.random.default_rng([self.seed, epoch, slot, 1])
+        rng = np.random.default_rng([self.seed, epoch, slot, seeds.READER_SAMPLES])
         quota = self.worker_quota(slot % self.num_workers)
         skip = self.skipped_samples(slot % self.num_workers, self.skip.get())
         buffer: list[dict] = []

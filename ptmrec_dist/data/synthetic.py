@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ptmrec_dist import seeds
 from ptmrec_dist.config import Config, SyntheticConfig
 from ptmrec_dist.data.splits import SPLIT_NAMES, random_split_labels
 from ptmrec_dist.io import atomic_write_bytes, atomic_write_text, dumps_json
@@ -95,7 +96,7 @@ def image_name(index: int) -> str:
 # --------------------------------------------------------------------------- texts
 def item_texts(seed: int, index: int, attrs: dict[str, int]) -> tuple[str, str, str]:
     """(title, text, generic caption) of one item; the text never names the pattern."""
-    rng = np.random.default_rng([seed, 2, index])
+    rng = np.random.default_rng([seed, seeds.SYN_ITEM_TEXT, index])
     pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
     col = pick(SYNONYMS["colour"][attrs["colour"]])
     cat = pick(SYNONYMS["category"][attrs["category"]])
@@ -175,7 +176,7 @@ def _pattern_mask(pattern: str, n: int, rng: np.random.Generator) -> np.ndarray:
 
 def render_image(seed: int, index: int, size: int, colour: int, shape: int, pattern: int) -> bytes:
     """JPEG bytes of one item image; deterministic in (seed, index)."""
-    rng = np.random.default_rng([seed, 1, index])
+    rng = np.random.default_rng([seed, seeds.SYN_ITEM_IMAGE, index])
     n = 2 * size                                        # 2x supersampling, then box-downscale
     bg = np.clip(rng.uniform(222, 250) + rng.uniform(-8, 8, 3), 0, 255)
     base = np.clip(COLOUR_RGB[colour] + rng.normal(0, 8, 3), 0, 255)
@@ -256,7 +257,7 @@ def _render_all(out_dir: Path, cfg: SyntheticConfig, item_attrs: dict[str, np.nd
 # --------------------------------------------------------------------------- model
 def sample_items(cfg: SyntheticConfig) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Per-item attribute value indices and popularity (lognormal)."""
-    rng = np.random.default_rng([cfg.seed, 0])
+    rng = np.random.default_rng([cfg.seed, seeds.SYN_ITEMS])
     n = cfg.n_items
     cat = rng.integers(len(CATEGORIES), size=n)
     colour = rng.integers(len(COLOURS), size=n)
@@ -270,7 +271,7 @@ def sample_items(cfg: SyntheticConfig) -> tuple[dict[str, np.ndarray], np.ndarra
 
 def sample_users(cfg: SyntheticConfig) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Per-user preference vectors {attr: (n_users, n_values)} and interaction counts k_u."""
-    rng = np.random.default_rng([cfg.seed, 3])
+    rng = np.random.default_rng([cfg.seed, seeds.SYN_USERS])
     u = cfg.n_users
     prefs = {}
     for a in ATTRIBUTES:
@@ -308,7 +309,7 @@ def sample_interactions(cfg: SyntheticConfig, prefs, k: np.ndarray, item_attrs, 
     all_u, all_i = [], []
     for c, s in enumerate(range(0, cfg.n_users, USER_CHUNK)):
         users = np.arange(s, min(s + USER_CHUNK, cfg.n_users))
-        rng = np.random.default_rng([cfg.seed, 5, c])
+        rng = np.random.default_rng([cfg.seed, seeds.SYN_INTERACTIONS, c])
         score = utility(prefs, item_attrs, log_pop, cfg.popularity_weight, users) / cfg.temperature
         score += rng.gumbel(size=score.shape)
         kc = k[users]

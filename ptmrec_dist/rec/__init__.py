@@ -27,7 +27,3 @@ def model_class(name: str):
                           f"available: {', '.join(_MODULES)}")
     return importlib.import_module(_MODULES[name]).MODEL
 
-
-def build(name: str, n_users: int, n_items: int, features, config, train):
-    """Instantiate the model registered as ``name`` (see ``Recommender.__init__``)."""
-    return model_class(name)(n_users, n_items, features, config, train)

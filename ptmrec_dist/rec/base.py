@@ -70,6 +70,19 @@ class Recommender(nn.Module):
         the matrix the KT loss aligns with the teacher, and the regulariser (weighted)."""
         raise NotImplementedError(f"{self.name} does not support stage 2")
 
+    # ------------------------------------------------------------------ ptmrec plan
+    @classmethod
+    def planned_sizes(cls, n_users: int, n_items: int, feature_dim: int, config,
+                      n_interactions: int | None = None, n_modalities: int = 2) -> dict | None:
+        """What this model holds in stage 2, for ``ptmrec plan``, without building it: on
+        ``n_modalities`` feature tables of ``feature_dim`` per item (``config``: the
+        ``recommender`` section), ``{"trainable": elements of the parameters the engine gets,
+        "buffers_bytes": fp32 bytes of its buffers (the feature bank; the graphs only when
+        ``n_interactions`` is known), "graph_layers": propagation layers (0: no graph),
+        "repr_dim": width of the user / item representations (the teacher's tables)}``.
+        None: the planner does not know this model."""
+        return None
+
     # ------------------------------------------------------------------ derived
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         u, i = self.representations()

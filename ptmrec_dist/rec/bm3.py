@@ -42,6 +42,21 @@ class BM3(Recommender):
     def item_modal_inputs(self):
         return {m: getattr(self, f"{m}_embedding") for m in self.modalities}
 
+    @classmethod
+    def planned_sizes(cls, n_users, n_items, feature_dim, config, n_interactions=None,
+                      n_modalities=2):
+        """Users, item IDs, the predictor and the per-item feature tables with their
+        projections; buffers: the feature bank and, with ``n_interactions``, the normalised
+        user-item graph."""
+        dim, feat_dim = config.embedding_dim, config.feat_embed_dim
+        trainable = (n_users * dim + n_items * dim + dim * dim + dim
+                     + n_modalities * (n_items * feature_dim + feature_dim * feat_dim + feat_dim))
+        buffers = n_items * n_modalities * feature_dim * 4             # the feature bank
+        if n_interactions is not None:
+            buffers += 2 * n_interactions * 12 + (n_users + n_items + 1) * 8   # norm_adj
+        return {"trainable": trainable, "buffers_bytes": buffers,
+                "graph_layers": config.bm3.n_layers, "repr_dim": dim}
+
     def _online(self):
         ego = torch.cat([self.user_embedding, self.item_id_embedding], dim=0)
         out = graph.lightgcn(self.norm_adj, ego, self.c.n_layers)

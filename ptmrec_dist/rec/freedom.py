@@ -50,6 +50,28 @@ class FREEDOM(Recommender):
     def item_modal_inputs(self):
         return {m: getattr(self, f"{m}_embedding") for m in self.modalities}
 
+    @classmethod
+    def planned_sizes(cls, n_users, n_items, feature_dim, config, n_interactions=None,
+                      n_modalities=2):
+        """Users, item IDs and the per-item feature tables with their projections (parameters
+        when the engine is built); buffers: the feature bank and, with ``n_interactions``, the
+        user-item graph (full and pruned), its edge lists and the item-item kNN graph."""
+        dim, feat_dim, freedom_cfg = config.embedding_dim, config.feat_embed_dim, config.freedom
+        trainable = (n_users * dim + n_items * dim
+                     + n_modalities * (n_items * feature_dim + feature_dim * feat_dim + feat_dim))
+        buffers = n_items * n_modalities * feature_dim * 4             # the feature bank
+        if n_interactions is not None:
+            edges, nodes = n_interactions, n_users + n_items
+
+            def csr(nnz, rows):                        # fp32 values, int64 columns and rows
+                return nnz * 12 + (rows + 1) * 8
+            kept = int(2 * edges * (1 - freedom_cfg.dropout))     # after edge pruning
+            buffers += csr(2 * edges, nodes) + csr(kept, nodes)    # norm_adj, masked_adj
+            buffers += edges * (8 + 8 + 4)             # edge_users, edge_items, edge_w
+            buffers += 2 * csr(n_items * freedom_cfg.knn_k, n_items)     # mm_adj, mm_adj_t
+        return {"trainable": trainable, "buffers_bytes": buffers,
+                "graph_layers": freedom_cfg.n_ui_layers, "repr_dim": dim}
+
     def set_modal_inputs(self, tables):
         """Stage 2: the feature tables become the (untrained) feature bank, and the item-item
         graph is rebuilt from it, so the adapted features reach the ranking through the graph."""

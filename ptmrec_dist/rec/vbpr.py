@@ -31,6 +31,16 @@ class VBPR(Recommender):
     def item_modal_inputs(self):
         return {m: getattr(self, f"{m}_features") for m in self.modalities}
 
+    @classmethod
+    def planned_sizes(cls, n_users, n_items, feature_dim, config, n_interactions=None,
+                      n_modalities=2):
+        """Users ``2d``, items ``d``, item_linear; the (frozen) feature bank is a buffer."""
+        dim = config.embedding_dim
+        trainable = n_users * 2 * dim + n_items * dim + n_modalities * feature_dim * dim + dim
+        feature_bank = n_items * n_modalities * feature_dim * 4        # <m>_features
+        return {"trainable": trainable, "buffers_bytes": feature_bank, "graph_layers": 0,
+                "repr_dim": 2 * dim}
+
     def _items(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """Item representations (of ``index`` only, if given: a batch projects only its own
         features, not the whole catalog)."""

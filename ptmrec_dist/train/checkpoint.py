@@ -210,6 +210,11 @@ class StopSignals:
             signal.signal(sig, old)
         self._old = {}
 
+    @property
+    def sender(self) -> str:
+        """Who asked to stop, for messages: this rank's signal, or another rank's."""
+        return self.received or "a signal on another rank"
+
     def requested(self) -> bool:
         flag = torch.tensor([1.0 if self.received else 0.0], dtype=torch.float64)
         return bool(dist.allreduce_tensor(flag, op="max")[0] > 0)

@@ -190,12 +190,3 @@ def build_engine(module: torch.nn.Module, ds_config: dict, param_groups: list | 
                                            config=ds_config, lr_scheduler=lr_scheduler)
     return engine
 
-
-def gathered(params: list):
-    """A context in which ZeRO-3-partitioned ``params`` are whole (read-only); a no-op for
-    parameters DeepSpeed does not partition."""
-    import contextlib
-    if not any(hasattr(p, "ds_id") for p in params):
-        return contextlib.nullcontext()
-    import deepspeed
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)

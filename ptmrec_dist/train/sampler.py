@@ -16,14 +16,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ptmrec_dist import seeds
 from ptmrec_dist.errors import InputError
-
-
-def step_seed(seed: int, epoch: int, step: int, stream: int = 0) -> int:
-    """One integer for torch generators (numpy takes the tuple directly); ``stream`` separates
-    independent uses (0: the batch's model randomness, 1: per-epoch graph pruning)."""
-    return int(np.random.SeedSequence([seed, epoch, step, stream]).generate_state(1, np.uint64)[0]
-               & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 class BPRSampler:
@@ -65,7 +59,7 @@ class BPRSampler:
             mine = np.array_split(np.arange(len(idx)), self.world_size)[self.rank]
             batch = {"users": torch.from_numpy(users[mine]), "pos": torch.from_numpy(pos[mine]),
                      "denom": len(idx) / self.world_size, "step": step,
-                     "generator": torch.Generator().manual_seed(step_seed(self.seed, epoch, step))}
+                     "generator": torch.Generator().manual_seed(seeds.step_seed(self.seed, epoch, step))}
             if neg is not None:
                 batch["neg"] = torch.from_numpy(neg[mine])
             yield batch
@@ -92,7 +86,7 @@ class UserSampler:
     def __call__(self, items: np.ndarray, epoch: int, step: int, rank: int, k: int = 1):
         """``(users [n, k], keep [n])``: ``k`` users per item, drawn with replacement among its
         training users; ``keep`` marks the items that have one (the others get -1)."""
-        rng = np.random.default_rng([self.seed, epoch, step, rank, 2])
+        rng = np.random.default_rng([self.seed, epoch, step, rank, seeds.STAGE2_USERS])
         deg = self.degree[items][:, None]
         keep = deg[:, 0] > 0
         offset = (rng.random((len(items), k)) * np.maximum(deg, 1)).astype(np.int64)

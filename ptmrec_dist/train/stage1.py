@@ -11,7 +11,6 @@ best-valid epoch) and never influence any choice. Outputs (the teacher of stage 
 
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 
@@ -19,17 +18,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ptmrec_dist import dist, rec
+from ptmrec_dist import dist, rec, seeds
 from ptmrec_dist.config import Config, to_dict
 from ptmrec_dist.data.interactions import load_interactions
-from ptmrec_dist.errors import Interrupted, TrainingError
+from ptmrec_dist.errors import TrainingError
 from ptmrec_dist.eval.evaluate import Evaluator
-from ptmrec_dist.io import atomic_save_npy, atomic_save_safetensors, atomic_write_json
+from ptmrec_dist.io import atomic_write_json
 from ptmrec_dist.rec.features import ItemFeatures, resolve_features
-from ptmrec_dist.run import RunDir
-from ptmrec_dist.train.checkpoint import Checkpointer, StopSignals, latest_checkpoint
+from ptmrec_dist.train.checkpoint import StopSignals
 from ptmrec_dist.train.engine import build_engine, stage_ds_config
-from ptmrec_dist.train.sampler import BPRSampler, step_seed
+from ptmrec_dist.train.outputs import representations, save_model_and_representations
+from ptmrec_dist.train.runstate import Resume, RunState, main_rank_log
+from ptmrec_dist.train.sampler import BPRSampler
 
 
 class _LossModule(nn.Module):
@@ -42,32 +42,6 @@ class _LossModule(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         return self.model.loss(batch)
-
-
-def _representations(model) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's (users, items) representations, once per evaluation (a full propagation for
-    the graph models): scored for valid and test, and saved when best."""
-    with torch.no_grad():
-        users_r, items_r = model.representations()
-    return users_r.detach(), items_r.detach()
-
-
-def save_model_and_representations(out: Path, state: dict,
-                                   reps: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """The best model's weights (``checkpoints/best/model.safetensors``) and representations
-    (``user_repr.npy``, ``item_repr.npy``: the teacher of stage 2, what ``evaluate`` reads)."""
-    atomic_save_safetensors(out / "checkpoints" / "best" / "model.safetensors",
-                            {k: v.detach().cpu() for k, v in state.items()})
-    atomic_save_npy(out / "user_repr.npy", reps[0].cpu().float().numpy())
-    atomic_save_npy(out / "item_repr.npy", reps[1].cpu().float().numpy())
-
-
-def _save_best(out: Path, model, engine, env: dist.DistEnv,
-               reps: tuple[torch.Tensor, torch.Tensor]) -> None:
-    if engine is not None:   # collective: every rank calls it
-        engine.save_checkpoint(str(out / "checkpoints"), tag="best")
-    if env.is_main:
-        save_model_and_representations(out, model.state_dict(), reps)
 
 
 def build_model(cfg: Config, inter, feats: ItemFeatures | None = None) -> rec.base.Recommender:
@@ -83,140 +57,148 @@ def build_model(cfg: Config, inter, feats: ItemFeatures | None = None) -> rec.ba
     return model
 
 
-# settings that may change between a run and its resumption (the rest must not)
-RESUMABLE_CHANGES = ("stage1.epochs", "stage1.patience", "stage1.checkpoint_every", "dist.")
+class Stage1Run:
+    """One ``ptmrec stage1`` run on this rank: :meth:`__init__` builds everything (data, model,
+    engine, sampler; the checkpoint's state when resuming), :meth:`run` trains and returns the
+    metrics."""
+
+    # settings that may change between a run and its resumption (the rest must not)
+    RESUMABLE_CHANGES = ("stage1.epochs", "stage1.patience", "stage1.checkpoint_every", "dist.")
+
+    def __init__(self, cfg: Config, out: Path, env: dist.DistEnv, log, resume: bool = False):
+        stage = cfg.stage1
+        self.cfg, self.out, self.env = cfg, out, env
+        self.say = main_rank_log(log, env)
+        self.t_start = time.perf_counter()
+        self.inter = load_interactions(cfg.data.path, cfg.data)
+        self.model = build_model(cfg, self.inter)
+        self.resume = Resume(out, cfg, env, resume, self.say, self.RESUMABLE_CHANGES)
+        self.run_dir = self.resume.run_dir(out, cfg, env)
+        self.evaluator = Evaluator(cfg, self.inter, env)
+        self.n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.say(f"stage 1: {self.model.name} on {self.inter.n_users} users x "
+                 f"{self.inter.n_items} items, {self.n_params} trainable parameters, features: "
+                 f"{self.model.features_info}; {env.world_size} rank(s)")
+        self.engine = None if not self.model.trainable else build_engine(
+            _LossModule(self.model),
+            stage_ds_config(stage, env.world_size, "stage1", trainable=self.n_params))
+        # one micro batch per sampler step; DeepSpeed steps the optimizer every grad_accum of them
+        self.sampler = BPRSampler(self.inter.csr("train"),
+                                  stage.batch_size // max(1, stage.grad_accum), cfg.seed,
+                                  env.rank, env.world_size, negatives=self.model.uses_negatives)
+        self.state = RunState(cfg.eval.metric, stage.patience, ("epoch", "eval"), self.say,
+                              "evaluations", best_epoch=-1)
+        self.first_epoch = 0
+        if self.resume.state is not None and self.engine is not None:
+            saved = self.resume.state
+            self.resume.checkpointer.load(self.engine, self.resume.path)
+            self.state.restore(saved, epochs_run=saved["epoch"] + 1)
+            self.first_epoch = saved["epoch"] + 1
+            self.say(f"resumed from {self.resume.path}: epoch {saved['epoch']} done")
+
+    def train_epoch(self, epoch: int) -> dict:
+        """One pass over the training interactions; the epoch's mean loss terms."""
+        model, engine, env = self.model, self.engine, self.env
+        t0 = time.perf_counter()
+        model.train()
+        model.pre_epoch(epoch, torch.Generator().manual_seed(
+            seeds.step_seed(self.cfg.seed, epoch, 0, stream=seeds.EPOCH_MODEL)))
+        sums: dict[str, torch.Tensor] = {}
+        for batch in self.sampler.epoch(epoch):
+            batch = {k: v.to(engine.device) if torch.is_tensor(v) else v
+                     for k, v in batch.items()}
+            terms = engine(batch)
+            engine.backward(terms["loss"])
+            engine.step()
+            for k, v in terms.items():   # summed on the device: no sync per step
+                sums[k] = sums.get(k, 0.0) + v.detach()
+        # each rank's value estimates the batch mean: average over ranks and steps
+        values = np.array([float(v) for v in sums.values()])
+        sums_vec = dist.allreduce_sum(values) / env.world_size
+        record = {"epoch": epoch,
+                  **{k: round(v / len(self.sampler), 6) for k, v in zip(sums, sums_vec)}}
+        if not np.isfinite(record["loss"]):
+            raise TrainingError(f"stage 1: the loss of epoch {epoch} is {record['loss']} "
+                                f"(terms: {record}); lower stage1.lr or check the features")
+        self.state.times["epoch"].append(time.perf_counter() - t0)
+        record["epoch_s"] = round(self.state.times["epoch"][-1], 3)
+        return record
+
+    def evaluate(self, epoch: int, record: dict) -> None:
+        """Valid metrics of the model as it is; the best is kept (checkpoint + exports)."""
+        t1 = time.perf_counter()
+        self.model.eval()
+        reps = representations(self.model)
+        valid = self.evaluator(reps, "valid")
+        self.state.times["eval"].append(time.perf_counter() - t1)
+        record.update(valid={k: round(v, 6) for k, v in valid.items()},
+                      eval_s=round(self.state.times["eval"][-1], 3))
+        improved = self.state.record(epoch, valid, lambda: self.evaluator(reps, "test"))
+        if improved:
+            self._save_best(reps)
+        record["best"] = improved
+        metric = self.cfg.eval.metric
+        self.say(f"epoch {epoch:4d}  loss {record.get('loss', float('nan')):.4f}  "
+                 f"valid {metric} {valid[metric]:.4f}{'  *' if improved else ''}  "
+                 f"({record.get('epoch_s', 0):.1f}s + eval {record['eval_s']:.1f}s)")
+
+    def _save_best(self, reps: tuple[torch.Tensor, torch.Tensor]) -> None:
+        if self.engine is not None:   # collective: every rank calls it
+            self.engine.save_checkpoint(str(self.out / "checkpoints"), tag="best")
+        if self.env.is_main:
+            save_model_and_representations(self.out, self.model.state_dict(), reps)
+
+    def checkpoint(self, epoch: int) -> Path:
+        """A resumable checkpoint after ``epoch`` (collective)."""
+        return self.resume.checkpointer.save(self.engine, int(self.engine.global_steps), {
+            "epoch": epoch, **self.state.state(), "log_lines": self.run_dir.lines,
+            "config": to_dict(self.cfg)}, {})
+
+    def run(self) -> dict:
+        stage, state = self.cfg.stage1, self.state
+        with StopSignals() as stop:
+            for epoch in state.epochs(self.first_epoch,
+                                      stage.epochs if self.model.trainable else 1):
+                record = self.train_epoch(epoch) if self.model.trainable else {"epoch": epoch}
+                state.epochs_run = epoch + 1
+                if epoch % stage.eval_every == 0 or epoch == stage.epochs - 1:
+                    self.evaluate(epoch, record)
+                self.run_dir.log(**record)
+                if self.engine is None:
+                    continue
+                stopping = stop.requested()        # collective: every rank, every epoch
+                if stopping or (stage.checkpoint_every
+                                and state.epochs_run % stage.checkpoint_every == 0):
+                    path = self.checkpoint(epoch)
+                    if stopping:
+                        state.stop_after_epoch(stop, epoch, path)
+        metrics = self._metrics()
+        self._write_best_meta()
+        return state.finish(self.run_dir, metrics, self.out)
+
+    def _metrics(self) -> dict:
+        state, inter = self.state, self.inter
+        return {
+            "model": self.model.name, "metric": state.metric, "best_epoch": state.best["epoch"],
+            "valid": state.best["valid"], "test": state.best["test"],
+            "epochs_run": state.epochs_run, "stopped_early": state.stopped_early,
+            "trainable_params": self.n_params, "world_size": self.env.world_size,
+            "n_users": inter.n_users, "n_items": inter.n_items,
+            "epoch_s_mean": state.mean_time("epoch", 4), "eval_s_mean": state.mean_time("eval", 4),
+            **state.summary(self.t_start),
+        }
+
+    def _write_best_meta(self) -> None:
+        best = self.state.best
+        if self.env.is_main:
+            atomic_write_json(self.out / "checkpoints" / "best" / "meta.json",
+                              {"epoch": best["epoch"], "model": self.model.name,
+                               "valid": best["valid"], "test": best["test"]})
 
 
 def run_stage1(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
                log=print, resume: bool = False) -> dict:
     """The whole command on this rank; returns the metrics. ``resume``: continue after the
     epoch of the newest checkpoint in ``OUT/checkpoints`` (from scratch if none)."""
-    out = Path(out)
     env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, env)
-    say = log if env.is_main else (lambda *_: None)
-    t_start = time.perf_counter()
-    inter = load_interactions(cfg.data.path, cfg.data)
-    model = build_model(cfg, inter)
-    checkpointer = Checkpointer(out / "checkpoints", env)
-    resume_from = latest_checkpoint(out / "checkpoints") if resume else None
-    if resume and resume_from is None:
-        say(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
-    if resume_from is None and checkpointer.clear():
-        say(f"removed the resumable checkpoints of an earlier run in {out / 'checkpoints'}")
-    state = checkpointer.read(resume_from, cfg, RESUMABLE_CHANGES) if resume_from else None
-    run = RunDir(out, cfg, env.is_main).start(state["log_lines"] if state else None)
-    evaluator = Evaluator(cfg, inter, env)
-    s = cfg.stage1
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(f"stage 1: {model.name} on {inter.n_users} users x {inter.n_items} items, "
-        f"{n_params} trainable parameters, features: {model.features_info}; "
-        f"{env.world_size} rank(s)")
-
-    engine = None
-    if model.trainable:
-        engine = build_engine(_LossModule(model), stage_ds_config(s, env.world_size, "stage1",
-                                                                 trainable=n_params))
-    # one micro batch per sampler step; DeepSpeed steps the optimizer every grad_accum of them
-    sampler = BPRSampler(inter.csr("train"), s.batch_size // max(1, s.grad_accum), cfg.seed,
-                         env.rank, env.world_size, negatives=model.uses_negatives)
-
-    metric = cfg.eval.metric
-    best = {"epoch": -1, "valid": None, "test": None}
-    bad_evals, epochs_run, stopped_early = 0, 0, False
-    epoch_times, eval_times = [], []
-    if state is not None and engine is not None:
-        checkpointer.load(engine, resume_from)
-        best, bad_evals, epochs_run = state["best"], state["bad"], state["epoch"] + 1
-        epoch_times, eval_times = state["times"]["epoch"], state["times"]["eval"]
-        say(f"resumed from {resume_from}: epoch {state['epoch']} done")
-
-    def checkpoint(epoch: int) -> Path:
-        return checkpointer.save(engine, int(engine.global_steps), {
-            "epoch": epoch, "best": best, "bad": bad_evals, "log_lines": run.lines,
-            "times": {"epoch": epoch_times, "eval": eval_times}, "config": to_dict(cfg)}, {})
-
-    with StopSignals() as stop:
-        for epoch in range(epochs_run if state else 0, s.epochs if model.trainable else 1):
-            if bad_evals >= s.patience:            # resumed after the stopping evaluation
-                stopped_early = True
-                break
-            t0 = time.perf_counter()
-            record = {"epoch": epoch}
-            if model.trainable:
-                model.train()
-                seed = step_seed(cfg.seed, epoch, 0, stream=1)
-                model.pre_epoch(epoch, torch.Generator().manual_seed(seed))
-                sums: dict[str, torch.Tensor] = {}
-                for batch in sampler.epoch(epoch):
-                    batch = {k: v.to(engine.device) if torch.is_tensor(v) else v
-                             for k, v in batch.items()}
-                    terms = engine(batch)
-                    engine.backward(terms["loss"])
-                    engine.step()
-                    for k, v in terms.items():   # summed on the device: no sync per step
-                        sums[k] = sums.get(k, 0.0) + v.detach()
-                # each rank's value estimates the batch mean: average over ranks and steps
-                values = np.array([float(v) for v in sums.values()])
-                sums_vec = dist.allreduce_sum(values) / env.world_size
-                record.update({k: round(v / len(sampler), 6) for k, v in zip(sums, sums_vec)})
-                if not np.isfinite(record["loss"]):
-                    raise TrainingError(f"stage 1: the loss of epoch {epoch} is {record['loss']} "
-                                        f"(terms: {record}); lower stage1.lr or check the features")
-                epoch_times.append(time.perf_counter() - t0)
-                record["epoch_s"] = round(epoch_times[-1], 3)
-            epochs_run = epoch + 1
-            if epoch % s.eval_every and epoch != s.epochs - 1:
-                run.log(**record)
-            else:
-                t1 = time.perf_counter()
-                model.eval()
-                reps = _representations(model)
-                valid = evaluator(reps, "valid")
-                eval_times.append(time.perf_counter() - t1)
-                record.update(valid={k: round(v, 6) for k, v in valid.items()},
-                              eval_s=round(eval_times[-1], 3))
-                improved = best["valid"] is None or valid[metric] > best["valid"][metric]
-                if improved:
-                    best = {"epoch": epoch, "valid": valid, "test": evaluator(reps, "test")}
-                    _save_best(out, model, engine, env, reps)
-                    bad_evals = 0
-                else:
-                    bad_evals += 1
-                record["best"] = improved
-                run.log(**record)
-                say(f"epoch {epoch:4d}  loss {record.get('loss', float('nan')):.4f}  "
-                    f"valid {metric} {valid[metric]:.4f}{'  *' if improved else ''}  "
-                    f"({record.get('epoch_s', 0):.1f}s + eval {record['eval_s']:.1f}s)")
-            if engine is not None:
-                stopping = stop.requested()        # collective: every rank, every epoch
-                if stopping or (s.checkpoint_every and epochs_run % s.checkpoint_every == 0):
-                    path = checkpoint(epoch)
-                    if stopping:
-                        who = stop.received or "a signal on another rank"
-                        raise Interrupted(f"stopped by {who} after epoch {epoch}; checkpoint "
-                                          f"{path}; continue with --resume")
-            if bad_evals >= s.patience:
-                stopped_early = True
-                say(f"early stop: no better valid {metric} in {s.patience} evaluations")
-                break
-
-    metrics = {
-        "model": model.name, "metric": metric, "best_epoch": best["epoch"],
-        "valid": best["valid"], "test": best["test"],
-        "epochs_run": epochs_run, "stopped_early": stopped_early,
-        "trainable_params": n_params, "world_size": env.world_size,
-        "n_users": inter.n_users, "n_items": inter.n_items,
-        "epoch_s_mean": round(float(np.mean(epoch_times)), 4) if epoch_times else 0.0,
-        "eval_s_mean": round(float(np.mean(eval_times)), 4) if eval_times else 0.0,
-        "seconds": round(time.perf_counter() - t_start, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }
-    run.write_metrics(metrics)
-    if env.is_main:
-        atomic_write_json(out / "checkpoints" / "best" / "meta.json",
-                          {"epoch": best["epoch"], "model": model.name,
-                           "valid": best["valid"], "test": best["test"]})
-    say(f"best epoch {best['epoch']}: valid {metric} {best['valid'][metric]:.4f}, "
-        f"test {metric} {best['test'][metric]:.4f} -> {out}")
-    dist.barrier()
-    return metrics
+    return Stage1Run(cfg, Path(out), env, log, resume).run()

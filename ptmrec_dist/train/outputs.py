@@ -1,0 +1,51 @@
+"""What a training run leaves for the next step: the best model's weights and representations
+(the teacher of stage 2, what ``ptmrec evaluate`` reads), and stage 2's adapter and features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ptmrec_dist import dist
+from ptmrec_dist.clip.methods import save_trainable
+from ptmrec_dist.io import atomic_save_npy, atomic_save_safetensors, atomic_write_json
+
+
+def representations(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's (users, items) representations, once per evaluation (a full propagation for
+    the graph models): scored for valid and test, and saved when best. Under ZeRO-3 the caller
+    gathers the parameters first."""
+    with torch.no_grad():
+        users_r, items_r = model.representations()
+    return users_r.detach(), items_r.detach()
+
+
+def save_model_and_representations(out: Path, state: dict,
+                                   reps: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """The best model's weights (``checkpoints/best/model.safetensors``) and representations
+    (``user_repr.npy``, ``item_repr.npy``: the teacher of stage 2, what ``evaluate`` reads)."""
+    atomic_save_safetensors(out / "checkpoints" / "best" / "model.safetensors",
+                            {k: v.detach().cpu() for k, v in state.items()})
+    atomic_save_npy(out / "user_repr.npy", reps[0].cpu().float().numpy())
+    atomic_save_npy(out / "item_repr.npy", reps[1].cpu().float().numpy())
+
+
+def save_stage2_best(out: Path, backbone, student, bank: dict, reps, meta: dict,
+                     env: dist.DistEnv, feature_dtype: str) -> None:
+    """Stage 2's best epoch: ``adapter.safetensors`` (the method's trainable weights), the
+    student and its representations, and ``features/`` (the adapted backbone's features of every
+    item, loadable as ``data.features``). Collective: ZeRO-3 gathers on every rank first, then
+    the main rank writes."""
+    save_trainable(backbone, out / "adapter.safetensors", meta, write=env.is_main)
+    with dist.gathered(list(student.parameters())):
+        state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
+    if not env.is_main:
+        return
+    save_model_and_representations(out, state, reps)
+    dtype = np.float16 if feature_dtype == "fp16" else np.float32
+    for key in ("image", "text"):
+        atomic_save_npy(out / "features" / f"{key}.npy", bank[key].astype(dtype))
+    atomic_save_npy(out / "features" / "present.npy", bank["present"])
+    atomic_write_json(out / "features" / "meta.json", {**meta, "dtype": feature_dtype})
