@@ -161,7 +161,7 @@ def apply_method(frozen: FrozenBackbone, cfg) -> AdaptedBackbone:
     name = cfg.peft.method
     if name not in METHODS:
         raise ConfigError(f"config key 'peft.method': unknown method {name!r}; available: "
-                          f"{', '.join(METHODS)}")
+                          f"{', '.join(names())}")
     backbone = AdaptedBackbone(frozen, use_checkpoint=cfg.stage2.activation_checkpointing)
     METHODS[name]().apply(backbone, cfg)
     backbone.method = name

@@ -24,6 +24,6 @@ def names() -> list[str]:
 def model_class(name: str):
     if name not in _MODULES:
         raise ConfigError(f"config key 'recommender.name': unknown model {name!r}; "
-                          f"available: {', '.join(_MODULES)}")
+                          f"available: {', '.join(names())}")
     return importlib.import_module(_MODULES[name]).MODEL
 
