@@ -55,6 +55,13 @@ def _data_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     _common(p)
 
+    from ptmrec_dist.data.build_catalog import add_catalog_arguments
+
+    p = sub.add_parser("catalog", help="a user's item table (+ interactions) -> the catalog "
+                                       "`ptmrec shard` reads, with one item index")
+    add_catalog_arguments(p)
+    _common(p)
+
     p = sub.add_parser("shard", help="write a catalog as WebDataset tar shards + manifest.json")
     p.add_argument("catalog", nargs="?",
                    help="folder with items.jsonl and the images it names (default: data.catalog)")
@@ -196,6 +203,17 @@ def cmd_stats(args) -> int:
         raise ConfigError("no interactions given: pass PATH or set data.path")
     stats = load_interactions(cfg.data.path, cfg.data).stats()
     print(dumps_json(stats) if args.json else format_stats(stats))
+    return 0
+
+
+def cmd_catalog(args) -> int:
+    from ptmrec_dist.data.build_catalog import CatalogSpec, build_catalog
+
+    cfg = resolve_config(args)
+    spec = CatalogSpec.from_args(args, split_seed=cfg.data.split_seed)
+    if args.image and args.image_column:
+        raise ConfigError("give --image (a pattern) or --image-column, not both")
+    build_catalog(spec)
     return 0
 
 
@@ -348,7 +366,7 @@ def cmd_config(args) -> int:
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 COMMANDS = {"make-data": cmd_make_data, "make-backbone": cmd_make_backbone, "stats": cmd_stats,
-            "shard": cmd_shard, "extract": cmd_extract, "stage1": cmd_stage1,
+            "catalog": cmd_catalog, "shard": cmd_shard, "extract": cmd_extract, "stage1": cmd_stage1,
             "stage2": cmd_stage2,
             "evaluate": cmd_evaluate, "verify": cmd_verify, "demo": cmd_demo,
             "plan": cmd_plan, "tune": cmd_tune, "config": cmd_config}

@@ -154,3 +154,19 @@ def slurm_cluster():
         down = subprocess.run(["bash", str(script), "down"], capture_output=True, text=True,
                               timeout=120)
         assert down.returncode == 0, down.stderr
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared_dataset(name: str) -> Path:
+    """``../shared/data/NAME`` beside the checkout (never copied into the repository). Where it
+    is absent (a user's clone) the test is skipped with one line naming the folder; `.ci/run`
+    sets PTMREC_REQUIRE_SHARED_DATA=1, which makes the absence a failure."""
+    folder = SHARED_DATA / name
+    if not folder.is_dir():
+        message = f"real data set not found: {folder}"
+        if os.environ.get("PTMREC_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return folder

@@ -1,8 +1,9 @@
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import shared_dataset
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ptmrec_dist.cli import main
@@ -11,14 +12,15 @@ from ptmrec_dist.data.interactions import find_interactions_file, load_interacti
 from ptmrec_dist.data.splits import holdout_sizes, leave_last_out_labels, random_split_labels
 from ptmrec_dist.errors import InputError
 
-BABY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-baby"
 
 
 @pytest.fixture
 def baby():
-    """The real Amazon Baby interactions, beside the checkout (as in CI); missing is a failure."""
-    assert (BABY / "baby.inter").is_file(), f"real data set not found at {BABY}"
-    return BABY
+    """The real Amazon Baby interactions, beside the checkout (skipped in a user's clone without
+    it; required in CI)."""
+    folder = shared_dataset("amazon-baby")
+    assert (folder / "baby.inter").is_file(), f"baby.inter not found in {folder}"
+    return folder
 
 
 def write(tmp_path, name, text):
@@ -31,6 +33,7 @@ def quiet(_msg):
     pass
 
 
+@pytest.mark.shared_data
 def test_amazon_baby_counts(baby):
     inter = load_interactions(baby, warn=quiet)
     stats = inter.stats()
@@ -41,6 +44,7 @@ def test_amazon_baby_counts(baby):
     assert inter.valid.nnz == 20559 and inter.test.nnz == 20559
 
 
+@pytest.mark.shared_data
 def test_random_rule_reproduces_mmrec_per_user_counts(baby):
     """MMRec's released split has, per user, max(1, n // 10) valid and as many test rows."""
     given_split = load_interactions(baby, warn=quiet)
@@ -54,6 +58,7 @@ def test_random_rule_reproduces_mmrec_per_user_counts(baby):
     assert (given_split.test != ours.test).nnz > 0
 
 
+@pytest.mark.shared_data
 def test_stats_cli_json(baby, capsys):
     assert main(["stats", str(baby), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)

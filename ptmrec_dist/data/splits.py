@@ -64,3 +64,14 @@ def leave_last_out_labels(users: np.ndarray, timestamps: np.ndarray) -> np.ndarr
     order = np.lexsort((-np.arange(len(users)), -np.asarray(timestamps, dtype=np.float64), users))
     sizes = np.where(counts >= 3, 1, 0)
     return _labels_from_rank_from_end(users, _rank_within_user(users, order), sizes)
+
+
+def temporal_split_labels(users: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
+    """Per user, MMRec's hold-out sizes (:func:`holdout_sizes`) taken from the end of time: the
+    latest ``k`` interactions are test, the ``k`` before them valid, the rest train. Ties in
+    time keep file order (a stable sort)."""
+    users = np.asarray(users, dtype=np.int64)
+    counts = np.bincount(users, minlength=int(users.max()) + 1 if len(users) else 0)
+    order = np.lexsort((-np.arange(len(users)), -np.asarray(timestamps, dtype=np.float64), users))
+    return _labels_from_rank_from_end(users, _rank_within_user(users, order),
+                                      holdout_sizes(counts))
