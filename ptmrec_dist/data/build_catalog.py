@@ -120,8 +120,8 @@ def read_items(spec: CatalogSpec, drops: Drops) -> list[dict]:
     """The item table's rows as ``{raw_id, title, text, image (absolute path or "")}``, first
     row per id; the missing-image/text policy applied."""
     text_tpl = Template(spec.text, "--text")
-    title_tpl = Template(spec.title if "{" in (spec.title or "") else
-                         ("{" + spec.title + "}" if spec.title else ""), "--title")
+    title = spec.title or ""                 # a column name, or a template
+    title_tpl = Template(title if "{" in title or not title else "{" + title + "}", "--title")
     image_tpl = Template(spec.image, "--image") if spec.image else None
     root = spec.items.parent
     items, seen, checked = [], set(), False

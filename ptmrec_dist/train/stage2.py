@@ -80,10 +80,10 @@ class Stage2Run:
         self.device = dist.device(env)
         self.inter = load_interactions(cfg.data.path, cfg.data)
         self.teacher = load_teacher(cfg)
-        self.student, self.frozen_features = build_student(cfg, self.inter, self.teacher,
-                                                           self.device)
+        # the frozen features only seed the student and the prompt init: not kept for the run
+        self.student, frozen_features = build_student(cfg, self.inter, self.teacher, self.device)
         self.backbone, self.backbone_hash, self.knowledge_guided = build_backbone(
-            cfg, self.frozen_features, self.teacher, self.device)
+            cfg, frozen_features, self.teacher, self.device)
         self.shards = Path(cfg.data.shards)
         self.resume = Resume(out, cfg, env, resume, self.say, self.RESUMABLE_CHANGES,
                              stage.keep_checkpoints, self.backbone_hash)
