@@ -9,6 +9,7 @@ changing one changes the data, the splits or the trained models of every run.
 where                       key                                            draws
 ==========================  =============================================  ==========================
 data/splits.py              ``data.split_seed``                            MMRec random split keys
+                            ``[data.subsample_seed, SUBSAMPLE]``           the per-user subsample
 data/synthetic.py           ``[seed, SYN_ITEMS]``                          items' attributes
                             ``[seed, SYN_ITEM_IMAGE, item]``               an item's image
                             ``[seed, SYN_ITEM_TEXT, item]``                an item's texts
@@ -38,6 +39,8 @@ from __future__ import annotations
 
 import numpy as np
 
+# data/splits.py
+SUBSAMPLE = 11
 # data/synthetic.py
 SYN_ITEMS = 0
 SYN_ITEM_IMAGE = 1

@@ -233,3 +233,88 @@ def test_empty_and_header_only_files(tmp_path):
         path = write(tmp_path, "e.inter", text)
         with pytest.raises(InputError, match=needle):
             load_interactions(path, warn=quiet)
+
+
+# ------------------------------------------------------------ the catalog owns the item index
+
+def catalog_folder(tmp_path, n_items=8):
+    """A `ptmrec catalog`-style folder: catalog.json (n_items) + interactions.inter that
+    holds only items 0..3."""
+    folder = tmp_path / "cat"
+    folder.mkdir()
+    (folder / "catalog.json").write_text(json.dumps({"items": n_items}))
+    rows = [(u, i) for u in range(4) for i in range(4)]
+    write(folder, "interactions.inter",
+          "userID:token\titemID:token\n" + "".join(f"{u}\t{i}\n" for u, i in rows))
+    return folder
+
+
+def test_catalog_beside_the_interactions_owns_the_item_count(tmp_path):
+    inter = load_interactions(catalog_folder(tmp_path), warn=quiet)
+    assert inter.n_items == 8 and inter.csr("train").shape[1] == 8
+    assert inter.stats()["items_with_interactions"] == 4
+
+
+def test_a_subset_elsewhere_takes_the_item_count_from_data_catalog(tmp_path):
+    folder = catalog_folder(tmp_path)
+    sub = write(tmp_path, "sub.inter", "userID\titemID\n0\t1\n1\t3\n2\t0\n")
+    assert load_interactions(sub, warn=quiet).n_items == 4          # no catalog: the file's
+    assert load_interactions(sub, DataConfig(catalog=str(folder)), warn=quiet).n_items == 8
+
+
+def test_an_index_outside_the_catalog_names_the_line(tmp_path):
+    folder = catalog_folder(tmp_path, n_items=3)
+    with pytest.raises(InputError) as e:
+        load_interactions(folder, warn=quiet)
+    msg = str(e.value)
+    assert "interactions.inter:5:" in msg and "item index 3 is outside the catalog" in msg and "3 items" in msg
+
+
+def test_raw_ids_against_a_catalog_index_are_refused(tmp_path):
+    folder = catalog_folder(tmp_path)
+    csv = write(tmp_path, "raw.csv", "user,item\nu1,a\nu2,b\n")
+    with pytest.raises(InputError, match="raw item ids, but the catalog"):
+        load_interactions(csv, DataConfig(catalog=str(folder)), warn=quiet)
+
+
+def test_a_broken_catalog_summary_is_named(tmp_path):
+    folder = catalog_folder(tmp_path)
+    (folder / "catalog.json").write_text('{"users": 3}')
+    with pytest.raises(InputError, match="catalog.json"):
+        load_interactions(folder, warn=quiet)
+
+
+def test_subset_features_of_the_whole_catalog_load(tmp_path):
+    from ptmrec_dist.rec.features import resolve_features
+    folder = catalog_folder(tmp_path)
+    np.save(folder / "text.npy", np.ones((8, 3), np.float32))
+    sub = write(tmp_path, "sub.inter", "userID\titemID\n0\t1\n1\t3\n2\t0\n")
+    cfg = DataConfig(catalog=str(folder), features=str(folder))
+    inter = load_interactions(sub, cfg, warn=quiet)
+    assert resolve_features(cfg, inter.path, inter.n_items, required=True).text.shape == (8, 3)
+    with pytest.raises(InputError, match="set data.catalog"):   # without it: refused, with a hint
+        resolve_features(DataConfig(features=str(folder)), sub, 4, required=True)
+
+
+# ------------------------------------------------------------ data.subsample
+
+def test_subsample_keeps_a_seeded_fraction_per_user_with_a_floor(tmp_path):
+    from ptmrec_dist.data.splits import subsample_per_user
+    users = np.repeat(np.arange(4), [3, 10, 40, 100])
+    keep = subsample_per_user(users, 0.1, seed=1)
+    assert np.bincount(users[keep]).tolist() == [3, 5, 5, 10]     # all / floor 5 / 10 %
+    assert np.array_equal(keep, subsample_per_user(users, 0.1, seed=1))
+    assert not np.array_equal(keep, subsample_per_user(users, 0.1, seed=2))
+    assert np.all(np.diff(keep) > 0)
+
+
+def test_subsample_in_the_loader_redraws_the_split(tmp_path):
+    rows = "".join(f"{u}\t{i}\t0\n" for u in range(6) for i in range(30))
+    path = write(tmp_path, "x.inter", "userID\titemID\tx_label\n" + rows)
+    inter = load_interactions(path, DataConfig(subsample=0.5, split="random"), warn=quiet)
+    assert len(inter.users) == 6 * 15 and inter.stats()["subsampled_out"] == 90
+    assert inter.split_counts()["valid"] == 6 and inter.split_counts()["test"] == 6
+    auto = load_interactions(path, DataConfig(subsample=0.5), warn=quiet)   # auto -> random
+    assert auto.split_rule == "random" and np.array_equal(auto.labels, inter.labels)
+    with pytest.raises(InputError, match="data.subsample < 1 draws a new split"):
+        load_interactions(path, DataConfig(subsample=0.5, split="x_label"), warn=quiet)

@@ -222,3 +222,33 @@ def test_training_a_peft_method_moves_only_its_weights(clip_dir):
     for n, p in backbone.named_parameters():
         if n in frozen_before:
             assert p.grad is None and torch.equal(p, frozen_before[n]), n
+
+
+@pytest.mark.parametrize("modalities, side, other", [
+    ("text", ("clip.text_model.", "clip.text_projection."),
+     ("clip.vision_model.", "clip.visual_projection.")),
+    ("image", ("clip.vision_model.", "clip.visual_projection."),
+     ("clip.text_model.", "clip.text_projection."))])
+def test_one_modality_adapts_only_its_tower(clip_dir, modalities, side, other):
+    """backbone.modalities=text|image: a tower whose features nobody reads gets no prompts, no
+    adapters and no trainable weights (they would never get a gradient)."""
+    def with_modalities(method, **peft):
+        cfg = Config()
+        cfg.backbone.name_or_path, cfg.backbone.modalities = str(clip_dir), modalities
+        cfg.stage2.prompt_len, cfg.stage2.prompt_depth = LEN, DEPTH
+        cfg.peft.method = method
+        for key, value in peft.items():
+            setattr(cfg.peft, key, value)
+        return apply_method(load_backbone(cfg.backbone), cfg)
+
+    prompts = with_modalities("prompt").prompts
+    text, vision = prompts()
+    assert (text is None) == (modalities == "image") and (vision is None) == (modalities == "text")
+    both = build(clip_dir, "prompt")
+    assert param_counts(prompts)["trainable"] == param_counts(both.prompts)["trainable"] // 2
+    for method in ("lora", "ia3", "full"):
+        names_ = set(trainable(with_modalities(method)))
+        assert names_ and all(n.startswith(side) for n in names_), method
+        assert not any(n.startswith(other) for n in names_), method
+    with pytest.raises(ConfigError, match="peft.coupled"):
+        with_modalities("prompt", coupled=True)

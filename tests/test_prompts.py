@@ -269,7 +269,7 @@ def test_coupled_vision_prompts_are_projections_of_text_prompts(clip_dir):
     assert "vision" not in names
     assert names == {"text", "couple.0.weight", "couple.0.bias", "couple.1.weight",
                      "couple.1.bias"}
-    assert not hasattr(pl, "vision")
+    assert pl.vision is None          # no table of its own: projections of the text prompts
     px, tok = pixels(), backbone.tokenize(TEXTS)
     with torch.no_grad():
         text, vision = pl()

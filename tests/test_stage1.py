@@ -330,3 +330,26 @@ def test_two_ranks_equal_one_rank(name, zero, data, one_rank, tmp_path):
     for split in ("valid", "test"):
         for k, v in one[split].items():
             assert two[split][k] == pytest.approx(v, abs=1e-9), (split, k)
+
+
+@pytest.mark.parametrize("modalities, expect", [("both", {"image": 16, "text": 12}),
+                                                ("text", {"text": 12}), ("image", {"image": 16})])
+def test_backbone_modalities_choose_the_features_a_model_reads(data, modalities, expect):
+    cfg = load_config(None, [f"data.path={data}", f"backbone.modalities={modalities}"])
+    inter = load_interactions(data, cfg.data)
+    for name in ("vbpr", "freedom", "bm3"):
+        cfg.recommender.name = name
+        model = build_model(cfg, inter)
+        assert {m: t.shape[1] for m, t in model.item_modal_inputs().items()} == expect, name
+    cfg.recommender.name = "vbpr"
+    assert build_model(cfg, inter).item_linear.in_features == sum(expect.values())
+
+
+def test_a_modality_without_features_is_a_clear_error(data, tmp_path):
+    shutil.copy(data, tmp_path / "tiny.inter")
+    np.save(tmp_path / "text_feat.npy", np.zeros((60, 12), np.float32))
+    cfg = load_config(None, [f"data.path={tmp_path / 'tiny.inter'}", "recommender.name=vbpr",
+                             "backbone.modalities=image"])
+    from ptmrec_dist.errors import ConfigError
+    with pytest.raises(ConfigError, match="backbone.modalities=image"):
+        build_model(cfg, load_interactions(cfg.data.path, cfg.data))

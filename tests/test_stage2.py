@@ -200,6 +200,30 @@ def test_teacher_must_match_the_recommender(demo, tmp_path):
         run_stage2(cfg, tmp_path / "y", log=_quiet)
 
 
+def test_text_only_stage2_never_runs_the_vision_tower(demo, tmp_path, monkeypatch):
+    """backbone.modalities=text: the teacher and the student read text features only, the
+    vision tower runs neither in training nor in the re-extraction, and the run exports text
+    features only. A teacher of other modalities is refused, naming the key."""
+    out, _ = demo
+    teacher = tmp_path / "text1"
+    assert main(["stage1", "--config", str(out / "stage1" / "config.yaml"), "--out", str(teacher),
+                 "stage1.epochs=2", "backbone.modalities=text"]) == 0
+    with pytest.raises(ConfigError, match="backbone.modalities"):
+        run_stage2(stage2_cfg(out, "backbone.modalities=text"), tmp_path / "x", log=_quiet)
+
+    def no_vision(*_a, **_k):
+        raise AssertionError("the vision tower ran in a text-only run")
+    monkeypatch.setattr("ptmrec_dist.clip.methods.vision_features", no_vision)
+    m = run_stage2(stage2_cfg(out, "backbone.modalities=text", f"stage2.teacher={teacher}",
+                              "stage2.epochs=1"), tmp_path / "t", log=_quiet)
+    assert m["epochs_run"] == 1
+    assert not (tmp_path / "t" / "features" / "image.npy").exists()
+    assert np.load(tmp_path / "t" / "features" / "text.npy").shape[0] == \
+        np.load(out / "features" / "text.npy").shape[0]
+    log = read_log(tmp_path / "t")
+    assert log[-1]["kt"] > 0 and log[-1]["backbone_shift"] > 0
+
+
 def test_zero3_trains_prompts(demo, tmp_path):
     """Under ZeRO-3 (parameters partitioned, gathered by DeepSpeed's module hooks) the prompts
     still get gradients and the exported adapter is whole."""

@@ -235,11 +235,13 @@ def _run(cfg: Config, shards: Path, out: Path, env: DistEnv, log, t0: float) -> 
 
 
 def extract_all(backbone, shards: Path, cfg: Config, env: DistEnv, device: torch.device,
-                verify: bool = True, show_progress: bool = False) -> dict[str, np.ndarray]:
+                verify: bool = True, show_progress: bool = False,
+                modalities: tuple[str, ...] = ("image", "text")) -> dict[str, np.ndarray]:
     """Features of every item in memory, on every rank: each rank encodes its share of the
     items (as ``ptmrec extract`` deals them), then the tables are summed over the ranks (the
     shares are disjoint). Stage 2 re-extracts with its adapted backbone every epoch this way.
-    Returns ``{"image", "text": float32 [n_items, d], "present": bool [n_items]}``."""
+    Returns ``{m: float32 [n_items, d] for m in modalities, "present": bool [n_items]}``; a
+    tower whose modality is not asked for does not run."""
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
@@ -258,25 +260,26 @@ def extract_all(backbone, shards: Path, cfg: Config, env: DistEnv, device: torch
     with torch.no_grad(), tqdm(total=n // env.world_size, unit="item", desc="re-extract",
                                disable=not show_progress, file=sys.stderr, leave=False) as bar:
         for batch in loader:
-            img = backbone.encode_images(batch["pixel_values"].to(device)).float().cpu()
-            txt = backbone.encode_texts(batch["input_ids"].to(device),
-                                        batch["attention_mask"].to(device)).float().cpu()
-            for key, value in (("image", img), ("text", txt)):
+            encoded = {}
+            if "image" in modalities:
+                encoded["image"] = backbone.encode_images(batch["pixel_values"].to(device))
+            if "text" in modalities:
+                encoded["text"] = backbone.encode_texts(batch["input_ids"].to(device),
+                                                        batch["attention_mask"].to(device))
+            for key, value in encoded.items():
+                value = value.float().cpu()
                 if key not in tables:
                     tables[key] = torch.zeros(n, value.shape[1])
                 tables[key][batch["index"]] = value
             seen[batch["index"]] = 1
             bar.update(len(batch["index"]))
-    if not tables:   # a rank with no items learns the widths from the others
-        dims = torch.tensor([0.0, 0.0])
-    else:
-        dims = torch.tensor([float(tables["image"].shape[1]), float(tables["text"].shape[1])])
+    # a rank with no items learns the widths from the others
+    dims = torch.tensor([float(tables[m].shape[1]) if m in tables else 0.0 for m in modalities])
     dims = allreduce_tensor(dims, op="max")
-    for key, d in zip(("image", "text"), dims.long().tolist()):
+    for key, d in zip(modalities, dims.long().tolist()):
         tables.setdefault(key, torch.zeros(n, d))
         tables[key] = allreduce_tensor(tables[key])
     seen = allreduce_tensor(seen)
     if int((seen > 1).sum()):
         raise PtmrecError(f"{shards}: {int((seen > 1).sum())} items encoded by more than one rank")
-    return {"image": tables["image"].numpy(), "text": tables["text"].numpy(),
-            "present": (seen == 1).numpy()}
+    return {**{m: tables[m].numpy() for m in modalities}, "present": (seen == 1).numpy()}

@@ -4,11 +4,17 @@
 (``encode_images``, ``encode_texts``, ``processor``, ``tokenizer``, ``max_text_len``), so the
 extraction code runs it unchanged. A method's ``apply`` decides what trains:
 
-* ``prompt``: deep prompts in both towers (:mod:`ptmrec_dist.clip.prompts`), ours;
-* ``lora`` / ``ia3``: through ``peft`` (``inject_adapter_in_model`` on the CLIPModel,
-  ``peft.target_modules``, default the attention's ``q_proj``/``v_proj``);
-* ``full``: every backbone weight (the joint fine-tuning baseline);
+* ``prompt``: deep prompts in both towers (:mod:`ptmrec_dist.clip.prompts`), ours; with a
+  BERT-style ``backbone.text_tower`` the text prompts go into that tower
+  (:mod:`ptmrec_dist.clip.text_prompts`) and the vision prompts stay in CLIP's vision tower;
+* ``lora`` / ``ia3``: through ``peft`` (``inject_adapter_in_model``), on ``peft.target_modules``;
+  left empty (the default), each model gets its family's attention query/value projections
+  (:data:`TARGET_MODULES`: CLIP's ``q_proj``/``v_proj``, BERT's ``query``/``value``, ...);
+* ``full``: every backbone weight the features depend on (the joint fine-tuning baseline);
 * ``frozen``: nothing in the backbone.
+
+With a text tower, CLIP's own text side (text model, text projection) and the tower's pooler
+compute nothing the features use: no method adapts or trains them.
 
 Whatever the method, the trainable weights are the parameters with ``requires_grad``; they are
 exported alone as safetensors (:func:`save_trainable`) and loaded back onto a fresh backbone with
@@ -27,6 +33,7 @@ from torch import nn
 from ptmrec_dist import dist
 from ptmrec_dist.clip.backbone import FrozenBackbone
 from ptmrec_dist.clip.prompts import PromptLearner, text_features, vision_features
+from ptmrec_dist.clip.text_prompts import check_prompt_tower, tower_features
 from ptmrec_dist.errors import ConfigError, InputError, TrainingError
 
 
@@ -53,9 +60,10 @@ class AdaptedBackbone(FrozenBackbone):
                                self.use_checkpoint)
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.text_tower is not None:
-            return self.text_tower(input_ids, attention_mask)
         text, _ = self._prompts()
+        if self.text_tower is not None:
+            return tower_features(self.text_tower.encoder, input_ids, attention_mask, text,
+                                  self.use_checkpoint)
         return text_features(self.clip, input_ids, attention_mask, text, self.use_checkpoint)
 
     def forward(self, pixel_values, input_ids, attention_mask):
@@ -76,70 +84,150 @@ class Method:
         raise NotImplementedError
 
 
+VISION_SIDE = ("clip.vision_model.", "clip.visual_projection.")
+CLIP_TEXT_SIDE = ("clip.text_model.", "clip.text_projection.")
+
+
+def _unused(backbone: AdaptedBackbone, modalities: str) -> tuple[str, ...]:
+    """Name prefixes of the parameters no feature depends on: with a text tower, CLIP's text side
+    and the tower's pooler (whose output is never used); the tower of a modality that
+    ``backbone.modalities`` leaves out."""
+    unused: tuple[str, ...] = ()
+    if backbone.text_tower is not None:
+        unused += (*CLIP_TEXT_SIDE, "text_tower.encoder.pooler.")
+    if modalities == "text":
+        unused += VISION_SIDE
+    elif modalities == "image":
+        unused += (*CLIP_TEXT_SIDE, "text_tower.")
+    return unused
+
+
+def _prompt_towers(backbone: AdaptedBackbone, modalities: str) -> dict[str, object]:
+    """``{name: config}`` of the towers that take prompts: CLIP's vision tower, and the text
+    tower if there is one, else CLIP's; only those ``backbone.modalities`` reads."""
+    towers = {}
+    if modalities in ("both", "image"):
+        towers["vision"] = backbone.clip.vision_model.config
+    if modalities in ("both", "text"):
+        if backbone.text_tower is None:
+            towers["text"] = backbone.clip.text_model.config
+        else:
+            check_prompt_tower(backbone.text_tower.encoder)
+            towers["text"] = backbone.text_tower.encoder.config
+    return towers
+
+
 class Prompt(Method):
     name = "prompt"
 
     def apply(self, backbone, cfg):
-        if backbone.text_tower is not None:
-            raise ConfigError("peft.method=prompt puts prompts into CLIP's text tower; it does not "
-                              "support backbone.text_tower (use lora or ia3)")
         s = cfg.stage2
         _set_trainable(backbone, lambda n: False)
-        if s.prompt_len and s.prompt_depth:
-            for tower, key in ((backbone.clip.vision_model, "vision"),
-                               (backbone.clip.text_model, "text")):
-                layers = tower.config.num_hidden_layers
-                if s.prompt_depth > layers:
-                    raise ConfigError(f"config key 'stage2.prompt_depth' ({s.prompt_depth}) "
-                                      f"exceeds the {layers} layers of the {key} tower")
-            c = backbone.clip.config
-            backbone.prompts = PromptLearner(c.text_config.hidden_size,
-                                             c.vision_config.hidden_size, s.prompt_len,
-                                             s.prompt_depth, cfg.peft.coupled, cfg.peft.prompt_std)
-            backbone.max_text_len -= s.prompt_len
+        if not (s.prompt_len and s.prompt_depth):
+            return
+        towers = _prompt_towers(backbone, cfg.backbone.modalities)
+        for key, config in towers.items():
+            if s.prompt_depth > config.num_hidden_layers:
+                raise ConfigError(f"config key 'stage2.prompt_depth' ({s.prompt_depth}) exceeds "
+                                  f"the {config.num_hidden_layers} layers of the {key} tower")
+        if cfg.peft.coupled and len(towers) < 2:
+            raise ConfigError("peft.coupled projects text prompts into the vision tower: it "
+                              f"needs both towers (backbone.modalities={cfg.backbone.modalities})")
+        widths = {k: c.hidden_size for k, c in towers.items()}
+        backbone.prompts = PromptLearner(widths.get("text", 0), widths.get("vision", 0),
+                                         s.prompt_len, s.prompt_depth, cfg.peft.coupled,
+                                         cfg.peft.prompt_std)
+        if "text" in towers and backbone.text_tower is None:   # CLIP's text prompts take
+            backbone.max_text_len -= s.prompt_len               # positions of the text
+
+
+# attention query/value projections per architecture family (``config.model_type``; CLIP's towers
+# report clip_vision_model / clip_text_model), checked on transformers 5.x
+TARGET_MODULES = {
+    "clip": ["q_proj", "v_proj"],
+    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+    "camembert": ["query", "value"], "electra": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"], "mpnet": ["q", "v"],
+    "deberta-v2": ["query_proj", "value_proj"],
+}
+
+
+def family_targets(model: nn.Module) -> list[str]:
+    """The default ``peft.target_modules`` of ``model``'s family."""
+    kind = getattr(getattr(model, "config", None), "model_type", "?")
+    family = kind.removesuffix("_vision_model").removesuffix("_text_model")
+    if family not in TARGET_MODULES:
+        raise ConfigError(f"config key 'peft.target_modules' is empty and the {kind!r} family "
+                          f"has no default (known: {', '.join(TARGET_MODULES)}): set "
+                          "peft.target_modules to its attention module names")
+    return list(TARGET_MODULES[family])
+
+
+def _adapter_targets(backbone: AdaptedBackbone, explicit: list[str],
+                     modalities: str = "both") -> list[tuple]:
+    """``(model, target names)`` to inject into: the CLIPModel, or with a text tower CLIP's vision
+    tower and the tower's encoder, each with its family's targets; only the towers
+    ``backbone.modalities`` reads. An explicit list applies to them together (a name may match
+    on one side only)."""
+    text = backbone.clip.text_model if backbone.text_tower is None else \
+        backbone.text_tower.encoder
+    if modalities == "text":
+        parts = [text]
+    elif modalities == "image":
+        parts = [backbone.clip.vision_model]
+    elif backbone.text_tower is None:
+        parts = [backbone.clip]
+    else:
+        parts = [backbone.clip.vision_model, text]
+    if explicit:
+        model = parts[0] if len(parts) == 1 else nn.ModuleList(parts)
+        return [(model, list(explicit))]
+    return [(m, family_targets(m)) for m in parts]
 
 
 class _PeftAdapter(Method):
     marker = ""
 
-    def peft_config(self, cfg):
+    def peft_config(self, cfg, targets: list[str]):
         raise NotImplementedError
 
     def apply(self, backbone, cfg):
         from peft import inject_adapter_in_model
 
-        target = backbone.clip if backbone.text_tower is None else backbone
-        try:
-            inject_adapter_in_model(self.peft_config(cfg), target)
-        except ValueError as exc:
-            raise ConfigError(f"config key 'peft.target_modules' {cfg.peft.target_modules}: "
-                              f"{str(exc).splitlines()[0]}") from None
+        for model, targets in _adapter_targets(backbone, cfg.peft.target_modules,
+                                               cfg.backbone.modalities):
+            try:
+                inject_adapter_in_model(self.peft_config(cfg, targets), model)
+            except ValueError as exc:
+                raise ConfigError(f"config key 'peft.target_modules' {targets}: "
+                                  f"{str(exc).splitlines()[0]}") from None
         _set_trainable(backbone, lambda n: self.marker in n)
 
 
 class Lora(_PeftAdapter):
     name, marker = "lora", "lora_"
 
-    def peft_config(self, cfg):
+    def peft_config(self, cfg, targets):
         from peft import LoraConfig
         p = cfg.peft
         return LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=0.0,
-                          target_modules=list(p.target_modules))
+                          target_modules=targets)
 
 
 class IA3(_PeftAdapter):
     name, marker = "ia3", "ia3_"
 
-    def peft_config(self, cfg):
+    def peft_config(self, cfg, targets):
         from peft import IA3Config
-        return IA3Config(target_modules=list(cfg.peft.target_modules), feedforward_modules=[])
+        return IA3Config(target_modules=targets, feedforward_modules=[])
 
 
 class Full(Method):
     name = "full"
 
     def apply(self, backbone, cfg):
-        _set_trainable(backbone, lambda n: True)
+        unused = _unused(backbone, cfg.backbone.modalities)
+        _set_trainable(backbone, lambda n: not n.startswith(unused))
 
 
 class Frozen(Method):

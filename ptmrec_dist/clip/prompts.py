@@ -27,20 +27,26 @@ from torch.utils.checkpoint import checkpoint
 
 class PromptLearner(nn.Module):
     """Prompt tables ``text [depth, L, text_width]`` and ``vision [depth, L, vision_width]`` (or,
-    coupled, the per-layer projections text -> vision). Called as a module (``self()``) so that
-    ZeRO-3 gathers its parameters."""
+    coupled, the per-layer projections text -> vision). A width of 0 means no prompts in that
+    tower (``backbone.modalities`` leaves it out): its side is None. Called as a module
+    (``self()``) so that ZeRO-3 gathers its parameters."""
 
     def __init__(self, text_width: int, vision_width: int, prompt_len: int, depth: int,
                  coupled: bool = False, std: float = 0.02):
         super().__init__()
+        if coupled and not (text_width and vision_width):
+            raise ValueError("coupled prompts need both towers")
         self.prompt_len, self.depth, self.coupled = prompt_len, depth, coupled
-        self.text = nn.Parameter(torch.randn(depth, prompt_len, text_width) * std)
+        # the text table is drawn first, as before vision prompts became optional
+        self.text = nn.Parameter(torch.randn(depth, prompt_len, text_width) * std) \
+            if text_width else None
+        self.vision = None
         if coupled:
             self.couple = nn.ModuleList(nn.Linear(text_width, vision_width) for _ in range(depth))
-        else:
+        elif vision_width:
             self.vision = nn.Parameter(torch.randn(depth, prompt_len, vision_width) * std)
 
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.coupled:
             vision = torch.stack([proj(self.text[k]) for k, proj in enumerate(self.couple)])
         else:
@@ -51,9 +57,9 @@ class PromptLearner(nn.Module):
     def init_from(self, text: torch.Tensor | None, vision: torch.Tensor | None) -> None:
         """Set every layer's prompts to ``text [L, text_width]`` / ``vision [L, vision_width]``
         (knowledge-guided initialisation; coupled prompts take only the text side)."""
-        if text is not None:
+        if text is not None and self.text is not None:
             self.text.copy_(text.to(self.text.dtype).expand_as(self.text))
-        if vision is not None and not self.coupled:
+        if vision is not None and self.vision is not None and not self.coupled:
             self.vision.copy_(vision.to(self.vision.dtype).expand_as(self.vision))
 
 

@@ -19,7 +19,12 @@ class DataConfig:
     split: Literal["auto", "x_label", "random", "loo"] = "auto"  # auto: x_label if present, else random
     split_seed: int = 2026
     on_bad_sample: Literal["error", "skip"] = "error"
-    catalog: str = ""                   # folder with items.jsonl + images
+    catalog: str = ""                   # folder with items.jsonl + images; with the
+    #                                     catalog.json of `ptmrec catalog` it owns the item index
+    #                                     (n_items), whatever items the interactions hold
+    subsample: float = 1.0              # fraction of each user's interactions kept (seeded;
+    #                                     at least 5 or all), before the split
+    subsample_seed: int = 0
     shards: str = ""                    # folder with items-*.tar + manifest.json
     features: str = ""                  # item features: `ptmrec extract` output or a folder with
     #                                     MMRec's image_feat.npy/text_feat.npy ("" = next to the
@@ -31,6 +36,7 @@ class DataConfig:
     def checks(self) -> list[tuple[str, bool, str]]:
         return [
             ("shard_size", self.shard_size >= 1, "must be >= 1"),
+            ("subsample", 0 < self.subsample <= 1, "must be in (0, 1]"),
             ("image_size", self.image_size >= 0, "must be >= 0 (0 keeps the original)"),
             ("jpeg_quality", 1 <= self.jpeg_quality <= 100, "must be in 1..100"),
         ]
@@ -71,6 +77,7 @@ class BackboneConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     text_tower: str = ""                # optional BERT-style text encoder (path or hub id)
+    modalities: Literal["both", "image", "text"] = "both"   # what the recommender reads
 
 
 @dataclass

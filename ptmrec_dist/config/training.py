@@ -86,7 +86,10 @@ class PeftConfig:
     coupled: bool = False               # MaPLe-style text->vision prompt projection
     prompt_init: Literal["random", "teacher"] = "teacher"   # teacher: knowledge-guided
     prompt_std: float = 0.02            # std of random prompt initialisation
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # lora, ia3
+    target_modules: list[str] = field(default_factory=list)   # lora, ia3: module names the
+                                        # adapters wrap; [] = per family, each model's attention
+                                        # query/value (CLIP q_proj/v_proj, BERT query/value, ...;
+                                        # clip/methods.py TARGET_MODULES)
     lora_r: int = 8
     lora_alpha: float = 16.0
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import scipy.sparse as sp
 
 from ptmrec_dist.config import DataConfig
 from ptmrec_dist.data.splits import SPLIT_NAMES, TEST, TRAIN, leave_last_out_labels, \
-    random_split_labels
+    random_split_labels, subsample_per_user
 from ptmrec_dist.data.table import Table, read_table
 from ptmrec_dist.errors import InputError
 from ptmrec_dist.io import atomic_write_text
@@ -48,6 +49,7 @@ class Interactions:
     raw_rows: int = 0
     duplicates_removed: int = 0
     dropped_eval: int = 0                # valid/test rows of users with no train row (MMRec drops)
+    subsampled_out: int = 0              # rows left out by data.subsample
     _csr: dict = field(default_factory=dict, repr=False)
 
     def csr(self, split: str = "train") -> sp.csr_matrix:
@@ -93,6 +95,7 @@ class Interactions:
                 "max": int(present.max()) if len(present) else 0},
             "raw_rows": self.raw_rows, "duplicates_removed": self.duplicates_removed,
             "dropped_eval_without_train": self.dropped_eval,
+            "subsampled_out": self.subsampled_out,
         }
 
     def item_index(self, raw_ids) -> np.ndarray:
@@ -274,14 +277,53 @@ def _first_occurrences(key: np.ndarray) -> np.ndarray:
     return np.sort(order[first])
 
 
-def load_interactions(path: str | Path, cfg: DataConfig | None = None, warn=None) -> Interactions:
-    """Parse, validate, deduplicate and split. ``warn`` gets human-readable notices (stderr)."""
+def catalog_item_space(catalog: str | Path | None, interactions: Path) -> tuple[int, Path] | None:
+    """``(n_items, catalog.json)`` when a catalog owns the item index: ``catalog.json`` (written
+    by ``ptmrec catalog``) in ``catalog`` (``data.catalog``), else beside the interactions file;
+    None when there is none (the interactions define the index)."""
+    folder = Path(catalog) if catalog else interactions.parent
+    summary = folder / "catalog.json"
+    if not summary.is_file():
+        return None
+    try:
+        n = json.loads(summary.read_text(encoding="utf-8"))["items"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(summary, f"not a catalog summary of `ptmrec catalog` ({exc!r})") from None
+    if not isinstance(n, int) or n < 1:
+        raise InputError(summary, f"'items' must be a positive integer, got {n!r}")
+    return n, summary
+
+
+def _apply_item_space(p: _Parsed, path: Path, catalog) -> int:
+    """The number of items: the catalog's when one owns the index (the file's indices must fit
+    in it), else the file's."""
+    space = catalog_item_space(catalog, path)
+    if space is None:
+        return p.n_items
+    n, summary = space
+    if p.fmt != "inter":
+        raise InputError(path, f"raw item ids, but the catalog {summary} defines the item index: "
+                               "use its interactions.inter (or a subset of it) with indices")
+    if p.n_items > n:
+        row = int(np.flatnonzero(p.items >= n)[0])
+        line = int(p.line_no[row]) if p.line_no is not None else _line_of_row(path, row)
+        raise InputError(path, f"item index {int(p.items[row])} is outside the catalog {summary} "
+                               f"({n} items)", line=line, field="itemID")
+    return n
+
+
+def load_interactions(path: str | Path, cfg: DataConfig | None = None, warn=None,
+                      catalog: str | Path | None = None) -> Interactions:
+    """Parse, validate, deduplicate, subsample and split. ``warn`` gets human-readable notices
+    (stderr). The item count is the catalog's (``catalog``, else ``data.catalog``, else a
+    ``catalog.json`` beside the file) when there is one: see :func:`catalog_item_space`."""
     cfg = cfg or DataConfig()
     warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
     path = find_interactions_file(path)
     p = parse_interactions(path)
     users, items, labels, timestamps = p.users, p.items, p.labels, p.timestamps
-    n_users, n_items, raw_rows = p.n_users, p.n_items, p.raw_rows
+    n_users, raw_rows = p.n_users, p.raw_rows
+    n_items = _apply_item_space(p, path, catalog or cfg.catalog)
     user_ids, item_ids = p.user_ids, p.item_ids
 
     # duplicates: keep the first occurrence in file order
@@ -296,7 +338,16 @@ def load_interactions(path: str | Path, cfg: DataConfig | None = None, warn=None
         timestamps = timestamps[keep] if timestamps is not None else None
         labels = labels[keep] if labels is not None else None
 
-    rule = cfg.split
+    rule, subsampled_out = cfg.split, 0
+    if cfg.subsample < 1:
+        if rule == "x_label":
+            raise InputError(path, "data.subsample < 1 draws a new split: set data.split to "
+                                   "random or loo (not x_label)")
+        keep = subsample_per_user(users, cfg.subsample, cfg.subsample_seed)
+        subsampled_out = len(users) - len(keep)
+        users, items = users[keep], items[keep]
+        timestamps = timestamps[keep] if timestamps is not None else None
+        labels = None
     if rule == "auto":
         rule = "x_label" if labels is not None else "random"
     if rule == "x_label":
@@ -323,4 +374,5 @@ def load_interactions(path: str | Path, cfg: DataConfig | None = None, warn=None
     return Interactions(path=path, format=p.fmt, n_users=n_users, n_items=n_items, users=users,
                         items=items, labels=labels, split_rule=rule, user_ids=user_ids,
                         item_ids=item_ids, timestamps=timestamps, raw_rows=raw_rows,
-                        duplicates_removed=duplicates, dropped_eval=dropped)
+                        duplicates_removed=duplicates, dropped_eval=dropped,
+                        subsampled_out=subsampled_out)

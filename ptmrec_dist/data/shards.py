@@ -118,7 +118,7 @@ def write_shards(catalog_dir: str | Path, out_dir: str | Path, shard_size: int =
             inter_path = None
     n_space = -1
     if inter_path is not None:
-        inter = load_interactions(inter_path, warn=lambda m: None)
+        inter = load_interactions(inter_path, warn=lambda m: None, catalog=catalog_dir)
         items, _ = resolve_indices(items, inter.item_index([it.item_id for it in items]),
                                    catalog_file, skips, on_bad_sample)
         n_space = inter.n_items

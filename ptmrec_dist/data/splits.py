@@ -75,3 +75,21 @@ def temporal_split_labels(users: np.ndarray, timestamps: np.ndarray) -> np.ndarr
     order = np.lexsort((-np.arange(len(users)), -np.asarray(timestamps, dtype=np.float64), users))
     return _labels_from_rank_from_end(users, _rank_within_user(users, order),
                                       holdout_sizes(counts))
+
+
+SUBSAMPLE_MIN = 5     # every user keeps at least this many (or all it has), as a 5-core set
+
+
+def subsample_per_user(users: np.ndarray, fraction: float, seed: int,
+                       minimum: int = SUBSAMPLE_MIN) -> np.ndarray:
+    """Rows to keep (sorted indices) of a seeded per-user subsample: a user with n interactions
+    keeps ``max(min(n, minimum), round(fraction * n))`` of them, chosen uniformly at random
+    (``numpy.random.default_rng([seed, SUBSAMPLE])``)."""
+    from ptmrec_dist.seeds import SUBSAMPLE
+
+    users = np.asarray(users, dtype=np.int64)
+    counts = np.bincount(users, minlength=int(users.max()) + 1 if len(users) else 0)
+    sizes = np.maximum(np.minimum(counts, minimum), np.round(fraction * counts).astype(np.int64))
+    keys = np.random.default_rng([seed, SUBSAMPLE]).random(len(users))
+    order = np.lexsort((keys, users))
+    return np.flatnonzero(_rank_within_user(users, order) < sizes[users])

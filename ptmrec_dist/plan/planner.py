@@ -12,6 +12,7 @@ from ptmrec_dist.plan.recommender import (data_sizes, recommender_activation_ele
                                           recommender_sizes)
 from ptmrec_dist.plan.zero import (DTYPE_BYTES, Group, partition, precision_of,
                                    resolve_stage2_ds, zero_buffer_bytes, zero_settings)
+from ptmrec_dist.rec.features import modality_names
 
 GIB = 2 ** 30
 HEADROOM = 0.10
@@ -80,7 +81,8 @@ class Planner:
             return []
         self.rec = recommender_sizes(self.cfg, self.data["n_users"], self.data["n_items"],
                                      self.backbone.clip.config.projection_dim,
-                                     self.data["n_interactions"])
+                                     self.data["n_interactions"],
+                                     modality_names(self.cfg.backbone.modalities))
         self.notes += self.rec["notes"]
         self.rec_buffers = int(self.rec["buffers_bytes"] * self.rec_bytes / 4)
         return [Group(self.rec["trainable"], self.rec_bytes, True, 0)]

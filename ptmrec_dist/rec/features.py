@@ -19,6 +19,11 @@ from ptmrec_dist.errors import ConfigError, InputError
 NAMES = {"image": ("image.npy", "image_feat.npy"), "text": ("text.npy", "text_feat.npy")}
 
 
+def modality_names(modalities: str) -> tuple[str, ...]:
+    """``backbone.modalities`` (``both``, ``image``, ``text``) as the modality names it keeps."""
+    return ("image", "text") if modalities == "both" else (modalities,)
+
+
 @dataclass
 class ItemFeatures:
     image: np.ndarray | None = None
@@ -45,8 +50,12 @@ def _load(path: Path, n_items: int) -> np.ndarray:
     except (OSError, ValueError) as exc:
         raise InputError(path, f"not a readable .npy array: {exc}") from None
     if arr.ndim != 2 or arr.shape[0] != n_items:
+        hint = ""
+        if arr.ndim == 2 and arr.shape[0] > n_items:
+            hint = ("; if the interactions are a subset of a larger catalog, set data.catalog "
+                    "to the catalog folder (its catalog.json owns the item index)")
         raise InputError(path, f"expected shape ({n_items}, dim) (one row per item), "
-                               f"got {tuple(arr.shape)}")
+                               f"got {tuple(arr.shape)}{hint}")
     out = np.array(arr, dtype=np.float32)          # a writable copy, never the read-only map
     if not np.isfinite(out).all():
         bad = int(np.flatnonzero(~np.isfinite(out).all(axis=1))[0])
@@ -54,10 +63,13 @@ def _load(path: Path, n_items: int) -> np.ndarray:
     return out
 
 
-def load_item_features(folder: str | Path, n_items: int) -> ItemFeatures:
+def load_item_features(folder: str | Path, n_items: int,
+                       modalities: tuple[str, ...] = ("image", "text")) -> ItemFeatures:
+    """The folder's features of ``modalities`` (the others are not read)."""
     folder = Path(folder)
     feats = ItemFeatures(source=str(folder))
-    for modality, candidates in NAMES.items():
+    for modality in modalities:
+        candidates = NAMES[modality]
         for name in candidates:
             if (folder / name).is_file():
                 setattr(feats, modality, _load(folder / name, n_items))
@@ -75,16 +87,20 @@ def load_item_features(folder: str | Path, n_items: int) -> ItemFeatures:
     return feats
 
 
-def resolve_features(data_cfg, interactions_path: Path, n_items: int,
-                     required: bool) -> ItemFeatures:
-    """Features for a run (see the module doc); ``required`` models get a clear error if none."""
+def resolve_features(data_cfg, interactions_path: Path, n_items: int, required: bool,
+                     modalities: str = "both") -> ItemFeatures:
+    """Features for a run (see the module doc), of ``modalities`` (``backbone.modalities``);
+    ``required`` models get a clear error if none."""
     folder = Path(data_cfg.features) if data_cfg.features else interactions_path.parent
     if data_cfg.features and not folder.is_dir():
         raise ConfigError(f"data.features: no such folder: {folder}")
-    feats = load_item_features(folder, n_items)
+    wanted = modality_names(modalities)
+    feats = load_item_features(folder, n_items, wanted)
     if required and feats.empty:
+        files = "/".join(f"{m}.npy" for m in wanted)
         raise ConfigError(
-            f"this recommender needs item features, and none were found in {folder} "
-            "(looked for image.npy/text.npy from `ptmrec extract` and MMRec's "
-            "image_feat.npy/text_feat.npy); set data.features=FOLDER")
+            f"this recommender needs item features ({' and '.join(wanted)}: "
+            f"backbone.modalities={modalities}), and none were found in {folder} "
+            f"(looked for {files} from `ptmrec extract` and MMRec's "
+            f"{'/'.join(f'{m}_feat.npy' for m in wanted)}); set data.features=FOLDER")
     return feats

@@ -46,6 +46,9 @@ def save_stage2_best(out: Path, backbone, student, bank: dict, reps, meta: dict,
     save_model_and_representations(out, state, reps)
     dtype = np.float16 if feature_dtype == "fp16" else np.float32
     for key in ("image", "text"):
+        if key not in bank:       # backbone.modalities left it out: no stale file either
+            (out / "features" / f"{key}.npy").unlink(missing_ok=True)
+            continue
         atomic_save_npy(out / "features" / f"{key}.npy", bank[key].astype(dtype))
     atomic_save_npy(out / "features" / "present.npy", bank["present"])
     atomic_write_json(out / "features" / "meta.json", {**meta, "dtype": feature_dtype})

@@ -49,7 +49,8 @@ def build_model(cfg: Config, inter, feats: ItemFeatures | None = None) -> rec.ba
     model needs them)."""
     cls = rec.model_class(cfg.recommender.name)
     if feats is None:
-        feats = (resolve_features(cfg.data, inter.path, inter.n_items, required=True)
+        feats = (resolve_features(cfg.data, inter.path, inter.n_items, required=True,
+                                  modalities=cfg.backbone.modalities)
                  if cls.needs_features else ItemFeatures())
     torch.manual_seed(cfg.seed)          # the same initial weights on every rank
     model = cls(inter.n_users, inter.n_items, feats, cfg.recommender, inter.csr("train"))

@@ -233,7 +233,8 @@ class Stage2Run:
         t0 = time.perf_counter()
         self.engine.module.eval()
         features = extract_all(self.backbone, self.shards, self.cfg, self.env, self.device,
-                               verify=first, show_progress=self.env.is_main and sys.stderr.isatty())
+                               verify=first, show_progress=self.env.is_main and sys.stderr.isatty(),
+                               modalities=tuple(self.student.modalities))
         if first:
             check_dims(self.student, features)
         self.bank.reset(features)

@@ -35,11 +35,14 @@ class Stage2Model(nn.Module):
             self.register_buffer("teacher_items", teacher["items"], persistent=False)
 
     def forward(self, batch: dict) -> tuple[dict, dict]:
-        image, text = self.backbone(batch["pixel_values"], batch["input_ids"],
-                                    batch["attention_mask"])
+        wanted = self.student.modalities       # a tower the student does not read never runs
         dtype = next(self.student.parameters()).dtype
-        modal = {m: f.to(dtype) for m, f in (("image", image), ("text", text))
-                 if m in self.student.modalities}
+        modal = {}
+        if "image" in wanted:
+            modal["image"] = self.backbone.encode_images(batch["pixel_values"]).to(dtype)
+        if "text" in wanted:
+            modal["text"] = self.backbone.encode_texts(batch["input_ids"],
+                                                       batch["attention_mask"]).to(dtype)
         users, items = batch["users"], batch["items"]
         out = self.student.stage2_scores(users, items, modal)
         bpr = sum(w * in_batch_bpr(s, batch["known"], batch.get("row_weights"), batch["pos"])
@@ -79,10 +82,12 @@ def load_teacher(cfg: Config) -> dict | None:
         if not f.is_file():
             raise InputError(f, "missing: stage2.teacher must be a finished `ptmrec stage1` run")
     tcfg = load_config(files["config"])
-    for key in ("name", "embedding_dim", "feat_embed_dim"):
-        mine, theirs = getattr(cfg.recommender, key), getattr(tcfg.recommender, key)
+    for section, key in (("recommender", "name"), ("recommender", "embedding_dim"),
+                         ("recommender", "feat_embed_dim"), ("backbone", "modalities")):
+        mine = getattr(getattr(cfg, section), key)
+        theirs = getattr(getattr(tcfg, section), key)
         if mine != theirs:
-            raise ConfigError(f"config key 'recommender.{key}' is {mine!r} but the teacher "
+            raise ConfigError(f"config key '{section}.{key}' is {mine!r} but the teacher "
                               f"{run} was trained with {theirs!r}")
     return {"users": torch.from_numpy(np.load(files["users"])),
             "items": torch.from_numpy(np.load(files["items"])),
@@ -101,7 +106,8 @@ def build_student(cfg: Config, inter, teacher: dict | None, device):
     if not rec.model_class(name).needs_features:
         raise ConfigError(f"recommender.name={name} uses no item features: stage 2 "
                           "adapts the backbone that produces them (use vbpr, freedom or bm3)")
-    frozen = resolve_features(cfg.data, inter.path, inter.n_items, required=True)
+    frozen = resolve_features(cfg.data, inter.path, inter.n_items, required=True,
+                              modalities=cfg.backbone.modalities)
     student = build_model(cfg, inter, frozen)
     if teacher is not None:
         from safetensors.torch import load_file
@@ -136,23 +142,34 @@ def init_prompts_from_teacher(backbone, feats, teacher_items: torch.Tensor) -> d
     """Knowledge-guided prompt initialisation: each tower's prompts start as the directions of
     its feature space that the teacher's item representations load on most
     (:func:`~ptmrec_dist.clip.prompts.teacher_directions`), mapped into the tower's width by the
-    pseudo-inverse of its projection and scaled like the tokens they sit among."""
+    pseudo-inverse of its projection and scaled like the tokens they sit among. A BERT-style
+    ``backbone.text_tower`` pools in its hidden space (identity projection) and its prompts sit
+    among post-LayerNorm tokens (:func:`~ptmrec_dist.clip.text_prompts.init_space`)."""
     from ptmrec_dist.clip.prompts import teacher_directions, to_width
+    from ptmrec_dist.clip.text_prompts import init_space
 
     learner, clip = backbone.prompts, backbone.clip
     n = learner.prompt_len
+    if backbone.text_tower is None:
+        text = (clip.text_projection.weight,
+                float(clip.text_model.embeddings.token_embedding.weight.norm(dim=1).mean()))
+    else:
+        text = init_space(backbone.text_tower.encoder)
     out = {}
+    prompted = {"text": learner.text is not None,
+                "image": learner.vision is not None or learner.coupled}
     for m, proj, scale in (
-            ("text", clip.text_projection.weight,
-             float(clip.text_model.embeddings.token_embedding.weight.norm(dim=1).mean())),
+            ("text", *text),
             ("image", clip.visual_projection.weight,
              float(clip.vision_model.pre_layrnorm.weight.norm()))):
+        if not prompted[m]:          # backbone.modalities leaves this tower without prompts
+            continue
         f = feats.get(m)
         if f is None or f.shape[1] != proj.shape[0]:
             raise ConfigError(f"peft.prompt_init=teacher needs {m} features of this backbone "
                               f"({proj.shape[0]}-d) in data.features; set peft.prompt_init=random")
         out[m] = to_width(teacher_directions(f, teacher_items.numpy(), n), proj, scale)
-    learner.init_from(out["text"], out["image"])
+    learner.init_from(out.get("text"), out.get("image"))
     return {m: v.shape for m, v in out.items()}
 
 

