@@ -8,7 +8,10 @@ rank writes; all writes are atomic or single-line appends, so a killed run leave
 
 from __future__ import annotations
 
+import platform
+import subprocess
 import time
+from functools import lru_cache
 from pathlib import Path
 
 from ptmrec_dist.config import Config, save_config
@@ -57,3 +60,39 @@ class RunDir:
     def write_metrics(self, metrics: dict) -> None:
         if self.is_main:
             atomic_write_json(self.path / METRICS, metrics)
+
+
+@lru_cache(maxsize=1)
+def _commit() -> dict:
+    """The package's git commit and whether its tree had changes (None outside a checkout)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode:
+            return {"commit": None, "dirty": None}
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                 "--untracked-files=no"], capture_output=True, text=True,
+                                timeout=10)
+        return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def provenance(cfg: Config) -> dict:
+    """What a figure needs to be reproduced: commit, seeds, torch threads, library versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    versions = {"python": platform.python_version()}
+    for name in ("ptmrec_dist", "torch", "deepspeed", "transformers", "peft", "numpy"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    d = cfg.data
+    return {**_commit(), "torch_threads": torch.get_num_threads(),
+            "seeds": {"seed": cfg.seed, "data.split_seed": d.split_seed,
+                      "data.subsample_seed": d.subsample_seed if d.subsample < 1 else None},
+            "versions": versions}

@@ -153,6 +153,13 @@ def test_same_config_same_representations(data, trained, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "again/item_repr.npy"),
                                   np.load(out / "item_repr.npy"))
     assert again["valid"] == metrics["valid"] and again["test"] == metrics["test"]
+    # what reproducing it takes is in metrics.json: commit, seeds, threads, versions
+    prov = again["provenance"]
+    assert prov == metrics["provenance"]
+    assert prov["torch_threads"] == torch.get_num_threads() == 1      # in_process sets 1
+    assert prov["seeds"] == {"seed": 2026, "data.split_seed": 2026, "data.subsample_seed": None}
+    assert torch.__version__.startswith(prov["versions"]["torch"].split("+")[0])
+    assert prov["commit"] is None or len(prov["commit"]) == 40
 
 
 def test_early_stopping(data, in_process, tmp_path):

@@ -173,6 +173,32 @@ def test_lora_freedom_stage2(demo, tmp_path):
     assert log[-1]["kt"] > 0 and math.isfinite(log[-1]["loss"])
 
 
+@pytest.mark.parametrize("model", ["freedom", "bm3"])
+def test_feature_tables_are_not_trained_or_counted_and_rec_lr_reaches_its_group(
+        demo, tmp_path, model):
+    """FREEDOM's and BM3's feature tables are parameters in stage 1; in stage 2 they are the
+    feature bank (buffers) before the optimizer and the counts are built. The optimizer has the
+    backbone group at stage2.lr and the recommender group at stage2.rec_lr."""
+    from ptmrec_dist import dist
+    from ptmrec_dist.train.stage2 import Stage2Run
+    out, _ = demo
+    teacher = tmp_path / "t"
+    assert main(["stage1", "--config", str(out / "stage1" / "config.yaml"), "--out", str(teacher),
+                 "--model", model, "stage1.epochs=1", "recommender.freedom.knn_k=5"]) == 0
+    cfg = stage2_cfg(out, f"recommender.name={model}", "recommender.freedom.knn_k=5",
+                     f"stage2.teacher={teacher}", "stage2.lr=0.02", "stage2.rec_lr=0.0007")
+    env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, DistEnv())
+    run = Stage2Run(cfg, tmp_path / "s2", env, _quiet)
+    names = {n for n, p in run.student.named_parameters()}
+    assert not any(n.startswith(("image_embedding", "text_embedding")) for n in names)
+    expected = sum(p.numel() for p in run.student.parameters() if p.requires_grad)
+    assert run.counts["recommender"]["trainable"] == expected
+    tables = sum(t.numel() for t in run.student.item_modal_inputs().values())
+    assert tables > 0 and all(not t.requires_grad for t in run.student.item_modal_inputs().values())
+    lrs = sorted(g["lr"] for g in run.engine.optimizer.param_groups)
+    assert lrs == [0.0007, 0.02]
+
+
 def test_ia3_bm3_stage2(demo, tmp_path):
     """BM3 as student: its feature tables become the bank, its modal branch is the KT student."""
     out, _ = demo
@@ -222,6 +248,84 @@ def test_text_only_stage2_never_runs_the_vision_tower(demo, tmp_path, monkeypatc
         np.load(out / "features" / "text.npy").shape[0]
     log = read_log(tmp_path / "t")
     assert log[-1]["kt"] > 0 and log[-1]["backbone_shift"] > 0
+
+
+def test_kt_targets_and_per_term_gradient_norms(demo, tmp_path):
+    """stage2.kt_target: with nothing training (frozen backbone, rec_lr=0) the student is the
+    teacher, so KT is ~0 when like is compared with like (full vs full, content vs the teacher's
+    content head) and clearly not for today's full-vs-content pairing. grad_norms_every logs,
+    per loss term, the gradient norm reaching the backbone and the recommender."""
+    out, _ = demo
+    kt = {}
+    for target in ("full-content", "full", "content"):
+        run = tmp_path / target
+        run_stage2(stage2_cfg(out, "peft.method=frozen", "stage2.rec_lr=0", "stage2.epochs=1",
+                              f"stage2.kt_target={target}"), run, log=_quiet)
+        kt[target] = read_log(run)[-1]["kt"]
+    assert kt["full"] < 1e-3 and kt["content"] < 1e-3 and kt["full-content"] > 50 * kt["content"]
+
+    run = tmp_path / "norms"
+    run_stage2(stage2_cfg(out, "stage2.epochs=1", "stage2.grad_norms_every=2"), run, log=_quiet)
+    rec = read_log(run)[-1]
+    assert rec["grad_norm_steps"] >= 1 and set(rec["grad_norms"]) == {"bpr", "kt", "reg"}
+    for term in ("bpr", "kt"):
+        assert rec["grad_norms"][term]["backbone"] > 0 and rec["grad_norms"][term]["recommender"] > 0
+    assert rec["grad_norms"]["reg"]["recommender"] > 0
+    with pytest.raises(ConfigError, match="grad_norms_every"):
+        run_stage2(stage2_cfg(out, "stage2.grad_norms_every=1", "stage2.ds_config=zero3"),
+                   tmp_path / "z3", log=_quiet)
+    with pytest.raises(ConfigError, match="kt_target"):
+        run_stage2(stage2_cfg(out, "stage2.kt_target=content", "stage2.teacher=",
+                              "stage2.kt_weight=0", "peft.prompt_init=random"),
+                   tmp_path / "x", log=_quiet)
+
+
+@pytest.mark.parametrize("model", ["vbpr", "freedom"])
+def test_feature_gate_starts_exactly_at_stage_1(demo, tmp_path, model):
+    """stage2.feature_gate: before any step the student reads its stage-1 inputs, so epoch -1's
+    valid metrics are the teacher's (to 1e-6) although the knowledge-guided prompts already
+    change the backbone's features; training then opens the gate and moves the prompts. Without
+    the gate epoch -1 differs from stage 1 (today's behaviour)."""
+    out, _ = demo
+    teacher, extra = out / "stage1", []
+    if model != "vbpr":
+        teacher = tmp_path / "t"
+        assert main(["stage1", "--config", str(out / "stage1" / "config.yaml"), "--out",
+                     str(teacher), "--model", model, "stage1.epochs=2",
+                     "recommender.freedom.knn_k=5"]) == 0
+        extra = [f"recommender.name={model}", "recommender.freedom.knn_k=5"]
+    want = json.loads((teacher / "metrics.json").read_text())["valid"]
+    for gate in (True, False):
+        run = tmp_path / f"gate-{gate}"
+        m = run_stage2(stage2_cfg(out, f"stage2.teacher={teacher}", *extra, "stage2.epochs=1",
+                                  f"stage2.feature_gate={str(gate).lower()}"), run, log=_quiet)
+        log = read_log(run)
+        start = log[0]["valid"]
+        diff = max(abs(start[k] - want[k]) for k in ("recall@20", "ndcg@20", "recall@10"))
+        if gate:
+            assert diff < 1e-6, (start, want)
+            assert log[0]["gate"] == {mm: 0.0 for mm in log[0]["gate"]}
+            assert all(v != 0 for v in m["feature_gate"].values())
+            assert log[-1]["backbone_shift"] > 0
+        else:
+            assert diff > 1e-4
+
+
+def test_per_tower_learning_rates_and_shifts(demo, tmp_path):
+    """stage2.text_lr / vision_lr: one optimizer group per tower at its rate; the log has each
+    tower's prompt shift. A 100x smaller text rate moves the text prompts less (measured: 0.028
+    against 0.056 relative L2; Adam's steps are ~lr in size, and the text prompts are smaller)."""
+    from ptmrec_dist import dist
+    from ptmrec_dist.train.stage2 import Stage2Run
+    out, _ = demo
+    cfg = stage2_cfg(out, "stage2.epochs=1", "stage2.text_lr=0.0001", "stage2.vision_lr=0.01")
+    env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, DistEnv())
+    run = Stage2Run(cfg, tmp_path / "r", env, _quiet)
+    groups = run.engine.optimizer.param_groups
+    assert sorted(g["lr"] for g in groups) == sorted([0.0001, 0.01, cfg.stage2.rec_lr])
+    run.run()
+    shift = read_log(tmp_path / "r")[-1]["backbone_shift_tower"]
+    assert set(shift) == {"text", "vision"} and 0 < 1.5 * shift["text"] < shift["vision"]
 
 
 def test_zero3_trains_prompts(demo, tmp_path):

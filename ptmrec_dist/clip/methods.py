@@ -88,6 +88,12 @@ VISION_SIDE = ("clip.vision_model.", "clip.visual_projection.")
 CLIP_TEXT_SIDE = ("clip.text_model.", "clip.text_projection.")
 
 
+def tower_of(name: str) -> str:
+    """``text`` or ``vision``: the tower a backbone (or feature-gate) parameter belongs to."""
+    vision = (*VISION_SIDE, "prompts.vision", "prompts.couple", "gate_image")
+    return "vision" if name.startswith(vision) else "text"
+
+
 def _unused(backbone: AdaptedBackbone, modalities: str) -> tuple[str, ...]:
     """Name prefixes of the parameters no feature depends on: with a text tower, CLIP's text side
     and the tower's pooler (whose output is never used); the tower of a modality that

@@ -158,12 +158,20 @@ class Stage2Config:
     lr: float = 0.01                    # backbone's trainable weights (prompts; ~3e-3 for lora,
     #                                     1e-4 for full fine-tuning)
     rec_lr: float = 1e-3                # the recommender's weights
+    text_lr: float = 0.0                # per-tower rates for the backbone (0: stage2.lr); the
+    vision_lr: float = 0.0              # prompt scales differ ~10x between towers
     weight_decay: float = 0.0
     patience: int = 5                   # epochs without a better valid metric before stopping
     prompt_len: int = 4
     prompt_depth: int = 4               # layers that get (new) prompts, from the first
     kt_weight: float = 10.0             # weight of the in-batch knowledge-transfer KL
     kt_tau: float = 0.5                 # softmax temperature of the KL
+    kt_target: Literal["full-content", "full", "content"] = "full-content"   # teacher vs student
+    #                                     scores in the KL (docs/stage2.md)
+    feature_gate: bool = False          # the student reads ref + g (adapted - ref), g from 0:
+    #                                     epoch -1 equals stage 1 exactly (docs/stage2.md)
+    grad_norms_every: int = 0           # every N steps, log each loss term's gradient norm on
+    #                                     the backbone and the recommender (0: never; ZeRO <= 2)
     users_per_item: int = 8             # training users drawn per streamed item (rows of the loss)
     popularity_weighting: bool = True   # weight BPR rows by item degree / mean degree
     activation_checkpointing: bool = False   # recompute the encoder layers in backward
@@ -185,11 +193,14 @@ class Stage2Config:
             ("prompt_depth", self.prompt_depth >= 0, "must be >= 0"),
             ("kt_tau", self.kt_tau > 0, "must be > 0"),
             ("kt_weight", self.kt_weight >= 0, "must be >= 0"),
+            ("grad_norms_every", self.grad_norms_every >= 0, "must be >= 0 (0: never)"),
             ("epochs", self.epochs >= 1, "must be >= 1"),
             ("batch_size", self.batch_size >= 2, "must be >= 2 (in-batch negatives)"),
             ("patience", self.patience >= 1, "must be >= 1"),
             ("lr", self.lr > 0, "must be > 0"),
             ("rec_lr", self.rec_lr >= 0, "must be >= 0"),
+            ("text_lr", self.text_lr >= 0, "must be >= 0 (0: stage2.lr)"),
+            ("vision_lr", self.vision_lr >= 0, "must be >= 0 (0: stage2.lr)"),
             ("num_workers", self.num_workers >= 0, "must be >= 0"),
             ("users_per_item", self.users_per_item >= 1, "must be >= 1"),
             ("grad_accum", self.grad_accum >= 1, "must be >= 1"),

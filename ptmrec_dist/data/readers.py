@@ -267,9 +267,14 @@ class StreamingItems(_ShardReader):
         quota = self.worker_quota(slot % self.num_workers)
         skip = self.skipped_samples(slot % self.num_workers, self.skip.get())
         buffer: list[dict] = []
+        drawn = 0
         for n in range(quota):
-            while len(buffer) < max(1, self.shuffle_buffer):
+            # draw exactly ``quota`` samples from the source and shuffle those: filling the
+            # buffer past the quota would start the next cycle of the slot's items (yielding
+            # some twice) while items of this cycle stayed behind in the buffer (unseen)
+            while len(buffer) < max(1, self.shuffle_buffer) and drawn < quota:
                 buffer.append(next(source))
+                drawn += 1
             k = int(rng.integers(len(buffer)))
             buffer[k], buffer[-1] = buffer[-1], buffer[k]
             sample = buffer.pop()

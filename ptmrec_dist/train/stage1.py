@@ -25,6 +25,7 @@ from ptmrec_dist.errors import TrainingError
 from ptmrec_dist.eval.evaluate import Evaluator
 from ptmrec_dist.io import atomic_write_json
 from ptmrec_dist.rec.features import ItemFeatures, resolve_features
+from ptmrec_dist.run import provenance
 from ptmrec_dist.train.checkpoint import StopSignals
 from ptmrec_dist.train.engine import build_engine, stage_ds_config
 from ptmrec_dist.train.outputs import representations, save_model_and_representations
@@ -187,6 +188,7 @@ class Stage1Run:
             "n_users": inter.n_users, "n_items": inter.n_items,
             "epoch_s_mean": state.mean_time("epoch", 4), "eval_s_mean": state.mean_time("eval", 4),
             **state.summary(self.t_start),
+            "provenance": provenance(self.cfg),
         }
 
     def _write_best_meta(self) -> None:

@@ -35,20 +35,23 @@ import torch
 
 from ptmrec_dist import dist, seeds
 from ptmrec_dist.clip.extract import Preprocess, extract_all
-from ptmrec_dist.clip.methods import param_counts, trainable_state_dict
+from ptmrec_dist.clip.methods import param_counts, tower_of, trainable_state_dict
 from ptmrec_dist.config import Config, to_dict
 from ptmrec_dist.data.interactions import load_interactions
 from ptmrec_dist.data.readers import SharedEpoch, StreamingItems
-from ptmrec_dist.errors import TrainingError
+from ptmrec_dist.errors import ConfigError, TrainingError
 from ptmrec_dist.eval.evaluate import Evaluator
+from ptmrec_dist.run import provenance
 from ptmrec_dist.train.bank import FeatureBank
 from ptmrec_dist.train.checkpoint import StopSignals
 from ptmrec_dist.train.engine import build_engine, stage_ds_config, warmup_schedule, zero_stage
 from ptmrec_dist.train.outputs import representations, save_stage2_best
 from ptmrec_dist.train.runstate import Resume, RunState, interrupted, main_rank_log
 from ptmrec_dist.train.sampler import UserSampler, item_batches
-from ptmrec_dist.train.stage2_model import (Stage2Model, build_backbone, build_student,
-                                            check_dims, check_stage2_config, load_teacher)
+from ptmrec_dist.train.stage2_model import (FeatureGate, GradNormProbe, Stage2Model,
+                                            backbone_groups, build_backbone, build_student,
+                                            build_teacher_head, check_dims, check_stage2_config,
+                                            load_teacher)
 
 
 @dataclass
@@ -89,8 +92,12 @@ class Stage2Run:
                              stage.keep_checkpoints, self.backbone_hash)
         self.run_dir = self.resume.run_dir(out, cfg, env)
         self.evaluator = Evaluator(cfg, self.inter, env)
+        head = build_teacher_head(cfg, self.inter, self.teacher, frozen_features, self.device) \
+            if stage.kt_target == "content" else None
+        gate = FeatureGate({m: torch.from_numpy(frozen_features.get(m))
+                            for m in self.student.modalities}) if stage.feature_gate else None
         self.model = Stage2Model(self.backbone, self.student, self.teacher, stage.kt_weight,
-                                 stage.kt_tau).to(self.device)
+                                 stage.kt_tau, stage.kt_target, head, gate).to(self.device)
         self.counts = {"backbone": param_counts(self.backbone),
                        "recommender": param_counts(self.student)}
         self.engine, self.ds_cfg = self._engine()
@@ -116,12 +123,14 @@ class Stage2Run:
     # ------------------------------------------------------------------ set-up
     def _engine(self):
         stage = self.cfg.stage2
-        groups = [{"params": [p for p in self.backbone.parameters() if p.requires_grad],
-                   "lr": stage.lr},
-                  {"params": [p for p in self.student.parameters() if p.requires_grad],
-                   "lr": stage.rec_lr}]
+        groups = backbone_groups(self.model, stage) + [
+            {"params": [p for p in self.student.parameters() if p.requires_grad],
+             "lr": stage.rec_lr}]
         ds_cfg = stage_ds_config(stage, self.env.world_size, "stage2",
                                  trainable=sum(p.numel() for g in groups for p in g["params"]))
+        if zero_stage(ds_cfg) == 3 and stage.grad_norms_every:
+            raise ConfigError("config key 'stage2.grad_norms_every' needs whole parameters: "
+                              "ZeRO-0/1/2 (stage2.ds_config), not ZeRO-3")
         if zero_stage(ds_cfg) == 3:
             # the recommenders read their tables directly (not through a submodule call), so
             # ZeRO-3 must gather them around the whole forward
@@ -196,11 +205,14 @@ class Stage2Run:
         self.student.pre_epoch(epoch, torch.Generator().manual_seed(
             seeds.epoch_seed(self.cfg.seed, epoch)))
         steps = first
+        probe = GradNormProbe(self.model, stage.grad_norms_every)
         for batch in item_batches(self.loader, self.sampler, epoch, env.rank, engine.device,
                                   stage.popularity_weighting, stage.users_per_item,
                                   first_step=first,
                                   loader_start=self.loader.dataset.skip_start(first)):
+            probe.before(steps)
             losses, features = engine(batch)
+            probe.after()
             engine.backward(losses["loss"])
             engine.step()
             self.bank.write(batch["items"], features)
@@ -224,8 +236,8 @@ class Stage2Run:
                                 f"(terms: {record}); lower stage2.lr / stage2.rec_lr")
         train_s = time.perf_counter() - t0
         self.state.times["train"].append(train_s)
-        return {**record, "train_s": round(train_s, 3), "items": int(values[-1]),
-                "items_per_s": round(values[-1] / train_s, 1)}, steps
+        return {**record, **probe.record(), "train_s": round(train_s, 3),
+                "items": int(values[-1]), "items_per_s": round(values[-1] / train_s, 1)}, steps
 
     def refresh_bank(self, first: bool = False) -> dict:
         """Re-extract every item's features with the current backbone (all ranks) into the
@@ -237,6 +249,11 @@ class Stage2Run:
                                modalities=tuple(self.student.modalities))
         if first:
             check_dims(self.student, features)
+        if self.model.gate is not None:
+            with torch.no_grad():
+                gated = self.model.gate(None, {m: torch.from_numpy(features[m])
+                                               for m in self.model.gate.modalities})
+            features = {**features, **{m: v.cpu().numpy() for m, v in gated.items()}}
         self.bank.reset(features)
         self.state.times["extract"].append(time.perf_counter() - t0)
         return features
@@ -255,7 +272,9 @@ class Stage2Run:
             save_stage2_best(self.out, self.backbone, self.student, features, reps, self.meta,
                              env, self.cfg.extract.feature_dtype)
         if self.initial_trainable is not None:
-            record["backbone_shift"] = self.backbone_shift()
+            record["backbone_shift"], record["backbone_shift_tower"] = self.backbone_shift()
+        if self.model.gate is not None:
+            record["gate"] = self.model.gate.values()
         record.update(valid={k: round(v, 6) for k, v in valid.items()}, best=improved,
                       extract_s=round(self.state.times["extract"][-1], 3),
                       eval_s=round(self.state.times["eval"][-1], 3))
@@ -265,13 +284,17 @@ class Stage2Run:
                  f"{'  *' if improved else ''}  (train {record.get('train_s', 0):.1f}s, "
                  f"re-extract {record['extract_s']:.1f}s, eval {record['eval_s']:.1f}s)")
 
-    def backbone_shift(self) -> float:
-        """How far the trainable backbone weights moved from their start (relative L2)."""
+    def backbone_shift(self) -> tuple[float, dict[str, float]]:
+        """How far the trainable backbone weights moved from their start (relative L2), in all
+        and per tower."""
         now = trainable_state_dict(self.backbone)
-        initial = self.initial_trainable
-        moved = sum(float((now[k] - v).pow(2).sum()) for k, v in initial.items())
-        size = sum(float(v.pow(2).sum()) for v in initial.values())
-        return round((moved / max(size, 1e-30)) ** 0.5, 6)
+
+        def shift(keys) -> float:
+            moved = sum(float((now[k] - self.initial_trainable[k]).pow(2).sum()) for k in keys)
+            size = sum(float(self.initial_trainable[k].pow(2).sum()) for k in keys)
+            return round((moved / max(size, 1e-30)) ** 0.5, 6)
+        towers = {t: [k for k in now if tower_of(k) == t] for t in ("text", "vision")}
+        return shift(list(now)), {t: shift(keys) for t, keys in towers.items() if keys}
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
@@ -321,7 +344,9 @@ class Stage2Run:
             "teacher": self.teacher["run"] if self.teacher else None, "kt_weight": stage.kt_weight,
             "prompt_init": self.cfg.peft.prompt_init if self.backbone.prompts is not None
             else None,
-            "knowledge_init": self.knowledge_guided, "best_epoch": state.best["epoch"],
+            "knowledge_init": self.knowledge_guided, "kt_target": stage.kt_target,
+            "feature_gate": self.model.gate.values() if self.model.gate is not None else None,
+            "best_epoch": state.best["epoch"],
             "valid": state.best["valid"], "test": state.best["test"],
             "epochs_run": state.epochs_run, "stopped_early": state.stopped_early,
             "params": counts,
@@ -333,6 +358,7 @@ class Stage2Run:
             "extract_s_mean": state.mean_time("extract", 3),
             "eval_s_mean": state.mean_time("eval", 3),
             **state.summary(self.t_start),
+            "provenance": provenance(self.cfg),
         }
 
 

@@ -1,5 +1,7 @@
-"""Stage 2's task: the adapted backbone and the student recommender as one module, the stage-1
-teacher it learns from, and the knowledge-guided initialisation of the prompts.
+"""Stage 2's task: the adapted backbone and the student recommender as one module (with the
+optional feature gate and the KT target), the stage-1 teacher it learns from, the optimizer's
+backbone groups, the per-loss gradient-norm probe, and the knowledge-guided initialisation of the
+prompts.
 
 The training loop around it is :mod:`ptmrec_dist.train.stage2`.
 """
@@ -13,26 +15,85 @@ import torch
 from torch import nn
 
 from ptmrec_dist.clip.backbone import load_backbone
-from ptmrec_dist.clip.methods import apply_method
+from ptmrec_dist.clip.methods import apply_method, tower_of
 from ptmrec_dist.config import Config, load_config
 from ptmrec_dist.errors import ConfigError, InputError
 from ptmrec_dist.rec.base import terms
 from ptmrec_dist.train.losses import in_batch_bpr, kt_loss
 
 
+class FeatureGate(nn.Module):
+    """``stage2.feature_gate``: the student reads ``ref + g_m * (adapted - ref)`` per modality,
+    ``ref`` being the frozen features stage 1 was trained on (``data.features``) and ``g_m`` a
+    learned scalar starting at 0. So the ranking before any step *is* stage 1's (vbpr's item
+    projection, FREEDOM's item graph, which is rebuilt from the bank, read the same features),
+    whatever the PEFT method puts into the backbone; its gradient then reaches the backbone as
+    ``g_m`` grows."""
+
+    def __init__(self, reference: dict[str, torch.Tensor]):
+        super().__init__()
+        self.modalities = sorted(reference)
+        for m in self.modalities:
+            self.register_buffer(f"ref_{m}", reference[m].detach().clone(), persistent=False)
+            setattr(self, f"gate_{m}", nn.Parameter(torch.zeros(1)))
+
+    def forward(self, items: torch.Tensor | None, modal: dict) -> dict:
+        """Gated features of ``items`` (None: every item, in index order)."""
+        out = {}
+        for m, f in modal.items():
+            ref = getattr(self, f"ref_{m}")
+            ref = ref if items is None else ref[items.to(ref.device)]
+            gate = getattr(self, f"gate_{m}")
+            ref, gate = ref.to(f.device, f.dtype), gate.to(f.device, f.dtype)
+            out[m] = ref + gate * (f - ref)
+        return out
+
+    def values(self) -> dict[str, float]:
+        return {m: round(float(getattr(self, f"gate_{m}").detach().float()), 6)
+                for m in self.modalities}
+
+
 class Stage2Model(nn.Module):
     """What the engine runs: adapted backbone + student; ``batch -> (loss terms, features)``,
     the features being the adapted backbone's (detached) features of the batch items, which the
-    loop writes into the feature bank."""
+    loop writes into the feature bank.
 
-    def __init__(self, backbone, student, teacher: dict | None, kt_weight: float, tau: float):
+    ``kt_target`` (``stage2.kt_target``) pairs the KT loss's two score matrices:
+
+    * ``full-content``: the teacher's full scores (its exported representations, ID part
+      included) against the student's content head (vbpr: user's second half . projected
+      features; freedom/bm3: their modal head);
+    * ``full``: the teacher's full scores against the student's full (ranking) scores;
+    * ``content``: the teacher's own content head (the frozen stage-1 model on its own modal
+      inputs, ``teacher_head``) against the student's content head.
+
+    With ``probe_grads`` set, a forward also measures, per loss term, the gradient norm that
+    reaches the backbone's trainable weights and the recommender's (``last_grad_norms``; an
+    extra backward per term, ZeRO-0/1/2 only)."""
+
+    KT_TARGETS = ("full-content", "full", "content")
+
+    def __init__(self, backbone, student, teacher: dict | None, kt_weight: float, tau: float,
+                 kt_target: str = "full-content", teacher_head=None,
+                 gate: FeatureGate | None = None):
         super().__init__()
-        self.backbone, self.student = backbone, student
-        self.kt_weight, self.tau = kt_weight, tau
+        self.backbone, self.student, self.gate = backbone, student, gate
+        self.kt_weight, self.tau, self.kt_target = kt_weight, tau, kt_target
         self.has_teacher = teacher is not None
         if teacher is not None:
             self.register_buffer("teacher_users", teacher["users"], persistent=False)
             self.register_buffer("teacher_items", teacher["items"], persistent=False)
+        # not a submodule: nothing of it trains, and the engine must not cast or partition it
+        object.__setattr__(self, "teacher_head", teacher_head)
+        self.probe_grads, self.last_grad_norms = False, {}
+
+    def _teacher_scores(self, users, items) -> torch.Tensor:
+        if self.kt_target == "content":
+            head = self.teacher_head
+            with torch.no_grad():
+                modal = {m: t[items] for m, t in head.item_modal_inputs().items()}
+                return head.stage2_scores(users, items, modal)["student"].float()
+        return self.teacher_users[users].float() @ self.teacher_items[items].float().T
 
     def forward(self, batch: dict) -> tuple[dict, dict]:
         wanted = self.student.modalities       # a tower the student does not read never runs
@@ -44,25 +105,110 @@ class Stage2Model(nn.Module):
             modal["text"] = self.backbone.encode_texts(batch["input_ids"],
                                                        batch["attention_mask"]).to(dtype)
         users, items = batch["users"], batch["items"]
+        if self.gate is not None:
+            modal = self.gate(items, modal)
         out = self.student.stage2_scores(users, items, modal)
         bpr = sum(w * in_batch_bpr(s, batch["known"], batch.get("row_weights"), batch["pos"])
                   for w, s in out["bpr"])
         values = {"bpr": bpr, "reg": out["reg"]}
         loss = bpr + out["reg"]
         if self.has_teacher:
-            teacher_scores = (self.teacher_users[users].float()
-                              @ self.teacher_items[items].float().T)
-            kt = kt_loss(teacher_scores, out["student"], self.tau)
+            student = out["bpr"][0][1] if self.kt_target == "full" else out["student"]
+            kt = kt_loss(self._teacher_scores(users, items), student, self.tau)
             values["kt"] = kt
             loss = loss + self.kt_weight * kt
+        if self.probe_grads:
+            self.last_grad_norms = self._grad_norms(values)
         return (terms(loss=loss * batch["weight"], **values),
                 {m: f.detach() for m, f in modal.items()})
+
+    def _grad_norms(self, values: dict) -> dict:
+        """Per loss term (as weighted in the total), the L2 norm of its gradient on the
+        backbone's and on the recommender's trainable weights."""
+        gate = list(self.gate.parameters()) if self.gate is not None else []
+        groups = {"backbone": [p for p in self.backbone.parameters() if p.requires_grad] + gate,
+                  "recommender": [p for p in self.student.parameters() if p.requires_grad]}
+        weights = {"kt": self.kt_weight}
+        norms = {}
+        for name, value in values.items():
+            if not value.requires_grad:
+                continue
+            params = groups["backbone"] + groups["recommender"]
+            grads = torch.autograd.grad(weights.get(name, 1.0) * value, params,
+                                        retain_graph=True, allow_unused=True)
+            split = len(groups["backbone"])
+            norms[name] = {
+                group: sum(float((g.float() ** 2).sum()) for g in part if g is not None) ** 0.5
+                for group, part in (("backbone", grads[:split]), ("recommender", grads[split:]))}
+        return norms
+
+
+def backbone_groups(model: Stage2Model, stage) -> list[dict]:
+    """The backbone's trainable weights (and the feature gate's) as optimizer groups: one at
+    ``stage2.lr``, or, with ``stage2.text_lr`` / ``stage2.vision_lr`` set, one per tower at its
+    own rate (0: ``stage2.lr``)."""
+    params = [(n, p) for n, p in model.backbone.named_parameters() if p.requires_grad]
+    if model.gate is not None:
+        params += list(model.gate.named_parameters())
+    if not (stage.text_lr or stage.vision_lr):
+        return [{"params": [p for _, p in params], "lr": stage.lr}]
+    rates = {"text": stage.text_lr or stage.lr, "vision": stage.vision_lr or stage.lr}
+    return [{"params": [p for n, p in params if tower_of(n) == tower], "lr": rates[tower]}
+            for tower in ("text", "vision")]
+
+
+class GradNormProbe:
+    """``stage2.grad_norms_every``: every N-th micro step the model measures each loss term's
+    gradient norm on the backbone and on the recommender; the epoch record gets their means
+    (``grad_norms``: {term: {backbone, recommender}}, this rank's steps)."""
+
+    def __init__(self, model: Stage2Model, every: int):
+        self.model, self.every = model, every
+        self.sums: dict[str, dict[str, float]] = {}
+        self.n = 0
+
+    def before(self, step: int) -> None:
+        self.model.probe_grads = bool(self.every) and step % self.every == 0
+
+    def after(self) -> None:
+        if not self.model.probe_grads:
+            return
+        self.model.probe_grads = False
+        self.n += 1
+        for term, groups in self.model.last_grad_norms.items():
+            acc = self.sums.setdefault(term, {})
+            for group, value in groups.items():
+                acc[group] = acc.get(group, 0.0) + value
+
+    def record(self) -> dict:
+        if not self.n:
+            return {}
+        return {"grad_norms": {t: {g: round(v / self.n, 6) for g, v in groups.items()}
+                               for t, groups in self.sums.items()}, "grad_norm_steps": self.n}
+
+
+def build_teacher_head(cfg: Config, inter, teacher: dict, frozen, device):
+    """The stage-1 model itself, frozen, on its own modal inputs (``stage2.kt_target=content``):
+    its content head is the KT target."""
+    from safetensors.torch import load_file
+
+    from ptmrec_dist.train.stage1 import build_model
+
+    head = build_model(cfg, inter, frozen)
+    head.load_state_dict(load_file(str(teacher["weights"])))
+    head.set_modal_inputs({m: t.detach() for m, t in head.item_modal_inputs().items()})
+    for p in head.parameters():
+        p.requires_grad_(False)
+    return head.to(device).eval()
 
 
 def check_stage2_config(cfg: Config) -> None:
     if not cfg.data.shards:
         raise ConfigError("stage 2 streams items from shards: set data.shards "
                           "(`ptmrec shard`)")
+    if cfg.stage2.kt_target == "content" and not cfg.stage2.teacher:
+        raise ConfigError("config key 'stage2.kt_target' content reads the teacher's content "
+                          "head: set stage2.teacher")
     if cfg.stage2.kt_weight > 0 and not cfg.stage2.teacher:
         raise ConfigError("config key 'stage2.kt_weight' > 0 needs a teacher: set "
                           "stage2.teacher to a stage-1 run folder (or kt_weight=0 for one "
@@ -112,6 +258,10 @@ def build_student(cfg: Config, inter, teacher: dict | None, device):
     if teacher is not None:
         from safetensors.torch import load_file
         student.load_state_dict(load_file(str(teacher["weights"])))
+    # the modal inputs become the (untrained) feature bank now, before the optimizer and the
+    # parameter counts are built: FREEDOM's and BM3's trained feature tables are parameters
+    # in stage 1, and would otherwise sit in the optimizer and inflate the trainable count
+    student.set_modal_inputs({m: t.detach() for m, t in student.item_modal_inputs().items()})
     return student.to(device), frozen
 
 
