@@ -576,3 +576,51 @@ def test_two_ranks_sigusr1_then_sigkill_then_resume_is_exact(demo, two_ranks, tm
     text, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, text[-3000:]
     assert_same_run(two_ranks, run)
+
+
+def test_budget_options_passes_and_a_prompt_only_warm_up(demo, one_epoch, tmp_path):
+    """stage2.passes_per_epoch streams the items that many times per epoch;
+    stage2.rec_warmup_epochs keeps the recommender still (rate 0) while the prompts train, then
+    lets it move."""
+    from ptmrec_dist import dist
+    from ptmrec_dist.train.stage2 import Stage2Run
+    out, _ = demo
+    run_stage2(stage2_cfg(out, "stage2.epochs=1", "stage2.passes_per_epoch=2"), tmp_path / "p",
+               log=_quiet)
+    assert read_log(tmp_path / "p")[1]["items"] >= 1.9 * one_epoch[1]["items"]
+
+    cfg = stage2_cfg(out, "stage2.epochs=2", "stage2.rec_warmup_epochs=1")
+    env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, DistEnv())
+    run = Stage2Run(cfg, tmp_path / "w", env, _quiet)
+    run.refresh_bank(first=True)
+
+    def snapshot(module):
+        return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    rec0, prompts0 = snapshot(run.student), snapshot(run.backbone)
+    run.train_epoch(0)
+    rec1, prompts1 = snapshot(run.student), snapshot(run.backbone)
+    assert all(torch.equal(rec0[n], rec1[n]) for n in rec0)
+    assert any(not torch.equal(prompts0[n], prompts1[n]) for n in prompts0)
+    run.train_epoch(1)
+    assert any(not torch.equal(rec1[n], v) for n, v in snapshot(run.student).items())
+
+
+def test_set_group_lr_survives_a_warm_up_schedule():
+    """A group's rate set by hand is also the warm-up schedule's base, so the schedule's next
+    step keeps it (rate x warm-up factor), instead of writing the old base back."""
+    from types import SimpleNamespace
+    from ptmrec_dist.train.engine import set_group_lr, warmup_schedule
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.Adam([{"params": params[:1], "lr": 0.01}, {"params": params[1:], "lr": 0.001}])
+    sched = warmup_schedule(4)(opt)
+    sched.step()                                         # factor 2/4
+    engine = SimpleNamespace(optimizer=opt, lr_scheduler=sched)
+    set_group_lr(engine, -1, 0.0)
+    sched.step()
+    assert opt.param_groups[1]["lr"] == 0.0 and opt.param_groups[0]["lr"] == pytest.approx(0.0075)
+    set_group_lr(engine, -1, 0.002)
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.002 * 3 / 4)
+    sched.step()
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.002)
+    set_group_lr(SimpleNamespace(optimizer=opt, lr_scheduler=None), 0, 0.5)
+    assert opt.param_groups[0]["lr"] == 0.5

@@ -172,6 +172,10 @@ class Stage2Config:
     #                                     epoch -1 equals stage 1 exactly (docs/stage2.md)
     grad_norms_every: int = 0           # every N steps, log each loss term's gradient norm on
     #                                     the backbone and the recommender (0: never; ZeRO <= 2)
+    passes_per_epoch: int = 1           # item-stream passes per epoch (a stage-2 epoch is one
+    #                                     pass over the items by default)
+    rec_warmup_epochs: int = 0          # first epochs with the recommender frozen (rec lr 0):
+    #                                     a prompt-only warm-up
     users_per_item: int = 8             # training users drawn per streamed item (rows of the loss)
     popularity_weighting: bool = True   # weight BPR rows by item degree / mean degree
     activation_checkpointing: bool = False   # recompute the encoder layers in backward
@@ -203,6 +207,8 @@ class Stage2Config:
             ("vision_lr", self.vision_lr >= 0, "must be >= 0 (0: stage2.lr)"),
             ("num_workers", self.num_workers >= 0, "must be >= 0"),
             ("users_per_item", self.users_per_item >= 1, "must be >= 1"),
+            ("passes_per_epoch", self.passes_per_epoch >= 1, "must be >= 1"),
+            ("rec_warmup_epochs", self.rec_warmup_epochs >= 0, "must be >= 0"),
             ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
             ("grad_clip", self.grad_clip >= 0, "must be >= 0 (0 = off)"),
             ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),

@@ -187,7 +187,7 @@ class StreamingItems(_ShardReader):
                  seed: int = 0, epoch: SharedEpoch | None = None,
                  samples_per_epoch: int | None = None, shuffle_buffer: int = 256,
                  decode: Decode = "pil", on_bad_sample: str = "error", verify: bool = True,
-                 batch_size: int = 1, skip: SharedEpoch | None = None):
+                 batch_size: int = 1, skip: SharedEpoch | None = None, passes: int = 1):
         super().__init__(shard_dir, rank, world_size, num_workers, decode, on_bad_sample, "auto")
         self.seed = seed
         self.epoch = epoch if epoch is not None else SharedEpoch(0)
@@ -198,7 +198,7 @@ class StreamingItems(_ShardReader):
         self.entries = self._verify(None) if verify else list(self.manifest["shards"])
         if not self.entries:
             raise ShardError(self.shard_dir, "no readable shards")
-        total = samples_per_epoch or sum(e["n_items"] for e in self.entries)
+        total = samples_per_epoch or passes * sum(e["n_items"] for e in self.entries)
         self.samples_per_rank = -(-total // world_size)
         self.shuffle_buffer = shuffle_buffer
 

@@ -175,6 +175,19 @@ def warmup_schedule(warmup_steps: int):
     return build
 
 
+def set_group_lr(engine, index: int, lr: float) -> None:
+    """Set one optimizer group's learning rate (``index`` as in the groups given to
+    :func:`build_engine`; -1 the last), also as the base rate of a warm-up schedule, which
+    would otherwise write its own back at the next step."""
+    groups = engine.optimizer.param_groups
+    index = index if index >= 0 else len(groups) + index
+    scheduler = getattr(engine, "lr_scheduler", None)
+    if scheduler is not None and hasattr(scheduler, "lr_lambdas"):   # LambdaLR: lr = base x f
+        scheduler.base_lrs[index] = lr
+        lr = lr * scheduler.lr_lambdas[index](scheduler.last_epoch)
+    groups[index]["lr"] = lr
+
+
 def build_engine(module: torch.nn.Module, ds_config: dict, param_groups: list | None = None,
                  lr_scheduler=None):
     """``deepspeed.initialize`` over the trainable parameters, or over ``param_groups``

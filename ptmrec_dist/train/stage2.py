@@ -44,7 +44,8 @@ from ptmrec_dist.eval.evaluate import Evaluator
 from ptmrec_dist.run import provenance
 from ptmrec_dist.train.bank import FeatureBank
 from ptmrec_dist.train.checkpoint import StopSignals
-from ptmrec_dist.train.engine import build_engine, stage_ds_config, warmup_schedule, zero_stage
+from ptmrec_dist.train.engine import (build_engine, set_group_lr, stage_ds_config,
+                                      warmup_schedule, zero_stage)
 from ptmrec_dist.train.outputs import representations, save_stage2_best
 from ptmrec_dist.train.runstate import Resume, RunState, interrupted, main_rank_log
 from ptmrec_dist.train.sampler import UserSampler, item_batches
@@ -151,7 +152,8 @@ class Stage2Run:
                                 num_workers=stage.num_workers, seed=self.cfg.seed,
                                 epoch=self.stream_epoch,
                                 on_bad_sample=self.cfg.data.on_bad_sample,
-                                batch_size=micro, skip=self.stream_skip)
+                                batch_size=micro, skip=self.stream_skip,
+                                passes=stage.passes_per_epoch)
         return DataLoader(reader, batch_size=micro,
                           num_workers=stage.num_workers, collate_fn=Preprocess(self.backbone),
                           persistent_workers=stage.num_workers > 0)
@@ -202,6 +204,8 @@ class Stage2Run:
         self.stream_epoch.set(epoch)
         self.stream_skip.set(first)
         engine.module.train()
+        if stage.rec_warmup_epochs:      # every epoch: a resumed run restores the saved rate
+            set_group_lr(engine, -1, 0.0 if epoch < stage.rec_warmup_epochs else stage.rec_lr)
         self.student.pre_epoch(epoch, torch.Generator().manual_seed(
             seeds.epoch_seed(self.cfg.seed, epoch)))
         steps = first
