@@ -9,7 +9,8 @@ variant, several seeds, test metrics at the epoch chosen on valid.
 Inputs, built once under ``WORK/inputs`` with the documented commands (docs/data.md):
 ``ptmrec catalog`` of ``../shared/data/ml100k-posters``, ``ptmrec shard``, and ``ptmrec
 extract`` with the demo backbone's vision tower (``--backbone``, default ``out/demo/backbone``
-from ``make demo``) and the real all-MiniLM-L6-v2 as the text tower (the ``text`` extra).
+from ``make demo``, run first if missing) and the real all-MiniLM-L6-v2 as the text tower (the
+``text`` extra).
 
 * **Variants.** ``full``: every rating is an interaction (99,815). ``sparse``:
   ``data.subsample=0.1`` (a seeded per-user 10 % sample, at least 5 per user; mean 11.4
@@ -52,6 +53,7 @@ METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 CONTENT = ("vbpr", "freedom", "bm3")
 VARIANTS = {"full": [], "sparse": ["data.subsample=0.1"]}
 CONFIG = ROOT / "configs" / "ml100k.yaml"
+DEMO_BACKBONE = ROOT / "out" / "demo" / "backbone"
 
 
 def budget() -> list[str]:
@@ -86,8 +88,10 @@ def prepare(work: Path, backbone: Path) -> dict:
     if done.is_file():
         return json.loads(done.read_text())
     if not (backbone / "config.json").is_file():
-        raise SystemExit(f"no CLIP backbone at {backbone}: run `make demo` (it writes "
-                         "out/demo/backbone) or pass --backbone")
+        if backbone != DEMO_BACKBONE:
+            raise SystemExit(f"no CLIP backbone at {backbone}")
+        print("-- no demo backbone yet: `ptmrec demo --out out/demo` (about 4 minutes)")
+        ptmrec("demo", "--out", ROOT / "out" / "demo", log=ROOT / "out" / "demo.log")
     times = {}
     t0 = time.perf_counter()
     ptmrec("catalog", "--items", DATA / "items.csv", "--title", "title", "--text", "{overview}",
@@ -243,7 +247,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--work", default=str(ROOT / "out" / "ml100k"))
-    ap.add_argument("--backbone", default=str(ROOT / "out" / "demo" / "backbone"))
+    ap.add_argument("--backbone", default=str(DEMO_BACKBONE),
+                    help="CLIP for the posters (default: `make demo`'s, built if missing)")
     ap.add_argument("--part", choices=("stage1", "stage2", "all"), default="all")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))

@@ -253,3 +253,23 @@ def test_reduce_over_two_halves_equals_all():
     assert set(halves) == set(whole)
     for key in whole:
         assert halves[key] == pytest.approx(whole[key], rel=1e-12, abs=1e-15), key
+
+
+def test_per_user_rows_average_to_the_metrics():
+    """row_sink gets each chunk's per-user values (for paired statistics); their means are the
+    reported metrics, whatever the chunking."""
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(7, 12)).tolist()
+    target = csr([[1, 3], [0], [5, 6, 7], [2], [], [11], [4, 9]], 12)
+    rows: dict = {}
+    users = []
+
+    def sink(u, values):
+        users.extend(u.tolist())
+        for name, v in values.items():
+            rows.setdefault(name, []).extend(v.tolist())
+    m = evaluate(fixed_scores(scores), csr([[0]] * 7, 12), target, [2, 5], chunk=3,
+                 row_sink=sink)
+    assert users == [0, 1, 2, 3, 5, 6]                      # user 4 has no positive
+    for name, value in m.items():
+        assert np.mean(rows[name]) == pytest.approx(value, abs=1e-12), name

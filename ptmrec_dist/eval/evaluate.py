@@ -75,7 +75,7 @@ class Evaluator:
         self.test = inter.csr("test")
 
     def __call__(self, reps: tuple[torch.Tensor, torch.Tensor], split: str,
-                 topk_sink=None, sink_k: int = 0) -> dict[str, float]:
+                 topk_sink=None, sink_k: int = 0, row_sink=None) -> dict[str, float]:
         e = self.cfg.eval
         target = self.valid if split == "valid" else self.test
         extra = self.valid if split == "test" and e.mask_valid_at_test else None
@@ -84,7 +84,7 @@ class Evaluator:
         return evaluate(lambda u: users_r[u.to(users_r.device)] @ items_r.T, self.train, target,
                         sorted(set(e.ks)), also_mask=extra, chunk=e.chunk_users,
                         memory_mb=e.memory_mb, users=users, topk_sink=topk_sink,
-                        sink_k=sink_k, reduce=allreduce_sum)
+                        sink_k=sink_k, reduce=allreduce_sum, row_sink=row_sink)
 
 
 def evaluate_run(run: str | Path, split: str = "test", dump_topk: str | None = None,

@@ -78,6 +78,11 @@ def hits_matrix(users: np.ndarray, topk: np.ndarray, target_keys: np.ndarray,
 
 def metric_sums(hits: np.ndarray, n_pos: np.ndarray, ks: list[int]) -> dict[str, float]:
     """Per-metric sums over the users of one chunk (divide by the user count for the mean)."""
+    return {name: float(rows.sum()) for name, rows in metric_rows(hits, n_pos, ks).items()}
+
+
+def metric_rows(hits: np.ndarray, n_pos: np.ndarray, ks: list[int]) -> dict[str, np.ndarray]:
+    """Per-metric values of each user of one chunk (``[n]`` arrays; paired statistics)."""
     kmax = max(ks)
     hits = hits[:, :kmax]
     if hits.shape[1] < kmax:      # fewer items than K: the missing slots are misses
@@ -93,11 +98,11 @@ def metric_sums(hits: np.ndarray, n_pos: np.ndarray, ks: list[int]) -> dict[str,
     for k in ks:
         h = cum[:, k - 1]
         denom = np.minimum(n_pos, k)
-        out[f"recall@{k}"] = float((h / n_pos).sum())
-        out[f"precision@{k}"] = float((h / k).sum())
-        out[f"hit@{k}"] = float((h > 0).sum())
-        out[f"ndcg@{k}"] = float((dcg[:, k - 1] / ideal[denom]).sum())
-        out[f"map@{k}"] = float((ap[:, k - 1] / denom).sum())
+        out[f"recall@{k}"] = h / n_pos
+        out[f"precision@{k}"] = h / k
+        out[f"hit@{k}"] = (h > 0).astype(np.float64)
+        out[f"ndcg@{k}"] = dcg[:, k - 1] / ideal[denom]
+        out[f"map@{k}"] = ap[:, k - 1] / denom
     return out
 
 
@@ -128,13 +133,14 @@ def ranked_chunks(score_fn: Callable[[torch.Tensor], torch.Tensor], users: np.nd
 def evaluate(score_fn, train: sp.csr_matrix, target: sp.csr_matrix, ks: list[int],
              also_mask: sp.csr_matrix | None = None, chunk: int = 0, memory_mb: int = 512,
              users: np.ndarray | None = None, topk_sink=None, sink_k: int = 0,
-             reduce=None) -> dict[str, float]:
+             reduce=None, row_sink=None) -> dict[str, float]:
     """Mean metrics over the users with a positive in ``target`` (or the given subset of them:
     ranks pass their share and a ``reduce`` that sums ``[sums..., count]`` over ranks).
 
     ``score_fn(users LongTensor) -> [n, n_items]``; ``train`` (plus ``also_mask``) is masked.
     ``topk_sink(users, topk)`` receives every chunk's ranked lists (for ``--dump-topk``), at
-    least ``sink_k`` places long.
+    least ``sink_k`` places long; ``row_sink(users, {metric: [n] values})`` every chunk's
+    per-user metrics (paired statistics).
     """
     n_items = train.shape[1]
     n_pos_all = np.diff(target.tocsr().indptr)
@@ -148,9 +154,11 @@ def evaluate(score_fn, train: sp.csr_matrix, target: sp.csr_matrix, ks: list[int
                                 chunk_size(n_items, chunk, memory_mb)):
         if topk_sink is not None:
             topk_sink(u, top)
-        sums = metric_sums(hits_matrix(u, top, keys, n_items), n_pos_all[u], ks)
-        for name, value in sums.items():
-            totals[name] += value
+        rows = metric_rows(hits_matrix(u, top, keys, n_items), n_pos_all[u], ks)
+        if row_sink is not None:
+            row_sink(u, rows)
+        for name, value in rows.items():
+            totals[name] += float(value.sum())
     names = list(totals)
     vector = np.array([totals[n] for n in names] + [float(len(users))])
     if reduce is not None:

@@ -58,9 +58,12 @@ class Recommender(nn.Module):
         raise NotImplementedError(f"{self.name} has no modal inputs for stage 2")
 
     def update_modal_inputs(self, items: torch.Tensor, modal: dict[str, torch.Tensor]) -> None:
-        """Write a batch's (detached) adapted features into the feature bank."""
+        """Write a batch's (detached) adapted features into the feature bank. ``items`` and
+        ``modal`` may live elsewhere than the bank (a resume writes a checkpoint's CPU rows into
+        a bank on the GPU) and be in another dtype: they are moved to the bank's."""
         for m, table in self.item_modal_inputs().items():
-            table.data.index_copy_(0, items.to(table.device), modal[m].detach().to(table.dtype))
+            values = modal[m].detach().to(table.device, table.dtype)
+            table.data.index_copy_(0, items.to(table.device), values)
 
     def stage2_scores(self, users: torch.Tensor, items: torch.Tensor,
                       modal: dict[str, torch.Tensor]) -> dict:
@@ -95,14 +98,23 @@ class Recommender(nn.Module):
 
 # ---------------------------------------------------------------------- shared pieces
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32 if it is bf16 / fp16 (DeepSpeed's casts), else ``x`` itself: losses are
+    computed in fp32 whatever the parameters' dtype, and fp32 / fp64 inputs are untouched."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def batch_mean(x: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Per-example values summed and divided by ``denom``: the global-batch mean share."""
-    return x.sum() / batch["denom"]
+    """Per-example values summed (in fp32 at least) and divided by ``denom``: the global-batch
+    mean share."""
+    return at_least_fp32(x).sum() / batch["denom"]
 
 
 def bpr_loss(pos: torch.Tensor, neg: torch.Tensor, batch: dict) -> torch.Tensor:
-    """-log sigmoid(pos - neg), averaged over the global batch (MMRec's BPRLoss)."""
-    return batch_mean(-F.logsigmoid(pos - neg), batch)
+    """-log sigmoid(pos - neg), averaged over the global batch (MMRec's BPRLoss); in fp32 for
+    bf16 / fp16 scores."""
+    return batch_mean(-F.logsigmoid(at_least_fp32(pos) - at_least_fp32(neg)), batch)
 
 
 def l2_reg(batch: dict, *embeddings: torch.Tensor) -> torch.Tensor:

@@ -101,9 +101,8 @@ class FREEDOM(Recommender):
             self.edge_users[keep], self.edge_items[keep], self.n_users, self.n_items))
 
     def _propagate(self, adj):
-        h = self.item_id_embedding
-        for _ in range(self.c.n_mm_layers):
-            h = graph.spmm(self.mm_adj, h, self.mm_adj_t)
+        h = graph.propagate(self.mm_adj, self.item_id_embedding, self.c.n_mm_layers,
+                            self.mm_adj_t)
         ego = torch.cat([self.user_embedding, self.item_id_embedding], dim=0)
         out = graph.lightgcn(adj, ego, self.c.n_ui_layers)
         users, items = torch.split(out, [self.n_users, self.n_items])

@@ -96,9 +96,25 @@ class _SpMM(torch.autograd.Function):
         return None, None, ctx.a_t @ grad
 
 
+def propagation_dtype(a: torch.Tensor) -> torch.dtype:
+    """The dtype sparse products run in: the graph's, at least fp32 (torch's sparse kernels
+    have no bf16 on CPU, and sums over many neighbours lose too much in bf16)."""
+    return torch.promote_types(a.dtype, torch.float32)
+
+
+def _in(dtype: torch.dtype, t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def spmm(a: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor | None = None) -> torch.Tensor:
-    """Sparse (CSR) @ dense with a cheap backward; ``a_t`` defaults to ``a`` (symmetric)."""
-    return _SpMM.apply(a, a if a_t is None else a_t, x)
+    """Sparse (CSR) @ dense with a cheap backward; ``a_t`` defaults to ``a`` (symmetric).
+
+    The product runs in :func:`propagation_dtype` (fp32) and comes back in ``x``'s dtype: under
+    bf16 / fp16 (DeepSpeed casts the parameters, the graphs stay fp32) autograd carries the
+    gradient through both casts. For fp32 inputs every cast is a no-op."""
+    dtype = propagation_dtype(a)
+    a, a_t = _in(dtype, a), _in(dtype, a if a_t is None else a_t)
+    return _SpMM.apply(a, a_t, _in(dtype, x)).to(x.dtype)
 
 
 def csr(adj: torch.Tensor) -> torch.Tensor:
@@ -112,10 +128,24 @@ def to_csr(adj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return csr(adj), csr(adj.coalesce().t())
 
 
-def lightgcn(adj: torch.Tensor, ego: torch.Tensor, n_layers: int) -> torch.Tensor:
-    """Mean of the layer outputs ``[ego, A ego, A^2 ego, ...]`` for a symmetric ``adj``."""
-    layers = [ego]
+def propagate(a: torch.Tensor, x: torch.Tensor, n_layers: int,
+              a_t: torch.Tensor | None = None) -> torch.Tensor:
+    """``A^n_layers x`` (CSR ``a``, transpose ``a_t``), every layer in :func:`propagation_dtype`,
+    returned in ``x``'s dtype (FREEDOM's item-item propagation)."""
+    h = _in(propagation_dtype(a), x)
     for _ in range(n_layers):
-        ego = spmm(adj, ego) if adj.layout == torch.sparse_csr else torch.sparse.mm(adj, ego)
-        layers.append(ego)
-    return torch.stack(layers, dim=1).mean(dim=1)
+        h = spmm(a, h, a_t)
+    return h.to(x.dtype)
+
+
+def lightgcn(adj: torch.Tensor, ego: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """Mean of the layer outputs ``[ego, A ego, A^2 ego, ...]`` for a symmetric ``adj`` (CSR
+    or COO). Layers and mean run in :func:`propagation_dtype`; the result is in ``ego``'s
+    dtype."""
+    dtype = propagation_dtype(adj)
+    adj, h = _in(dtype, adj), _in(dtype, ego)
+    layers = [h]
+    for _ in range(n_layers):
+        h = spmm(adj, h) if adj.layout == torch.sparse_csr else torch.sparse.mm(adj, h)
+        layers.append(h)
+    return torch.stack(layers, dim=1).mean(dim=1).to(ego.dtype)

@@ -67,11 +67,20 @@ def _strip_comments(node):
     return node
 
 
+def native_bf16() -> bool:
+    """The current GPU computes in bf16 natively (compute capability 8.0+, A100 and later; or
+    ROCm). ``torch.cuda.is_bf16_supported()`` alone also counts the emulation on V100 / T4 (a
+    bf16 tensor can be made there, and bf16 math runs slowly through fp32);
+    ``including_emulation`` exists since torch 2.4, the floor in pyproject.toml."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_precision(precision: str, key: str = "stage2") -> str:
-    """``auto`` -> ``bf16`` on a GPU with bf16, else ``fp32``; ``fp16`` needs CUDA."""
+    """``auto`` -> ``bf16`` on a GPU with native bf16 (:func:`native_bf16`), else ``fp32``;
+    ``fp16`` needs CUDA."""
     cuda = torch.cuda.is_available()
     if precision == "auto":
-        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if native_bf16() else "fp32"
     if precision == "fp16" and not cuda:
         raise ConfigError(f"config key '{key}.precision' is fp16, which DeepSpeed runs on GPUs "
                           "only; use fp32 (or bf16) on CPU")

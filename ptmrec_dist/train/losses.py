@@ -13,11 +13,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ptmrec_dist.rec.base import at_least_fp32
+
 
 def in_batch_bpr(scores: torch.Tensor, known: torch.Tensor,
                  weights: torch.Tensor | None = None,
                  pos: torch.Tensor | None = None) -> torch.Tensor:
-    """``known[r, j]``: item j is a training positive of row r's user (True at its positive)."""
+    """``known[r, j]``: item j is a training positive of row r's user (True at its positive).
+    Computed in fp32 for bf16 / fp16 scores (as :func:`kt_loss`); the result is fp32 then."""
+    scores = at_least_fp32(scores)
     valid = ~known
     rows_idx = torch.arange(scores.shape[0], device=scores.device)
     pos_scores = scores.diagonal() if pos is None else scores[rows_idx, pos]

@@ -16,10 +16,11 @@ from ptmrec_dist.io import atomic_save_npy, atomic_save_safetensors, atomic_writ
 def representations(model) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's (users, items) representations, once per evaluation (a full propagation for
     the graph models): scored for valid and test, and saved when best. Under ZeRO-3 the caller
-    gathers the parameters first."""
+    gathers the parameters first. Always fp32: a bf16 model is scored as `evaluate` scores its
+    exported (fp32) representations, so training-time and after-the-fact metrics agree."""
     with torch.no_grad():
         users_r, items_r = model.representations()
-    return users_r.detach(), items_r.detach()
+    return users_r.detach().float(), items_r.detach().float()
 
 
 def save_model_and_representations(out: Path, state: dict,

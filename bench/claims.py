@@ -1,0 +1,356 @@
+"""The paper's claims under paired statistics (issue 18): every arm over data seeds x
+initialisation seeds on the synthetic benchmark, test metrics at the best-valid epoch, per-user
+paired bootstrap intervals, a paired test per claim with Holm's correction.
+
+    .venv/bin/python bench/claims.py [--data-seeds 0 1 2] [--inits 0 1 2 3]
+        [--control-inits 0 1] [--models vbpr freedom] [--items 800 --users 1600]
+        [--arms ...] [--work out/claims] [k=v ...]
+
+* **Arms** are ``configs/ablations/<arm>.yaml`` (``frozen`` is stage 1 and every two-stage arm's
+  teacher), plus ``stage1-on-adapted``: stage 1 retrained from scratch on the ``ptmrec`` run's
+  exported features (are the features themselves better?).
+* **Seeds.** Data seed ``d`` generates the synthetic set (``synthetic.seed=d``; its own split,
+  ``data.split_seed=2026+d``), shards it and pretrains its demo backbone; init seed ``s`` is the
+  run's ``seed`` (initialisation, sampling). The headline pair (``frozen``, ``ptmrec``) runs
+  every ``--inits`` for every data seed; the controls run ``--control-inits``.
+* **Per run**: ``metrics.json`` (test at the best-valid epoch, ``best_epoch``, whether epoch -1
+  was kept, provenance: commit, threads, versions) and the test split's per-user Recall@20 /
+  NDCG@20 (``per_user.npz``, from the run's representations; their means are checked against
+  ``metrics.json``).
+* **Claims** (A vs B on test Recall@20, runs paired by (data seed, init seed)): (1) ptmrec >
+  frozen; (2) ptmrec > frozen-backbone-kt (the gain comes from the backbone); (3) ptmrec >
+  ptmrec-no-kt; (4) ptmrec > joint-prompt (two stages > one); (5) joint-full > frozen, expected
+  *not* to hold; (6) ptmrec's gain over frozen is larger for vbpr than for freedom (difference of
+  differences). The effect is the mean paired difference relative to B; its 95 % interval is a
+  bootstrap over users (resampled within each data seed, the same users for both arms) and over
+  runs; the p-value is a one-sided paired t-test over runs, Holm-corrected over the claims.
+* A finished run (its ``bench.json``) is reused: an interrupted bench resumes run by run.
+
+Writes ``OUT/claims.json``, a Markdown table (printed) and ``OUT/claims.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+from _util import write_result  # noqa: E402
+
+ABLATIONS = ROOT / "configs" / "ablations"
+HEADLINE = ("frozen", "ptmrec")
+CONTROLS = ("frozen-backbone-kt", "ptmrec-no-kt", "joint-prompt", "joint-full", "prompts-only",
+            "two-stage-full-kt", "joint-frozen", "stage1-on-adapted")
+METRIC = "recall@20"
+PER_USER = ("recall@20", "ndcg@20")
+CLAIMS = [  # (id, statement, A, B, expected to hold)
+    (1, "PTMRec beats frozen features", "ptmrec", "frozen", True),
+    (2, "the gain comes from adapting the backbone", "ptmrec", "frozen-backbone-kt", True),
+    (3, "knowledge transfer helps", "ptmrec", "ptmrec-no-kt", True),
+    (4, "two stages beat one", "ptmrec", "joint-prompt", True),
+    (5, "joint full fine-tuning beats frozen", "joint-full", "frozen", False),
+]
+BOOTSTRAP = 2000
+
+
+def _quiet(*_):
+    pass
+
+
+def kind(arm: str) -> str:
+    if arm == "stage1-on-adapted":
+        return "retrain"
+    data = yaml.safe_load((ABLATIONS / f"{arm}.yaml").read_text()) or {}
+    if "stage2" not in data and "peft" not in data:
+        return "stage1"
+    return "one-stage" if (data.get("stage2") or {}).get("teacher", None) == "" else "two-stage"
+
+
+def prepare(work: Path, data_seed: int, items: int, users: int, overrides: list[str]):
+    """One data seed's inputs (data, shards, demo backbone, frozen features), built once."""
+    from ptmrec_dist.config import load_config, save_config
+    from ptmrec_dist.demo import demo_config, prepare_inputs
+    from ptmrec_dist.run import RunDir
+
+    inputs = work / f"data{data_seed}" / "inputs"
+    done = inputs / "prepared.yaml"
+    if done.is_file():
+        return load_config(done)
+    cfg = load_config(None, [f"synthetic.n_items={items}", f"synthetic.n_users={users}",
+                             f"synthetic.seed={data_seed}", f"data.split_seed={2026 + data_seed}",
+                             *overrides], base=demo_config("default"))
+    prepare_inputs(cfg, inputs, RunDir(inputs, cfg).start(), log=print)
+    cfg.data.path, cfg.data.features = str(inputs / "data"), str(inputs / "features")
+    save_config(cfg, inputs)
+    (inputs / "config.yaml").rename(done)
+    return cfg
+
+
+def run_dir(work: Path, data_seed: int, model: str, seed: int, arm: str) -> Path:
+    return work / f"data{data_seed}" / model / f"seed{seed}" / arm
+
+
+def per_user(run: Path) -> dict[str, np.ndarray]:
+    """The test split's per-user metrics of a finished run, from its representations (sorted by
+    user); their means must be the run's own test metrics."""
+    import torch
+
+    from ptmrec_dist.config import load_config
+    from ptmrec_dist.data.interactions import load_interactions
+    from ptmrec_dist.eval.evaluate import Evaluator, load_representations
+
+    cfg = load_config(run / "config.yaml")
+    users_r, items_r = load_representations(run)
+    rows: dict[str, list] = {"users": []}
+
+    def sink(users, values):
+        rows["users"].extend(users.tolist())
+        for name in PER_USER:
+            rows.setdefault(name, []).extend(values[name].tolist())
+    inter = load_interactions(cfg.data.path, cfg.data, warn=_quiet)
+    means = Evaluator(cfg, inter)((torch.from_numpy(users_r), torch.from_numpy(items_r)), "test",
+                                  row_sink=sink)
+    want = json.loads((run / "metrics.json").read_text())["test"]
+    for name in PER_USER:
+        if abs(means[name] - want[name]) > 1e-6:
+            raise RuntimeError(f"{run}: per-user {name} averages to {means[name]}, "
+                               f"metrics.json says {want[name]}")
+    order = np.argsort(rows["users"])
+    return {k: np.asarray(v)[order] for k, v in rows.items()}
+
+
+def run_one(base, work: Path, data_seed: int, model: str, seed: int, arm: str) -> dict:
+    from ptmrec_dist.config import load_config
+    from ptmrec_dist.train.stage1 import run_stage1
+    from ptmrec_dist.train.stage2 import run_stage2
+
+    out = run_dir(work, data_seed, model, seed, arm)
+    if (out / "bench.json").is_file():
+        return json.loads((out / "bench.json").read_text())
+    if arm == "stage1-on-adapted":
+        adapted = run_dir(work, data_seed, model, seed, "ptmrec")
+        run_one(base, work, data_seed, model, seed, "ptmrec")
+        cfg = copy.deepcopy(base)
+        cfg.data.features = str(adapted / "features")
+        arm_cfg = ABLATIONS / "frozen.yaml"
+    else:
+        cfg, arm_cfg = copy.deepcopy(base), ABLATIONS / f"{arm}.yaml"
+    cfg.seed, cfg.recommender.name = seed, model
+    extra = []
+    if kind(arm) == "two-stage":
+        teacher = run_dir(work, data_seed, model, seed, "frozen")
+        run_one(base, work, data_seed, model, seed, "frozen")
+        extra.append(f"stage2.teacher={teacher}")
+    cfg = load_config(arm_cfg, extra, base=cfg)
+    print(f"-- data {data_seed} {model} seed {seed} {arm}", flush=True)
+    t0 = time.perf_counter()
+    stage1 = kind(arm) in ("stage1", "retrain")
+    m = (run_stage1 if stage1 else run_stage2)(cfg, out, log=_quiet)
+    m = dict(m, wall_s=round(time.perf_counter() - t0, 1), epoch_minus1_kept=m["best_epoch"] == -1)
+    np.savez(out / "per_user.npz", **per_user(out))
+    (out / "bench.json").write_text(json.dumps(m, indent=1))
+    return m
+
+
+def load_runs(work: Path, models, data_seeds, arms) -> dict:
+    """{(model, arm): {(data seed, init seed): (metrics, per-user arrays)}} of finished runs."""
+    runs: dict = {}
+    for d in data_seeds:
+        for model in models:
+            for path in sorted((work / f"data{d}" / model).glob("seed*/*/bench.json")):
+                arm, seed = path.parent.name, int(path.parent.parent.name[4:])
+                if arm not in arms:
+                    continue
+                pu = dict(np.load(path.parent / "per_user.npz"))
+                runs.setdefault((model, arm), {})[(d, seed)] = (json.loads(path.read_text()), pu)
+    return runs
+
+
+def paired(runs: dict, a: tuple, b: tuple, rng) -> dict | None:
+    """Mean paired difference a - b of test Recall@20 relative to b, its bootstrap interval
+    (users resampled within each data seed, then runs), and a one-sided paired t-test."""
+    from scipy import stats
+
+    keys = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
+    if len(keys) < 2:
+        return None
+    diffs = np.array([runs[a][k][0]["test"][METRIC] - runs[b][k][0]["test"][METRIC]
+                      for k in keys])
+    base = np.mean([runs[b][k][0]["test"][METRIC] for k in keys])
+    per_user_diff = [runs[a][k][1][METRIC] - runs[b][k][1][METRIC] for k in keys]
+    boot = np.empty(BOOTSTRAP)
+    for r in range(BOOTSTRAP):
+        pick = rng.integers(len(keys), size=len(keys))                     # runs
+        boot[r] = np.mean([per_user_diff[i][rng.integers(len(per_user_diff[i]),
+                                                         size=len(per_user_diff[i]))].mean()
+                           for i in pick])
+    t = stats.ttest_1samp(diffs, 0.0, alternative="greater")
+    return {"n_runs": len(keys), "mean_diff": float(diffs.mean()),
+            "relative_pct": float(100 * diffs.mean() / base),
+            "ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
+            "p_one_sided": float(t.pvalue), "runs": [list(k) for k in keys]}
+
+
+def holm(pvalues: dict) -> dict:
+    """Holm-adjusted p-values (step-down, monotone)."""
+    order = sorted(pvalues, key=pvalues.get)
+    out, running = {}, 0.0
+    for i, key in enumerate(order):
+        running = max(running, min(1.0, (len(order) - i) * pvalues[key]))
+        out[key] = running
+    return out
+
+
+def evaluate_claims(runs: dict, models: list[str]) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for model in models:
+        for cid, text, a, b, expected in CLAIMS:
+            res = paired(runs, (model, a), (model, b), rng)
+            rows.append({"claim": cid, "model": model, "statement": text, "a": a, "b": b,
+                         "expected": expected, **(res or {"n_runs": 0})})
+    if {"vbpr", "freedom"} <= set(models):
+        rows.append(difference_of_differences(runs, rng))
+    tested = {i: r["p_one_sided"] for i, r in enumerate(rows) if "p_one_sided" in r}
+    for i, p in holm(tested).items():
+        rows[i]["p_holm"] = p
+        holds = p < 0.05 and rows[i]["ci95"][0] > 0
+        rows[i]["verdict"] = "holds" if holds else "not shown"
+    return rows
+
+
+def difference_of_differences(runs: dict, rng) -> dict:
+    """Claim 6: ptmrec's gain over frozen, vbpr minus freedom, per matched (data, init) seed."""
+    from scipy import stats
+
+    gain = {}
+    for model in ("vbpr", "freedom"):
+        a, b = runs.get((model, "ptmrec"), {}), runs.get((model, "frozen"), {})
+        gain[model] = {k: a[k][0]["test"][METRIC] - b[k][0]["test"][METRIC]
+                       for k in set(a) & set(b)}
+    keys = sorted(set(gain["vbpr"]) & set(gain["freedom"]))
+    row = {"claim": 6, "model": "vbpr vs freedom", "expected": True,
+           "statement": "gains are larger for the simpler base model", "n_runs": len(keys)}
+    if len(keys) < 2:
+        return row
+    d = np.array([gain["vbpr"][k] - gain["freedom"][k] for k in keys])
+    boot = [d[rng.integers(len(d), size=len(d))].mean() for _ in range(BOOTSTRAP)]
+    return {**row, "mean_diff": float(d.mean()), "relative_pct": None,
+            "ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
+            "p_one_sided": float(stats.ttest_1samp(d, 0.0, alternative="greater").pvalue),
+            "runs": [list(k) for k in keys]}
+
+
+def arm_table(runs: dict) -> dict:
+    table = {}
+    for (model, arm), rs in sorted(runs.items()):
+        ms = [m for m, _ in rs.values()]
+        v = [m["test"][METRIC] for m in ms]
+        table[f"{model}/{arm}"] = {
+            "n": len(ms), "mean": float(np.mean(v)), "std": float(np.std(v)),
+            "best_epochs": [m["best_epoch"] for m in ms],
+            "epoch_minus1_kept": sum(bool(m.get("epoch_minus1_kept")) for m in ms),
+            "threads": sorted({m.get("provenance", {}).get("torch_threads") for m in ms}),
+            "commits": sorted({str(m.get("provenance", {}).get("commit"))[:10] for m in ms})}
+    return table
+
+
+def markdown(table: dict, claims: list[dict]) -> str:
+    lines = [f"| arm | runs | test {METRIC} | best epochs | epoch -1 kept |", "|---|---|---|---|---|"]
+    for key, r in table.items():
+        lines.append(f"| {key} | {r['n']} | {r['mean']:.4f} ± {r['std']:.4f} | "
+                     f"{r['best_epochs']} | {r['epoch_minus1_kept']} |")
+    lines += ["", "| claim | model | A vs B | runs | A - B (rel.) | 95 % CI | p (Holm) | verdict |",
+              "|---|---|---|---|---|---|---|---|"]
+    for c in claims:
+        if "mean_diff" not in c:
+            lines.append(f"| {c['claim']} {c['statement']} | {c['model']} | "
+                         f"{c.get('a', '')} vs {c.get('b', '')} | {c['n_runs']} | - | - | - | "
+                         "too few runs |")
+            continue
+        rel = f" ({c['relative_pct']:+.1f} %)" if c.get("relative_pct") is not None else ""
+        lines.append(f"| {c['claim']} {c['statement']} | {c['model']} | {c.get('a', 'gain')} vs "
+                     f"{c.get('b', 'gain')} | {c['n_runs']} | {c['mean_diff']:+.4f}{rel} | "
+                     f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | "
+                     f"{c.get('p_holm', float('nan')):.3g} | {c.get('verdict', '-')} |")
+    return "\n".join(lines)
+
+
+def plot(claims: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [c for c in claims if "mean_diff" in c]
+    if not shown:
+        return
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(shown) + 1))
+    for i, c in enumerate(shown):
+        ax.plot(c["ci95"], [i, i], color="tab:blue")
+        ax.plot([c["mean_diff"]], [i], "o", color="tab:blue")
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_yticks(range(len(shown)))
+    ax.set_yticklabels([f"({c['claim']}) {c['model']}: {c.get('a', 'gain')} - "
+                        f"{c.get('b', 'gain')}" for c in shown], fontsize=8)
+    ax.set_xlabel(f"paired difference in test {METRIC} (95 % bootstrap interval)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--work", default=str(ROOT / "out" / "claims"))
+    ap.add_argument("--items", type=int, default=800)
+    ap.add_argument("--users", type=int, default=1600)
+    ap.add_argument("--data-seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--inits", type=int, nargs="+", default=[0, 1, 2, 3])
+    ap.add_argument("--control-inits", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--models", nargs="+", default=["vbpr", "freedom"])
+    ap.add_argument("--arms", nargs="+", default=list(HEADLINE + CONTROLS))
+    ap.add_argument("overrides", nargs="*", help="key=value for every run")
+    args = ap.parse_args()
+    unknown = [a for a in args.arms if a not in HEADLINE + CONTROLS and
+               not (ABLATIONS / f"{a}.yaml").is_file()]
+    if unknown:
+        ap.error(f"unknown arm(s) {unknown} (configs/ablations/ names or stage1-on-adapted; "
+                 "key=value overrides go before --arms)")
+    import torch
+    torch.set_num_threads(2)
+    work = Path(args.work)
+    t0 = time.perf_counter()
+    for d in args.data_seeds:
+        base = prepare(work, d, args.items, args.users, args.overrides)
+        for model in args.models:
+            for arm in args.arms:
+                inits = args.inits if arm in HEADLINE else args.control_inits
+                for seed in inits:
+                    run_one(base, work, d, model, seed, arm)
+    runs = load_runs(work, args.models, args.data_seeds, args.arms)
+    claims = evaluate_claims(runs, args.models)
+    table = arm_table(runs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(claims, out / "claims.png")
+    result = {"items": args.items, "users": args.users, "data_seeds": args.data_seeds,
+              "inits": args.inits, "control_inits": args.control_inits, "models": args.models,
+              "overrides": args.overrides, "arms": table, "claims": claims,
+              "markdown": markdown(table, claims), "seconds": round(time.perf_counter() - t0, 1)}
+    write_result(out, "claims", result)
+    print(result["markdown"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
