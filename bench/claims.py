@@ -101,32 +101,8 @@ def run_dir(work: Path, data_seed: int, model: str, seed: int, arm: str) -> Path
 
 
 def per_user(run: Path) -> dict[str, np.ndarray]:
-    """The test split's per-user metrics of a finished run, from its representations (sorted by
-    user); their means must be the run's own test metrics."""
-    import torch
-
-    from ptmrec_dist.config import load_config
-    from ptmrec_dist.data.interactions import load_interactions
-    from ptmrec_dist.eval.evaluate import Evaluator, load_representations
-
-    cfg = load_config(run / "config.yaml")
-    users_r, items_r = load_representations(run)
-    rows: dict[str, list] = {"users": []}
-
-    def sink(users, values):
-        rows["users"].extend(users.tolist())
-        for name in PER_USER:
-            rows.setdefault(name, []).extend(values[name].tolist())
-    inter = load_interactions(cfg.data.path, cfg.data, warn=_quiet)
-    means = Evaluator(cfg, inter)((torch.from_numpy(users_r), torch.from_numpy(items_r)), "test",
-                                  row_sink=sink)
-    want = json.loads((run / "metrics.json").read_text())["test"]
-    for name in PER_USER:
-        if abs(means[name] - want[name]) > 1e-6:
-            raise RuntimeError(f"{run}: per-user {name} averages to {means[name]}, "
-                               f"metrics.json says {want[name]}")
-    order = np.argsort(rows["users"])
-    return {k: np.asarray(v)[order] for k, v in rows.items()}
+    from ptmrec_dist.eval.evaluate import per_user_metrics
+    return per_user_metrics(run, "test", PER_USER)
 
 
 def run_one(base, work: Path, data_seed: int, model: str, seed: int, arm: str) -> dict:

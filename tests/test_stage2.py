@@ -125,6 +125,11 @@ def test_demo_stage2_outputs(demo):
     assert [r["epoch"] for r in log] == [-1, 0, 1]
     assert all(math.isfinite(r["loss"]) and r["kt"] >= 0 for r in log[1:])
     assert m["best_epoch"] in (-1, 0, 1)
+    # the demo's paired per-user interval of stage 2 - stage 1 (test recall@20)
+    pair = summary["stages"]["stage2"]["vs_stage1"]
+    s1 = json.loads((out / "stage1" / "metrics.json").read_text())["test"]["recall@20"]
+    assert pair["mean_diff"] == pytest.approx(m["test"]["recall@20"] - s1, abs=1e-9)
+    assert pair["ci95"][0] <= pair["mean_diff"] <= pair["ci95"][1] and pair["n_users"] > 0
     # the run's representations reproduce its metrics
     again = evaluate_run(out / "stage2", "test")
     assert again["metrics"]["recall@20"] == pytest.approx(m["test"]["recall@20"], abs=1e-9)

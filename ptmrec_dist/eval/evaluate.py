@@ -117,3 +117,42 @@ def format_metrics(metrics: dict[str, float], ks: list[int]) -> str:
     for n in names:
         lines.append(f"{n:<11s}" + "".join(f"{metrics[f'{n}@{k}']:<10.4f}" for k in ks))
     return "\n".join(lines)
+
+
+def per_user_metrics(run: str | Path, split: str = "test",
+                     metrics: tuple[str, ...] = ("recall@20", "ndcg@20")) -> dict[str, np.ndarray]:
+    """A finished run's per-user metrics on ``split`` (``users`` and one array per metric, by
+    user index), from its representations; their means are checked against ``metrics.json``
+    (paired statistics read these)."""
+    run = Path(run)
+    cfg = load_config(run / "config.yaml")
+    users_r, items_r = load_representations(run)
+    rows: dict[str, list] = {"users": [], **{m: [] for m in metrics}}
+
+    def sink(users, values):
+        rows["users"].extend(users.tolist())
+        for name in metrics:
+            rows[name].extend(values[name].tolist())
+    inter = load_interactions(cfg.data.path, cfg.data, warn=lambda _m: None)
+    means = Evaluator(cfg, inter)((torch.from_numpy(users_r), torch.from_numpy(items_r)), split,
+                                  row_sink=sink)
+    saved = json.loads((run / "metrics.json").read_text())[split]
+    for name in metrics:
+        if abs(means[name] - saved[name]) > 1e-6:
+            raise InputError(run / "metrics.json", f"per-user {name} averages to "
+                                                   f"{means[name]}, the file says {saved[name]}")
+    order = np.argsort(rows["users"])
+    return {k: np.asarray(v)[order] for k, v in rows.items()}
+
+
+def paired_user_interval(a: np.ndarray, b: np.ndarray, n_boot: int = 2000,
+                         seed: int = 0) -> dict:
+    """Mean of ``a - b`` (per-user values of two runs on the same users) and its 95 % bootstrap
+    interval over users."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    boot = np.array([diff[rng.integers(len(diff), size=len(diff))].mean()
+                     for _ in range(n_boot)])
+    return {"mean_diff": float(diff.mean()), "ci95": [float(np.quantile(boot, 0.025)),
+                                                       float(np.quantile(boot, 0.975))],
+            "n_users": int(len(diff))}
