@@ -6,7 +6,9 @@ STAMP  := $(VENV)/.installed
 OUT    ?= out/demo
 SIZE   ?= default
 export HF_HUB_OFFLINE := 1
-export DS_ACCELERATOR := cpu
+# DeepSpeed's accelerator: cpu unless an NVIDIA GPU is there (a cpu engine next to a CUDA
+# device exits 2 at start-up); a value in the environment wins
+export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 export RAY_USAGE_STATS_ENABLED := 0
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 

@@ -64,6 +64,19 @@ def _int(env: Mapping[str, str], key: str, default: int) -> int:
     return int(m.group()) if m else default
 
 
+def tasks_on_node(spec: str, node: int) -> int:
+    """The number of tasks on node ``node`` of a step from SLURM's per-node task counts
+    (``SLURM_STEP_TASKS_PER_NODE``: ``4``, ``4(x2)``, ``2(x3),1``); 1 when not given."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if m:
+            counts += [int(m.group(1))] * int(m.group(2) or 1)
+    if not counts:
+        return 1
+    return counts[node] if 0 <= node < len(counts) else counts[0]
+
+
 def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
     env = os.environ if environ is None else environ
     addr = env.get("MASTER_ADDR")
@@ -83,7 +96,8 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
         return DistEnv(rank=_int(env, "SLURM_PROCID", 0),
                        world_size=_int(env, "SLURM_STEP_NUM_TASKS", 1),
                        local_rank=_int(env, "SLURM_LOCALID", 0),
-                       local_world_size=_int(env, "SLURM_STEP_TASKS_PER_NODE", 1),
+                       local_world_size=tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE", ""),
+                                                      _int(env, "SLURM_NODEID", 0)),
                        node_rank=_int(env, "SLURM_NODEID", 0), master_addr=addr,
                        master_port=port, launcher="slurm")
     return DistEnv(master_addr=addr or "127.0.0.1",
@@ -121,15 +135,15 @@ def init(backend: str = "auto", timeout_s: int = 1800, env: DistEnv | None = Non
     env = env or detect()
     if env.launcher == "single" and "MASTER_PORT" not in os.environ:
         env = dataclasses.replace(env, master_port=free_port())   # no clash with other jobs
+    # DeepSpeed's engine takes its device from LOCAL_RANK (set_device(LOCAL_RANK)): on a GPU it
+    # must be the index of this rank's visible GPU (:func:`device`), 0 when each task sees one
+    this_device = device(env)
+    local = str(env.local_rank if this_device.type == "cpu" else this_device.index)
     os.environ.update({"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size),
-                       "LOCAL_RANK": str(env.local_rank), "MASTER_ADDR": env.master_addr,
+                       "LOCAL_RANK": local, "MASTER_ADDR": env.master_addr,
                        "MASTER_PORT": str(env.master_port)})
     if not tdist.is_initialized():
         backend = resolve_backend(backend)
-        if backend == "nccl":
-            import torch
-            # one GPU per local rank; srun --gpus-per-task may leave each task only its own
-            torch.cuda.set_device(env.local_rank % max(1, torch.cuda.device_count()))
         tdist.init_process_group(backend=backend, rank=env.rank,
                                  world_size=env.world_size,
                                  timeout=datetime.timedelta(seconds=timeout_s))
@@ -180,11 +194,120 @@ def allreduce_tensor(t, op: str = "sum"):
 
 
 def device(env: DistEnv):
-    """The torch device of this rank: the GPU of its local rank where CUDA is, else the CPU.
-    Every module asks here instead of building a device name itself."""
+    """The torch device of this rank, made the current CUDA device; the CPU where CUDA is not.
+    Every module asks here instead of building a device name itself.
+
+    One GPU per rank, from the GPUs this process sees (``torch.cuda.device_count()``):
+
+    * one visible GPU: ``cuda:0``. Each task was given its own (``srun --gpus-per-task=1``,
+      ``CUDA_VISIBLE_DEVICES`` set per rank, a Ray worker with one GPU), whatever its local rank;
+    * at least as many visible GPUs as ranks on this node (they all see the node's GPUs):
+      ``cuda:LOCAL_RANK``;
+    * fewer (but more than one): two ranks would share a GPU, which NCCL refuses or hangs on
+      later: a :class:`~ptmrec_dist.errors.ConfigError` (exit 2) naming the local rank, the
+      ranks on the node, the visible count and ``CUDA_VISIBLE_DEVICES``.
+    """
     import torch
-    return torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() \
-        else torch.device("cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    visible = torch.cuda.device_count()
+    if visible == 1:
+        index = 0
+    elif env.local_rank < visible and env.local_world_size <= visible:
+        index = env.local_rank
+    else:
+        from ptmrec_dist.errors import ConfigError
+        rank_var, size_var = _LOCAL_VARS.get(env.launcher, ("local rank", "ranks on the node"))
+        raise ConfigError(
+            f"local rank {env.local_rank} of {env.local_world_size} on this node ({rank_var}="
+            f"{env.local_rank}, {size_var}={env.local_world_size}) but {visible} visible GPUs "
+            f"(torch.cuda.device_count(); CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r}): two ranks would share a "
+            "GPU. Start one task per GPU (srun/sbatch --ntasks-per-node = GPUs per node, "
+            "torchrun --nproc_per_node = GPUs per node) or give each task its own GPU "
+            "(--gpus-per-task=1)")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+# the variables a launcher gives the local rank and the number of ranks on a node in
+_LOCAL_VARS = {"torchrun": ("LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+               "slurm": ("SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE"),
+               "ray": ("Ray Train's local rank", "Ray Train's local world size")}
+
+
+def job_gpus(environ: Mapping[str, str] | None = None) -> str | None:
+    """Whether the job was given GPUs, from the environment alone: the variable that says so
+    (``"CUDA_VISIBLE_DEVICES='0,1'"``), or None.
+
+    ``CUDA_VISIBLE_DEVICES``, where set, decides: it lists a GPU unless it is empty, starts with
+    a negative number (``-1``) or is SLURM's ``NoDevFiles`` (so ``CUDA_VISIBLE_DEVICES=`` hides
+    a job's GPUs on purpose). Unset, SLURM's ``SLURM_GPUS_ON_NODE`` (a count above 0),
+    ``SLURM_JOB_GPUS`` or ``SLURM_STEP_GPUS`` (non-empty) decide."""
+    env = os.environ if environ is None else environ
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        first = visible.split(",")[0].strip()
+        listed = bool(first) and not first.startswith("-") and first != "NoDevFiles"
+        return f"CUDA_VISIBLE_DEVICES={visible!r}" if listed else None
+    if _int(env, "SLURM_GPUS_ON_NODE", 0) > 0:
+        return f"SLURM_GPUS_ON_NODE={env['SLURM_GPUS_ON_NODE']!r}"
+    for key in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
+        if env.get(key, "").strip():
+            return f"{key}={env[key]!r}"
+    return None
+
+
+def check_devices(uses_deepspeed: bool = True, environ: Mapping[str, str] | None = None) -> None:
+    """The start-up checks of a command (stage 1, stage 2, extract), before anything is built:
+    a :class:`~ptmrec_dist.errors.ConfigError` (exit 2) when
+
+    * the job has GPUs (:func:`job_gpus`) but ``torch.cuda.is_available()`` is False (a
+      CPU-only torch, a driver problem): it would train on the CPU, in fp32, over gloo;
+    * DeepSpeed's accelerator (``get_accelerator().device_name()``, ``DS_ACCELERATOR``) is not
+      the device type torch computes on (``cuda`` where CUDA is available, else ``cpu``), e.g.
+      the Makefile's ``DS_ACCELERATOR=cpu`` on a GPU host: a CPU engine with CUDA tensors.
+      ``uses_deepspeed=False`` (extract) skips this one."""
+    import torch
+
+    from ptmrec_dist.errors import ConfigError
+    env = os.environ if environ is None else environ
+    cuda = torch.cuda.is_available()
+    given = job_gpus(env)
+    if given and not cuda:
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(
+            f"this job has GPUs ({given}) but torch.cuda.is_available() is False (torch "
+            f"{torch.__version__}, {build}): it would train on the CPU. Install a CUDA build of "
+            "torch, check the driver (nvidia-smi on the node), or hide the GPUs "
+            "(CUDA_VISIBLE_DEVICES=) to run on the CPU on purpose")
+    if not uses_deepspeed:
+        return
+    from deepspeed.accelerator import get_accelerator
+    accelerator = get_accelerator().device_name()
+    mine = "cuda" if cuda else "cpu"
+    if accelerator != mine:
+        how = ("set DS_ACCELERATOR=cuda or unset it (the Makefile exports cpu for CPU-only "
+               "machines: make demo DS_ACCELERATOR=cuda), or hide the GPUs "
+               "(CUDA_VISIBLE_DEVICES=) to run on the CPU") if mine == "cuda" \
+            else "set DS_ACCELERATOR=cpu (or unset it)"
+        raise ConfigError(
+            f"DeepSpeed's accelerator is {accelerator!r} (DS_ACCELERATOR="
+            f"{env.get('DS_ACCELERATOR', '<unset>')!r}) but torch computes on {mine!r} "
+            f"(torch.cuda.is_available() is {cuda}): {how}")
+
+
+def runtime_line(device, precision: str, adam: str) -> str:
+    """The start-up line of a command (printed by the main rank): device, process-group
+    backend, precision, Adam implementation."""
+    import torch
+    import torch.distributed as tdist
+    where = str(device)
+    if getattr(device, "type", None) == "cuda":
+        where += f" ({torch.cuda.get_device_name(device)})"
+    backend = tdist.get_backend() if tdist.is_available() and tdist.is_initialized() \
+        else "none (one process)"
+    return f"runtime: device {where}, backend {backend}, precision {precision}, Adam {adam}"
 
 
 def gathered(params: list):

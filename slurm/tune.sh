@@ -12,8 +12,9 @@
 # by Ray over all of them. --out must be on shared storage (trial runs and Ray's state).
 # A requeued job (node failure, preemption) continues the sweep with --resume: finished trials
 # are kept, unfinished ones resume from their own checkpoints.
-# Variables: PYTHON, RESUME (see slurm/_common.sh); RAY_PORT (default 30000 + 100 x (job id %
-# 300)); RAY_HEAD_IP (default: the first node's address from `hostname --ip-address`).
+# Variables: PYTHON, RESUME (see slurm/_common.sh); RAY_PORT (default: ptmrec_ray_port, a block
+# of 100 ports from 20000 up, below the kernel's ephemeral range); RAY_HEAD_IP (default: the
+# first node's address from `hostname --ip-address`). Worker ports: 10000-19999, 100 per node.
 #SBATCH --job-name=ptmrec-tune
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -30,14 +31,14 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token} RAY_USAGE_STATS_ENABLED=0
 
 mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 head=${nodes[0]}
-port=${RAY_PORT:-$((30000 + 100 * (SLURM_JOB_ID % 300)))}
+port=${RAY_PORT:-$(ptmrec_ray_port "$SLURM_JOB_ID")}
 head_ip=${RAY_HEAD_IP:-$(srun --nodes 1 --ntasks 1 -w "$head" hostname --ip-address | awk '{print $1}')}
 cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
 gpus=${SLURM_GPUS_ON_NODE:-0}
 # this node's ports and temp dir, from its index in the job's node list (SLURM_NODEID counts
 # within a step); several Ray nodes of one job may share a host (the local test cluster)
 node_args='i=0; for n in '"${nodes[*]}"'; do [ "$n" = "$SLURMD_NODENAME" ] && break; i=$((i + 1)); done
-  base=$(('"$port"' + 1 + 8 * i)); wmin=$((10000 + ('"$SLURM_JOB_ID"' % 20) * 1000 + 100 * i));
+  base=$(('"$port"' + 1 + 8 * i)); wmin=$((10000 + 100 * (('"$SLURM_JOB_ID"' * 8 + i) % 100)));
   args="--node-manager-port $base --object-manager-port $((base + 1)) --dashboard-agent-listen-port $((base + 2))
         --dashboard-agent-grpc-port $((base + 3)) --runtime-env-agent-port $((base + 4)) --metrics-export-port $((base + 5))
         --min-worker-port $wmin --max-worker-port $((wmin + 99)) --num-cpus '"$cpus"' --num-gpus '"$gpus"'
@@ -59,7 +60,9 @@ stop_ray() {      # TERM to this job's Ray steps only, workers before the head (
 }
 trap stop_ray EXIT
 
-srun --nodes 1 --ntasks 1 -w "$head" bash -c "$node_args"'
+# each Ray node gets the job's cores (SLURM 22.05+ no longer passes --cpus-per-task to srun)
+cpt=${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK}
+srun --nodes 1 --ntasks 1 $cpt -w "$head" bash -c "$node_args"'
   set -- '"$RAY"' start --head --node-ip-address '"$head_ip"' --port '"$port"' --include-dashboard false $args; '"$run_node" &
 steps+=($!)
 "$PYTHON" - "$head_ip" "$port" <<'EOF' || ptmrec_die "the Ray head did not come up on $head_ip:$port"
@@ -75,7 +78,7 @@ sys.exit(1)
 EOF
 if [ "${#nodes[@]}" -gt 1 ]; then
     srun --nodes $(( ${#nodes[@]} - 1 )) --ntasks $(( ${#nodes[@]} - 1 )) --ntasks-per-node 1 \
-        -x "$head" bash -c "$node_args"'
+        $cpt -x "$head" bash -c "$node_args"'
       set -- '"$RAY"' start --address '"$head_ip:$port"' --node-ip-address "$(hostname --ip-address | cut -d" " -f1)" $args; '"$run_node" &
     steps+=($!)
 fi

@@ -299,7 +299,9 @@ def test_resolve_ds_config_fills_auto(cuda, monkeypatch):
         assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 1.0
         params = ds["optimizer"]["params"]
         assert params["lr"] == 0.01 and params["weight_decay"] == 0.25
-        assert params["torch_adam"] is (not cuda)          # FusedAdam / CPUAdam on GPUs
+        offloaded = name.endswith("offload")   # auto: torch's Adam (fused on GPUs), CPUAdam
+        assert params["torch_adam"] is not (cuda and offloaded)     # with optimizer offload
+        assert params.get("fused") is (True if cuda and not offloaded else None)
         assert ds["bf16"]["enabled"] is cuda and ds["fp16"]["enabled"] is False
         assert "auto" not in json.dumps(ds) and not any(k.startswith("_") for k in ds)
         offload = ds["zero_optimization"].get("offload_optimizer")
@@ -386,7 +388,7 @@ def test_custom_json_unknown_auto_and_fixed_batch_mismatch(tmp_path):
 @pytest.mark.parametrize("name, ranks", [("vit-b16", 8), ("vit-l14", 16)])
 def test_cluster_recipes_load_and_resolve(name, ranks, monkeypatch):
     """The cluster recipes are valid configs whose DeepSpeed config resolves at their scale
-    (on a GPU: bf16 and FusedAdam)."""
+    (on a GPU: bf16 and torch's fused Adam)."""
     from ptmrec_dist.config import load_config
     from ptmrec_dist.train.engine import DS_DIR, stage_ds_config
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -396,4 +398,5 @@ def test_cluster_recipes_load_and_resolve(name, ranks, monkeypatch):
     cfg = load_config(path)
     ds = stage_ds_config(cfg.stage2, ranks, "stage2")
     assert ds["train_micro_batch_size_per_gpu"] == 64 and ds["bf16"]["enabled"]
-    assert ds["gradient_clipping"] == 1.0 and not ds["optimizer"]["params"]["torch_adam"]
+    params = ds["optimizer"]["params"]
+    assert ds["gradient_clipping"] == 1.0 and params["torch_adam"] and params["fused"]

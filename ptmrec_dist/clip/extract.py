@@ -162,6 +162,7 @@ def run_extract(cfg: Config, shards: Path, out: Path, env: DistEnv, log=print) -
     from ptmrec_dist import dist
 
     t0 = time.perf_counter()
+    dist.check_devices(uses_deepspeed=False)
     with _stop_on_signal(out):
         if not env.distributed:
             return _run(cfg, shards, out, env, log, t0)
@@ -203,6 +204,8 @@ def _run(cfg: Config, shards: Path, out: Path, env: DistEnv, log, t0: float) -> 
     from ptmrec_dist import dist
     from ptmrec_dist.run import RunDir
     device = dist.device(env)
+    if env.is_main:
+        log(dist.runtime_line(device, cfg.backbone.dtype, "none (inference)"))
     manifest = load_manifest(shards)
     run = RunDir(out, cfg, is_main=env.is_main).start()
     backbone = load_backbone(cfg.backbone, device)

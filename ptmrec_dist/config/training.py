@@ -112,7 +112,8 @@ class Stage1Config:
     grad_accum: int = 1                 # micro steps per optimizer step (batch_size stays global)
     grad_clip: float = 0.0              # gradient-norm clipping; 0 = off
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"   # auto: bf16 on GPUs with it
-    adam: Literal["auto", "torch", "deepspeed"] = "auto"   # deepspeed: FusedAdam / CPUAdam
+    adam: Literal["auto", "torch", "deepspeed"] = "auto"   # auto: torch (fused on GPUs); CPUAdam
+    #                                     with offload on GPUs; deepspeed: FusedAdam / CPUAdam
     checkpoint_every: int = 5           # epochs between resumable checkpoints (0: only on a stop
                                         # signal); `stage1 --resume` continues from the newest
 
@@ -184,7 +185,8 @@ class Stage2Config:
     grad_accum: int = 1                 # micro steps per optimizer step (in-batch sets: per micro)
     grad_clip: float = 0.0              # gradient-norm clipping; 0 = off
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"   # auto: bf16 on GPUs with it
-    adam: Literal["auto", "torch", "deepspeed"] = "auto"   # deepspeed: FusedAdam / CPUAdam
+    adam: Literal["auto", "torch", "deepspeed"] = "auto"   # auto: torch (fused on GPUs); CPUAdam
+    #                                     with offload on GPUs; deepspeed: FusedAdam / CPUAdam
     compile: bool = False               # torch.compile each encoder layer
     warmup_steps: int = 0               # linear lr warm-up over this many optimizer steps
     checkpoint_every: int = 0           # optimizer steps between resumable checkpoints (0: epoch

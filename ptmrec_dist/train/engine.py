@@ -14,8 +14,11 @@ stage's section (``stage1`` / ``stage2``) of the experiment config:
 ``optimizer.params.lr`` / ``weight_decay``   ``lr`` / ``weight_decay``
 ``optimizer.params.torch_adam``        ``adam``: ``torch`` (torch's Adam, no build), ``deepspeed``
                                        (FusedAdam; DeepSpeedCPUAdam with optimizer offload; JIT
-                                       built on first use), ``auto`` = deepspeed on GPUs, torch on
-                                       CPU
+                                       built on first use), ``auto`` = torch, except deepspeed
+                                       (DeepSpeedCPUAdam) on GPUs with the optimizer offloaded
+``optimizer.params.fused``             added (true) on CUDA for torch's Adam when the file sets
+                                       neither ``fused`` nor ``foreach`` and the optimizer is not
+                                       offloaded (``foreach`` where torch has no fused kernel)
 ``bf16.enabled`` / ``fp16.enabled``    ``precision``: ``auto`` = bf16 where the GPU has it,
                                        else fp32 (bf16 GEMMs are ~400x slower than fp32 on CPUs
                                        without native bf16); fp16 needs a GPU
@@ -103,10 +106,10 @@ def resolve_ds_config(name_or_path: str, *, batch_size: int, world_size: int, lr
     cuda = torch.cuda.is_available()
     precision = resolve_precision(precision, key)
     zero = ds.get("zero_optimization", {})
-    offload = any(isinstance(zero.get(k), dict) and zero[k].get("device", "none") != "none"
-                  for k in ("offload_optimizer", "offload_param"))
-    if adam == "auto":
-        adam = "deepspeed" if cuda else "torch"
+    offloaded = {k for k in ("offload_optimizer", "offload_param")
+                 if isinstance(zero.get(k), dict) and zero[k].get("device", "none") != "none"}
+    offload = bool(offloaded)
+    adam = resolve_adam(adam, cuda, "offload_optimizer" in offloaded)
     # (ds key path, value from the config, the config key it comes from)
     fills = [(("train_batch_size",), batch_size, "batch_size"),
              (("train_micro_batch_size_per_gpu",), batch_size // (world_size * grad_accum),
@@ -147,9 +150,58 @@ def resolve_ds_config(name_or_path: str, *, batch_size: int, world_size: int, lr
     left = _unresolved(ds)
     if left:
         raise ConfigError(f"{path}: cannot resolve \"auto\" for {', '.join(left)}")
+    params = (ds.get("optimizer") or {}).get("params")
+    if cuda and adam == "torch" and "offload_optimizer" not in offloaded \
+            and isinstance(params, dict) and params.get("torch_adam") is True \
+            and not {"fused", "foreach"} & params.keys():
+        params[torch_adam_kernel()] = True      # a choice written in the file is kept
     if offload and adam == "deepspeed" and not cuda:
         logging.getLogger(__name__).info("DeepSpeedCPUAdam is JIT-built on first use (~70 s)")
     return ds
+
+
+def resolve_adam(adam: str, cuda: bool, offload_optimizer: bool) -> str:
+    """``auto`` -> ``torch`` (torch's Adam: nothing to build, fused on CUDA, see
+    :func:`torch_adam_kernel`), except ``deepspeed`` on CUDA with the optimizer offloaded to the
+    host (ZeRO-Offload needs DeepSpeedCPUAdam there, JIT-built unless prebuilt). DeepSpeed's
+    FusedAdam is JIT-built with nvcc on first use (racing on a shared extension dir when many
+    ranks start at once), so ``auto`` never picks it; ``adam: deepspeed`` still does. On CPU
+    ``auto`` is ``torch``, as before."""
+    if adam != "auto":
+        return adam
+    return "deepspeed" if cuda and offload_optimizer else "torch"
+
+
+def torch_adam_kernel() -> str:
+    """``fused`` where torch has a fused Adam kernel for CUDA tensors (torch 2.4+; also ROCm),
+    else ``foreach`` (the multi-tensor kernel)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        return "fused" if "cuda" in _get_fused_kernels_supported_devices() else "foreach"
+    except (ImportError, AttributeError):
+        return "foreach"
+
+
+def describe_engine(ds: dict | None) -> tuple[str, str]:
+    """The precision and the Adam implementation a resolved DeepSpeed config gives (for the
+    start-up line); ``None`` (no engine: nothing to train) gives fp32 and none."""
+    if ds is None:
+        return "fp32", "none (nothing to train)"
+    precision = "bf16" if (ds.get("bf16") or {}).get("enabled") else \
+        "fp16" if (ds.get("fp16") or {}).get("enabled") else "fp32"
+    opt = ds.get("optimizer") or {}
+    kind = str(opt.get("type", "none"))
+    if kind.lower() not in ("adam", "adamw"):
+        return precision, kind
+    p = opt.get("params") or {}
+    if p.get("torch_adam"):
+        adam_w = kind.lower() == "adamw" or p.get("adam_w_mode", True)   # DeepSpeed's rule
+        kernel = " (fused)" if p.get("fused") else " (foreach)" if p.get("foreach") else ""
+        return precision, f"torch.optim.{'AdamW' if adam_w else 'Adam'}{kernel}"
+    offload = ((ds.get("zero_optimization") or {}).get("offload_optimizer") or {})
+    if offload.get("device", "none") != "none":
+        return precision, "DeepSpeedCPUAdam"
+    return precision, "DeepSpeed FusedAdam"
 
 
 def reduce_bucket(trainable: int | None) -> int:

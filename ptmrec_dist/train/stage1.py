@@ -27,7 +27,7 @@ from ptmrec_dist.io import atomic_write_json
 from ptmrec_dist.rec.features import ItemFeatures, resolve_features
 from ptmrec_dist.run import provenance
 from ptmrec_dist.train.checkpoint import StopSignals
-from ptmrec_dist.train.engine import build_engine, stage_ds_config
+from ptmrec_dist.train.engine import build_engine, describe_engine, stage_ds_config
 from ptmrec_dist.train.outputs import representations, save_model_and_representations
 from ptmrec_dist.train.runstate import Resume, RunState, main_rank_log
 from ptmrec_dist.train.sampler import BPRSampler
@@ -81,9 +81,11 @@ class Stage1Run:
         self.say(f"stage 1: {self.model.name} on {self.inter.n_users} users x "
                  f"{self.inter.n_items} items, {self.n_params} trainable parameters, features: "
                  f"{self.model.features_info}; {env.world_size} rank(s)")
-        self.engine = None if not self.model.trainable else build_engine(
-            _LossModule(self.model),
-            stage_ds_config(stage, env.world_size, "stage1", trainable=self.n_params))
+        ds_cfg = stage_ds_config(stage, env.world_size, "stage1", trainable=self.n_params) \
+            if self.model.trainable else None
+        self.engine = None if ds_cfg is None else build_engine(_LossModule(self.model), ds_cfg)
+        self.say(dist.runtime_line(self.engine.device if self.engine else dist.device(env),
+                                   *describe_engine(ds_cfg)))
         # one micro batch per sampler step; DeepSpeed steps the optimizer every grad_accum of them
         self.sampler = BPRSampler(self.inter.csr("train"),
                                   stage.batch_size // max(1, stage.grad_accum), cfg.seed,
@@ -203,5 +205,6 @@ def run_stage1(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
                log=print, resume: bool = False) -> dict:
     """The whole command on this rank; returns the metrics. ``resume``: continue after the
     epoch of the newest checkpoint in ``OUT/checkpoints`` (from scratch if none)."""
+    dist.check_devices()
     env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, env)
     return Stage1Run(cfg, Path(out), env, log, resume).run()

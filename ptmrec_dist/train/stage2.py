@@ -44,8 +44,8 @@ from ptmrec_dist.eval.evaluate import Evaluator
 from ptmrec_dist.run import provenance
 from ptmrec_dist.train.bank import FeatureBank
 from ptmrec_dist.train.checkpoint import StopSignals
-from ptmrec_dist.train.engine import (build_engine, set_group_lr, stage_ds_config,
-                                      warmup_schedule, zero_stage)
+from ptmrec_dist.train.engine import (build_engine, describe_engine, set_group_lr,
+                                      stage_ds_config, warmup_schedule, zero_stage)
 from ptmrec_dist.train.outputs import representations, save_stage2_best
 from ptmrec_dist.train.runstate import Resume, RunState, interrupted, main_rank_log
 from ptmrec_dist.train.sampler import UserSampler, item_batches
@@ -304,6 +304,7 @@ class Stage2Run:
     def run(self) -> dict:
         stage, state = self.cfg.stage2, self.state
         bb = self.counts["backbone"]
+        self.say(dist.runtime_line(self.engine.device, *describe_engine(self.ds_cfg)))
         self.say(f"stage 2: {self.student.name} + {self.backbone.method} on "
                  f"{self.inter.n_users} users x {self.inter.n_items} items; backbone trainable "
                  f"{bb['trainable']} of {bb['total']} ({bb['trainable_pct']}%); teacher: "
@@ -372,5 +373,6 @@ def run_stage2(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
     continue from the newest checkpoint in ``OUT/checkpoints`` (from scratch if none).
     ``on_epoch(progress)`` is called on every rank after each trained epoch's evaluation and
     checkpoint (:meth:`Stage2Run.progress`; ``ptmrec tune`` reports it to Ray Tune)."""
+    dist.check_devices()
     env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, env)
     return Stage2Run(cfg, Path(out), env, log, resume, on_epoch).run()
