@@ -449,6 +449,22 @@ def test_two_ranks_under_torchrun(demo, two_ranks):
     np.testing.assert_allclose(bank["text"], saved, atol=2e-3, rtol=2e-3)
 
 
+def test_two_ranks_zero3_reextraction_with_uneven_shares(demo, tmp_path):
+    """2 ranks under ZeRO-3: the demo's 3 shards give the ranks 80 and 40 items to re-extract
+    (2 and 1 batches). ZeRO-3 all-gathers inside every forward, so the rank that ends first keeps
+    running dummy batches until both are done (clip/extract.py in_step); before, the other rank
+    waited in a collective until the process group's timeout (60 s here)."""
+    out, _ = demo
+    run = tmp_path / "z3x2"
+    proc = ptmrec("stage2", "--config", out / "stage2" / "config.yaml", "--out", run,
+                  "stage2.ds_config=zero3", "stage2.epochs=1", "dist.timeout_s=60",
+                  "extract.batch_size=64", ranks=2)
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["epochs_run"] == 1
+    assert np.load(run / "features" / "present.npy").all()
+
+
 # --------------------------------------------------------------------------- exact resume
 
 def _wait_for_checkpoint(run, proc, after: int = -1, timeout: float = 240.0):

@@ -237,6 +237,35 @@ def _run(cfg: Config, shards: Path, out: Path, env: DistEnv, log, t0: float) -> 
     return meta
 
 
+def in_step(loader, backbone, env: DistEnv, encode):
+    """The loader's batches; under ZeRO-3 with several ranks, also keeps the ranks' forward
+    passes in step: ZeRO-3 all-gathers each layer's weights inside every forward, so a rank
+    whose share of the items ends early must keep calling the towers (on a dummy batch, output
+    dropped) until every rank is done, or the others wait in a collective until the timeout.
+    One all-reduce of a flag per batch decides."""
+    import torch
+
+    from ptmrec_dist.dist import allreduce_tensor
+
+    partitioned = env.world_size > 1 and any(hasattr(p, "ds_id") for p in backbone.parameters())
+    if not partitioned:
+        yield from loader
+        return
+    batches, dummy = iter(loader), None
+    while True:
+        batch = next(batches, None)
+        if not allreduce_tensor(torch.tensor([0.0 if batch is None else 1.0]), op="max").item():
+            return
+        if batch is None:
+            if dummy is None:
+                size = backbone.image_size
+                dummy = {"pixel_values": torch.zeros(1, 3, size, size),
+                         **backbone.tokenize(["."])}
+            encode(dummy)
+            continue
+        yield batch
+
+
 def extract_all(backbone, shards: Path, cfg: Config, env: DistEnv, device: torch.device,
                 verify: bool = True, show_progress: bool = False,
                 modalities: tuple[str, ...] = ("image", "text")) -> dict[str, np.ndarray]:
@@ -260,15 +289,20 @@ def extract_all(backbone, shards: Path, cfg: Config, env: DistEnv, device: torch
     n = manifest["n_items"]
     tables: dict[str, torch.Tensor] = {}
     seen = torch.zeros(n)
+
+    def encode(batch) -> dict:
+        out = {}
+        if "image" in modalities:
+            out["image"] = backbone.encode_images(batch["pixel_values"].to(device))
+        if "text" in modalities:
+            out["text"] = backbone.encode_texts(batch["input_ids"].to(device),
+                                                batch["attention_mask"].to(device))
+        return out
+
     with torch.no_grad(), tqdm(total=n // env.world_size, unit="item", desc="re-extract",
                                disable=not show_progress, file=sys.stderr, leave=False) as bar:
-        for batch in loader:
-            encoded = {}
-            if "image" in modalities:
-                encoded["image"] = backbone.encode_images(batch["pixel_values"].to(device))
-            if "text" in modalities:
-                encoded["text"] = backbone.encode_texts(batch["input_ids"].to(device),
-                                                        batch["attention_mask"].to(device))
+        for batch in in_step(loader, backbone, env, encode):
+            encoded = encode(batch)
             for key, value in encoded.items():
                 value = value.float().cpu()
                 if key not in tables:
