@@ -127,10 +127,27 @@ def resolve_backend(backend: str) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init(backend: str = "auto", timeout_s: int = 1800, env: DistEnv | None = None) -> DistEnv:
+def set_deterministic() -> None:
+    """Deterministic kernels (``dist.deterministic``): torch's deterministic algorithms (an op
+    without one raises), cuDNN without autotuning, and the cuBLAS workspace that deterministic
+    GEMMs need (``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless set; read when CUDA starts, so this
+    runs before any CUDA work). On GPUs this costs speed; on CPU it changes nothing measurable."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
+def init(backend: str = "auto", timeout_s: int = 1800, env: DistEnv | None = None,
+         deterministic: bool = False) -> DistEnv:
     """Initialise torch.distributed for ``env`` (default: :func:`detect`). A single process also
-    gets the rank/master variables set, since DeepSpeed expects them (else it tries MPI)."""
+    gets the rank/master variables set, since DeepSpeed expects them (else it tries MPI).
+    ``deterministic`` (``dist.deterministic``): :func:`set_deterministic`."""
     import torch.distributed as tdist
+
+    if deterministic:
+        set_deterministic()
 
     env = env or detect()
     if env.launcher == "single" and "MASTER_PORT" not in os.environ:

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from rec_fixtures import restore_env  # noqa: F401  (a fixture)
 import torch
 from rec_fixtures import make_tiny_dataset
 
@@ -358,3 +359,48 @@ def test_ray_port_blocks_of_tune_sh_avoid_the_ephemeral_range(tmp_path):
     assert 30000 + 100 * (50 % 300) >= lo                 # the old rule's port for job 50
     tune = (Path(__file__).resolve().parents[1] / "slurm" / "tune.sh").read_text()
     assert "ptmrec_ray_port" in tune and "--cpus-per-task" in tune
+
+
+def test_checkpoint_rng_keeps_this_devices_cuda_state_only(monkeypatch):
+    """A checkpoint stores the CUDA RNG state of the rank's own device, and restores it there: a
+    requeued job that sees fewer GPUs (one per task) no longer fails on the other devices'
+    states; older checkpoints with every device's state restore the current device's entry."""
+    from ptmrec_dist.train import checkpoint as ck
+    states = {0: torch.tensor([1], dtype=torch.uint8), 3: torch.tensor([3], dtype=torch.uint8)}
+    current = {"dev": 3}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["dev"])
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[current["dev"]])
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: list(states.values()))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append(s))
+
+    def fail_all(_states):
+        raise RuntimeError("invalid device ordinal")
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", fail_all)
+    saved = ck.rng_state()
+    assert torch.equal(saved["cuda"], states[3])
+    current["dev"] = 0                                # requeued: one GPU per task, cuda:0
+    ck.set_rng_state(saved)
+    assert torch.equal(restored[-1], states[3])
+    ck.set_rng_state({**saved, "cuda": [states[0]]})   # an older checkpoint's list
+    assert torch.equal(restored[-1], states[0])
+
+
+def test_dist_deterministic_switch(tmp_path, monkeypatch, restore_env):
+    """dist.deterministic=true turns on torch's deterministic algorithms and the cuBLAS
+    workspace before any CUDA work; a run trains under it (CPU)."""
+    from rec_fixtures import make_tiny_dataset
+    from ptmrec_dist.config import load_config
+    from ptmrec_dist.train.stage1 import run_stage1
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    data = make_tiny_dataset(tmp_path / "tiny")
+    cfg = load_config(None, [f"data.path={data}", "recommender.name=bpr", "stage1.epochs=1",
+                             "dist.deterministic=true"])
+    try:
+        assert not torch.are_deterministic_algorithms_enabled()
+        m = run_stage1(cfg, tmp_path / "run", log=lambda *_: None)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and m["epochs_run"] == 1
+    finally:
+        torch.use_deterministic_algorithms(False)

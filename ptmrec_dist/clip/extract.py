@@ -166,7 +166,7 @@ def run_extract(cfg: Config, shards: Path, out: Path, env: DistEnv, log=print) -
     with _stop_on_signal(out):
         if not env.distributed:
             return _run(cfg, shards, out, env, log, t0)
-        dist.init(cfg.dist.backend, cfg.dist.timeout_s, env)
+        dist.init(cfg.dist.backend, cfg.dist.timeout_s, env, cfg.dist.deterministic)
         try:
             return _run(cfg, shards, out, env, log, t0)
         finally:

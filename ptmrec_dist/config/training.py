@@ -224,6 +224,7 @@ class Stage2Config:
 class DistConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"   # auto: nccl with CUDA, else gloo
     timeout_s: int = 1800
+    deterministic: bool = False         # deterministic kernels (GPU: slower; docs/scaling.md)
 
 
 @dataclass

@@ -39,8 +39,8 @@ PREFIX = "step-"
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():   # this rank's device only: a requeued job may see fewer
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -48,8 +48,12 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):   # older checkpoints: every visible device's state
+            here = torch.cuda.current_device()
+            cuda = cuda[here] if here < len(cuda) else cuda[0]
+        torch.cuda.set_rng_state(cuda)
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:

@@ -206,5 +206,5 @@ def run_stage1(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
     """The whole command on this rank; returns the metrics. ``resume``: continue after the
     epoch of the newest checkpoint in ``OUT/checkpoints`` (from scratch if none)."""
     dist.check_devices()
-    env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, env)
+    env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, env, cfg.dist.deterministic)
     return Stage1Run(cfg, Path(out), env, log, resume).run()

@@ -374,5 +374,5 @@ def run_stage2(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
     ``on_epoch(progress)`` is called on every rank after each trained epoch's evaluation and
     checkpoint (:meth:`Stage2Run.progress`; ``ptmrec tune`` reports it to Ray Tune)."""
     dist.check_devices()
-    env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, env)
+    env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, env, cfg.dist.deterministic)
     return Stage2Run(cfg, Path(out), env, log, resume, on_epoch).run()
