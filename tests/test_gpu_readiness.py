@@ -404,3 +404,47 @@ def test_dist_deterministic_switch(tmp_path, monkeypatch, restore_env):
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and m["epochs_run"] == 1
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_flash_attention_needs_a_half_precision_backbone_and_compile_refuses_zero3(demo, tmp_path):
+    from ptmrec_dist.config import load_config
+    from ptmrec_dist.errors import ConfigError
+    with pytest.raises(ConfigError, match="flash_attention_2 runs in bf16 or fp16"):
+        load_config(None, ["backbone.attn_implementation=flash_attention_2"])
+    load_config(None, ["backbone.attn_implementation=flash_attention_2", "backbone.dtype=bf16"])
+    from ptmrec_dist.train.stage2 import run_stage2
+    out, _ = demo
+    cfg = load_config(out / "stage2" / "config.yaml",
+                      ["stage2.compile=true", "stage2.ds_config=zero3"])
+    with pytest.raises(ConfigError, match="stage2.compile"):
+        run_stage2(cfg, tmp_path / "c", log=lambda *_: None)
+
+
+def test_the_bank_reads_written_rows_back_only_when_asked():
+    """FeatureBank.write keeps the step's item indices as tensors (no host sync per step on a
+    GPU); the set is built when a checkpoint asks for it."""
+    from ptmrec_dist.train.bank import FeatureBank
+
+    class Student:
+        modalities = ["text"]
+
+        def __init__(self):
+            self.table = torch.zeros(6, 2)
+
+        def set_modal_inputs(self, tables):
+            self.table = tables["text"].clone()
+
+        def update_modal_inputs(self, items, modal):
+            self.table[items] = modal["text"]
+
+        def item_modal_inputs(self):
+            return {"text": self.table}
+
+    bank = FeatureBank(Student())
+    bank.reset({"text": torch.zeros(6, 2).numpy()})
+    bank.write(torch.tensor([4, 1]), {"text": torch.ones(2, 2)})
+    bank.write(torch.tensor([1, 2]), {"text": torch.ones(2, 2)})
+    assert len(bank._pending) == 2 and not bank._written
+    assert bank.written == {1, 2, 4} and not bank._pending
+    rows = bank.rank_rows()
+    assert rows["items"].tolist() == [1, 2, 4]

@@ -95,7 +95,8 @@ def extract_rank(backbone: FrozenBackbone, weights: str, shards: Path, out: Path
                               on_bad_sample=cfg.data.on_bad_sample,
                               names={e["name"] for e in entries})
     loader = DataLoader(reader, batch_size=cfg.extract.batch_size, num_workers=workers,
-                        collate_fn=Preprocess(backbone), persistent_workers=False)
+                        collate_fn=Preprocess(backbone), persistent_workers=False,
+                        pin_memory=device.type == "cuda")
     first = np.array([e["first_index"] for e in entries])
     order = np.argsort(first)
     pending = {e["name"]: ([], [], []) for e in entries}
@@ -285,7 +286,8 @@ def extract_all(backbone, shards: Path, cfg: Config, env: DistEnv, device: torch
                               num_workers=workers, decode="pil",
                               on_bad_sample=cfg.data.on_bad_sample, verify=verify)
     loader = DataLoader(reader, batch_size=cfg.extract.batch_size, num_workers=workers,
-                        collate_fn=Preprocess(backbone))
+                        collate_fn=Preprocess(backbone),
+                        pin_memory=device.type == "cuda")
     n = manifest["n_items"]
     tables: dict[str, torch.Tensor] = {}
     seen = torch.zeros(n)

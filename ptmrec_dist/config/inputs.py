@@ -79,6 +79,13 @@ class BackboneConfig:
     text_tower: str = ""                # optional BERT-style text encoder (path or hub id)
     modalities: Literal["both", "image", "text"] = "both"   # what the recommender reads
 
+    def checks(self) -> list[tuple[str, bool, str]]:
+        return [
+            ("attn_implementation",
+             self.attn_implementation != "flash_attention_2" or self.dtype != "fp32",
+             "flash_attention_2 runs in bf16 or fp16 only: set backbone.dtype (or use sdpa)"),
+        ]
+
 
 @dataclass
 class DemoBackboneConfig:

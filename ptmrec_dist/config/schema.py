@@ -22,7 +22,7 @@ from ptmrec_dist.errors import ConfigError
 
 # The sections that have checks, in the order their checks run.
 _CHECKED_SECTIONS = ("data", "synthetic", "demo_backbone", "extract", "stage1", "recommender",
-                     "eval", "stage2", "peft", "tune")
+                     "eval", "stage2", "peft", "tune", "backbone")
 # These optimizer-step and checkpoint checks run after stage 2's others, in this order (as when
 # validation was one table): with several bad keys, the one reported first stays the same.
 _STEP_CHECKS = ("stage1.grad_accum", "stage1.checkpoint_every", "stage2.grad_accum",

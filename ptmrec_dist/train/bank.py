@@ -24,7 +24,8 @@ class FeatureBank:
     def __init__(self, student):
         self.student = student
         self.at_epoch_start: dict[str, np.ndarray] = {}   # numpy, the same on every rank
-        self.written: set[int] = set()                     # items this rank wrote since
+        self._written: set[int] = set()                    # items this rank wrote since
+        self._pending: list[torch.Tensor] = []             # their indices, not yet read back
         self.saved_in: Path | None = None                  # a checkpoint holding at_epoch_start
 
     def reset(self, features: dict[str, np.ndarray]) -> None:
@@ -32,12 +33,21 @@ class FeatureBank:
         modalities = self.student.modalities
         self.student.set_modal_inputs({m: torch.from_numpy(features[m]) for m in modalities})
         self.at_epoch_start = {m: features[m] for m in modalities}
-        self.written, self.saved_in = set(), None
+        self._written, self._pending, self.saved_in = set(), [], None
 
     def write(self, items: torch.Tensor, features: dict[str, torch.Tensor]) -> None:
         """A training step's adapted features of its batch items."""
         self.student.update_modal_inputs(items, features)
-        self.written.update(items.tolist())
+        self._pending.append(items.detach())     # read back at a checkpoint, not every step
+        #                                          (a GPU tensor's tolist() syncs the host)
+
+    @property
+    def written(self) -> set[int]:
+        """The items this rank wrote since the last re-extraction."""
+        if self._pending:
+            self._written.update(torch.cat([t.cpu() for t in self._pending]).tolist())
+            self._pending = []
+        return self._written
 
     # ------------------------------------------------------------------ checkpoints
     def keys(self) -> list[str]:
@@ -62,5 +72,5 @@ class FeatureBank:
                                        for m in self.student.modalities})
         if len(rows["items"]):
             self.student.update_modal_inputs(rows["items"], rows["values"])
-        self.written = set(rows["items"].tolist())
+        self._written, self._pending = set(rows["items"].tolist()), []
         self.saved_in = path

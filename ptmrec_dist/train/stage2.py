@@ -129,6 +129,10 @@ class Stage2Run:
              "lr": stage.rec_lr}]
         ds_cfg = stage_ds_config(stage, self.env.world_size, "stage2",
                                  trainable=sum(p.numel() for g in groups for p in g["params"]))
+        if zero_stage(ds_cfg) == 3 and stage.compile:
+            raise ConfigError("config key 'stage2.compile' with ZeRO-3 (stage2.ds_config) is not "
+                              "tested: compiled layers and ZeRO-3's per-module parameter hooks; "
+                              "use ZeRO-2, or compile=false")
         if zero_stage(ds_cfg) == 3 and stage.grad_norms_every:
             raise ConfigError("config key 'stage2.grad_norms_every' needs whole parameters: "
                               "ZeRO-0/1/2 (stage2.ds_config), not ZeRO-3")
@@ -156,7 +160,8 @@ class Stage2Run:
                                 passes=stage.passes_per_epoch)
         return DataLoader(reader, batch_size=micro,
                           num_workers=stage.num_workers, collate_fn=Preprocess(self.backbone),
-                          persistent_workers=stage.num_workers > 0)
+                          persistent_workers=stage.num_workers > 0,
+                          pin_memory=self.device.type == "cuda")
 
     # ------------------------------------------------------------------ checkpoints
     def _restore(self) -> Position:
