@@ -7,6 +7,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ABLATIONS = ROOT / "configs" / "ablations"
 
 
 def status_mb(key: str) -> float:
@@ -56,3 +62,33 @@ def write_result(out_dir: str | Path, name: str, result: dict) -> Path:
     path = Path(out_dir) / f"{name}.json"
     atomic_write_json(path, result)
     return path
+
+
+def quiet(*_) -> None:
+    """A ``log=`` for runs whose own progress lines would drown the bench's."""
+
+
+def ablation_kind(name: str) -> str:
+    """``stage1`` (the file sets no stage-2 or peft key), ``one-stage`` (``stage2.teacher: ""``)
+    or ``two-stage``, for a ``configs/ablations/<name>.yaml``."""
+    data = yaml.safe_load((ABLATIONS / f"{name}.yaml").read_text()) or {}
+    if "stage2" not in data and "peft" not in data:
+        return "stage1"
+    return "one-stage" if (data.get("stage2") or {}).get("teacher", None) == "" else "two-stage"
+
+
+def resumable(out: Path, label: str, run: Callable[[], dict]) -> dict:
+    """One run of a bench that resumes run by run: ``OUT/bench.json`` when an earlier invocation
+    finished it; otherwise print ``-- LABEL``, call ``run()`` (the run's metrics and whatever the
+    bench adds), add ``wall_s`` and write ``bench.json`` last, so that a run cut short is redone."""
+    from ptmrec_dist.io import atomic_write_json
+
+    done = Path(out) / "bench.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    print(f"-- {label}", flush=True)
+    t0 = time.perf_counter()
+    m = dict(run())
+    m["wall_s"] = round(time.perf_counter() - t0, 1)
+    atomic_write_json(done, m)
+    return m

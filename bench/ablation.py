@@ -34,21 +34,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from _util import write_result  # noqa: E402
+from _util import ABLATIONS, ablation_kind as kind, quiet, resumable, write_result  # noqa: E402,E501
 
-ABLATIONS = ROOT / "configs" / "ablations"
 ORDER = ["frozen", "joint-full", "joint-prompt", "ptmrec-no-kt", "ptmrec", "ptmrec-random-init"]
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
-
-
-def _quiet(*_):
-    pass
 
 
 def prepare(work: Path, items: int, users: int, overrides: list[str]):
@@ -70,37 +64,26 @@ def prepare(work: Path, items: int, users: int, overrides: list[str]):
     return cfg
 
 
-def kind(name: str) -> str:
-    data = yaml.safe_load((ABLATIONS / f"{name}.yaml").read_text()) or {}
-    if "stage2" not in data and "peft" not in data:
-        return "stage1"
-    return "one-stage" if (data.get("stage2") or {}).get("teacher", None) == "" else "two-stage"
-
-
 def run_one(base, model: str, seed: int, name: str, work: Path) -> dict:
     from ptmrec_dist.config import load_config
     from ptmrec_dist.train.stage1 import run_stage1
     from ptmrec_dist.train.stage2 import run_stage2
 
     out = work / model / f"seed{seed}" / name
-    if (out / "bench.json").is_file():
-        return json.loads((out / "bench.json").read_text())
-    cfg = copy.deepcopy(base)
-    cfg.seed = seed
-    cfg.recommender.name = model
-    extra = []
-    if kind(name) == "two-stage":
-        extra.append(f"stage2.teacher={work / model / f'seed{seed}' / 'frozen'}")
-    cfg = load_config(ABLATIONS / f"{name}.yaml", extra, base=cfg)
-    t0 = time.perf_counter()
-    print(f"-- {model} seed {seed} {name}", flush=True)
-    m = (run_stage1 if kind(name) == "stage1" else run_stage2)(cfg, out, log=_quiet)
-    m = dict(m, wall_s=round(time.perf_counter() - t0, 1))
-    features = Path(cfg.data.features) if kind(name) == "stage1" else out / "features"
-    truth = json.loads((Path(cfg.data.path) / "truth.json").read_text())
-    m["probe"] = probes(features, truth)
-    (out / "bench.json").write_text(json.dumps(m, indent=1))   # the run's metrics + ours
-    return m
+
+    def run() -> dict:
+        cfg = copy.deepcopy(base)
+        cfg.seed = seed
+        cfg.recommender.name = model
+        extra = []
+        if kind(name) == "two-stage":
+            extra.append(f"stage2.teacher={work / model / f'seed{seed}' / 'frozen'}")
+        cfg = load_config(ABLATIONS / f"{name}.yaml", extra, base=cfg)
+        m = (run_stage1 if kind(name) == "stage1" else run_stage2)(cfg, out, log=quiet)
+        features = Path(cfg.data.features) if kind(name) == "stage1" else out / "features"
+        truth = json.loads((Path(cfg.data.path) / "truth.json").read_text())
+        return dict(m, probe=probes(features, truth))   # the run's metrics + ours
+    return resumable(out, f"{model} seed {seed} {name}", run)
 
 
 def probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 5,

@@ -39,15 +39,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from _util import write_result  # noqa: E402
+from _util import ABLATIONS, ablation_kind, quiet, resumable, write_result  # noqa: E402
 
-ABLATIONS = ROOT / "configs" / "ablations"
 HEADLINE = ("frozen", "ptmrec")
 CONTROLS = ("frozen-backbone-kt", "ptmrec-no-kt", "joint-prompt", "joint-full", "prompts-only",
             "two-stage-full-kt", "joint-frozen", "stage1-on-adapted")
@@ -63,17 +61,10 @@ CLAIMS = [  # (id, statement, A, B, expected to hold)
 BOOTSTRAP = 2000
 
 
-def _quiet(*_):
-    pass
-
-
 def kind(arm: str) -> str:
     if arm == "stage1-on-adapted":
         return "retrain"
-    data = yaml.safe_load((ABLATIONS / f"{arm}.yaml").read_text()) or {}
-    if "stage2" not in data and "peft" not in data:
-        return "stage1"
-    return "one-stage" if (data.get("stage2") or {}).get("teacher", None) == "" else "two-stage"
+    return ablation_kind(arm)
 
 
 def prepare(work: Path, data_seed: int, items: int, users: int, overrides: list[str]):
@@ -111,31 +102,26 @@ def run_one(base, work: Path, data_seed: int, model: str, seed: int, arm: str) -
     from ptmrec_dist.train.stage2 import run_stage2
 
     out = run_dir(work, data_seed, model, seed, arm)
-    if (out / "bench.json").is_file():
-        return json.loads((out / "bench.json").read_text())
-    if arm == "stage1-on-adapted":
-        adapted = run_dir(work, data_seed, model, seed, "ptmrec")
-        run_one(base, work, data_seed, model, seed, "ptmrec")
-        cfg = copy.deepcopy(base)
-        cfg.data.features = str(adapted / "features")
-        arm_cfg = ABLATIONS / "frozen.yaml"
-    else:
-        cfg, arm_cfg = copy.deepcopy(base), ABLATIONS / f"{arm}.yaml"
-    cfg.seed, cfg.recommender.name = seed, model
-    extra = []
-    if kind(arm) == "two-stage":
-        teacher = run_dir(work, data_seed, model, seed, "frozen")
-        run_one(base, work, data_seed, model, seed, "frozen")
-        extra.append(f"stage2.teacher={teacher}")
-    cfg = load_config(arm_cfg, extra, base=cfg)
-    print(f"-- data {data_seed} {model} seed {seed} {arm}", flush=True)
-    t0 = time.perf_counter()
-    stage1 = kind(arm) in ("stage1", "retrain")
-    m = (run_stage1 if stage1 else run_stage2)(cfg, out, log=_quiet)
-    m = dict(m, wall_s=round(time.perf_counter() - t0, 1), epoch_minus1_kept=m["best_epoch"] == -1)
-    np.savez(out / "per_user.npz", **per_user(out))
-    (out / "bench.json").write_text(json.dumps(m, indent=1))
-    return m
+
+    def run() -> dict:
+        if arm == "stage1-on-adapted":
+            run_one(base, work, data_seed, model, seed, "ptmrec")
+            cfg = copy.deepcopy(base)
+            cfg.data.features = str(run_dir(work, data_seed, model, seed, "ptmrec") / "features")
+            arm_cfg = ABLATIONS / "frozen.yaml"
+        else:
+            cfg, arm_cfg = copy.deepcopy(base), ABLATIONS / f"{arm}.yaml"
+        cfg.seed, cfg.recommender.name = seed, model
+        extra = []
+        if kind(arm) == "two-stage":
+            run_one(base, work, data_seed, model, seed, "frozen")
+            extra.append(f"stage2.teacher={run_dir(work, data_seed, model, seed, 'frozen')}")
+        cfg = load_config(arm_cfg, extra, base=cfg)
+        stage1 = kind(arm) in ("stage1", "retrain")
+        m = (run_stage1 if stage1 else run_stage2)(cfg, out, log=quiet)
+        np.savez(out / "per_user.npz", **per_user(out))
+        return dict(m, epoch_minus1_kept=m["best_epoch"] == -1)
+    return resumable(out, f"data {data_seed} {model} seed {seed} {arm}", run)
 
 
 def load_runs(work: Path, models, data_seeds, arms) -> dict:

@@ -18,7 +18,10 @@ from ``make demo``, run first if missing) and the real all-MiniLM-L6-v2 as the t
 * **Seeds.** Seed ``s`` sets the model seed, the random split (``data.split_seed=2026+s``) and,
   for ``sparse``, the subsample (``data.subsample_seed=s``): data, split and initialisation.
 * **Stage 1**: every model in ``--models``; content models once per ``--modalities``
-  (``backbone.modalities``), with early stopping on valid Recall@20.
+  (``backbone.modalities``), with early stopping on valid Recall@20. The sparse variant's
+  batch size and learning rate are chosen per model and modalities from ``GRID`` on the valid
+  Recall@20 of seed ``SELECT_SEED`` (runs under ``sparse/select/``; their test metrics are never
+  read), then used for every seed; the full variant keeps ``configs/ml100k.yaml``'s settings.
 * **Stage 2** (vbpr): ``configs/ablations/<method>.yaml`` on top of ``configs/ml100k.yaml``'s
   stage-2 budget, with the stage-1 vbpr run of the same variant, seed and modalities as the
   teacher (``ptmrec-no-kt`` too: it starts from it) and as the ``frozen`` reference.
@@ -33,6 +36,7 @@ Markdown tables.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -46,12 +50,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from _util import write_result  # noqa: E402
+from _util import resumable, write_result  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "ml100k-posters"
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 CONTENT = ("vbpr", "freedom", "bm3")
 VARIANTS = {"full": [], "sparse": ["data.subsample=0.1"]}
+# stage-1 settings chosen on valid, per variant and model, from runs of seed SELECT_SEED; the full
+# variant keeps configs/ml100k.yaml's (the defaults were chosen on Baby's valid split)
+GRID = {"sparse": {"stage1.batch_size": [256, 1024], "stage1.lr": [0.001, 0.005]}}
+SELECT_SEED = 0
 CONFIG = ROOT / "configs" / "ml100k.yaml"
 DEMO_BACKBONE = ROOT / "out" / "demo" / "backbone"
 
@@ -125,23 +133,41 @@ def data_args(inputs: dict, variant: str, seed: int) -> list[str]:
     return args
 
 
-def finished(out: Path, t0: float) -> dict:
-    m = json.loads((out / "metrics.json").read_text())
-    m["wall_s"] = round(time.perf_counter() - t0, 1)
-    (out / "bench.json").write_text(json.dumps(m, indent=1))
-    return m
+def cli_run(out: Path, label: str, command: str, *args: str, note: dict | None = None) -> dict:
+    """``ptmrec COMMAND ARGS --out OUT`` as one resumable bench run (its log beside OUT); NOTE
+    is kept in its bench.json."""
+    def run() -> dict:
+        ptmrec(command, *args, "--out", out, log=out.with_suffix(".log"))
+        return {**json.loads((out / "metrics.json").read_text()), **(note or {})}
+    return resumable(out, label, run)
+
+
+def selection(work: Path, inputs: dict, variant: str, model: str, modalities: str) -> list[str]:
+    """The stage-1 overrides of VARIANT's GRID with the best valid metric for MODEL, from runs of
+    seed SELECT_SEED (``VARIANT/select/MODEL-MODALITIES/<point>``); [] for a variant without a
+    grid. Test metrics of these runs are never read."""
+    grid = GRID.get(variant)
+    if not grid or model == "pop":
+        return []
+    runs = []
+    for point in itertools.product(*grid.values()):
+        overrides = [f"{k}={v}" for k, v in zip(grid, point)]
+        name = ",".join(f"{k.rsplit('.', 1)[1]}={v}" for k, v in zip(grid, point))
+        out = work / variant / "select" / f"{model}-{modalities}" / name
+        m = cli_run(out, f"select {variant} seed {SELECT_SEED} {model} ({modalities}) {name}",
+                    "stage1", *data_args(inputs, variant, SELECT_SEED), "--model", model,
+                    f"backbone.modalities={modalities}", *overrides)
+        runs.append((m["valid"]["recall@20"], overrides))
+    return max(runs, key=lambda r: r[0])[1]
 
 
 def stage1_run(work: Path, inputs: dict, variant: str, seed: int, model: str,
                modalities: str) -> dict:
+    chosen = selection(work, inputs, variant, model, modalities)
     out = work / variant / f"seed{seed}" / "stage1" / f"{model}-{modalities}"
-    if (out / "bench.json").is_file():
-        return json.loads((out / "bench.json").read_text())
-    print(f"-- stage1 {variant} seed {seed} {model} ({modalities})", flush=True)
-    t0 = time.perf_counter()
-    ptmrec("stage1", *data_args(inputs, variant, seed), "--model", model, "--out", out,
-           f"backbone.modalities={modalities}", log=out.with_suffix(".log"))
-    return finished(out, t0)
+    return cli_run(out, f"stage1 {variant} seed {seed} {model} ({modalities}) {' '.join(chosen)}",
+                   "stage1", *data_args(inputs, variant, seed), "--model", model,
+                   f"backbone.modalities={modalities}", *chosen, note={"chosen": chosen})
 
 
 def flat(tree: dict, prefix: str = "") -> list[str]:
@@ -158,21 +184,16 @@ def flat(tree: dict, prefix: str = "") -> list[str]:
 def stage2_run(work: Path, inputs: dict, variant: str, seed: int, method: str,
                modalities: str) -> dict:
     out = work / variant / f"seed{seed}" / "stage2" / f"{method}-{modalities}"
-    if (out / "bench.json").is_file():
-        return json.loads((out / "bench.json").read_text())
     stage1_run(work, inputs, variant, seed, "vbpr", modalities)
     teacher = work / variant / f"seed{seed}" / "stage1" / f"vbpr-{modalities}"
     import yaml
     ablation = yaml.safe_load((ROOT / "configs" / "ablations" / f"{method}.yaml").read_text())
     one_stage = (ablation.get("stage2") or {}).get("teacher") == ""
-    print(f"-- stage2 {variant} seed {seed} {method} ({modalities})", flush=True)
-    t0 = time.perf_counter()
-    ptmrec("stage2", *data_args(inputs, variant, seed), "--out", out,
-           "--backbone", inputs["backbone"], *([] if one_stage else ["--teacher", teacher]),
-           "recommender.name=vbpr", f"backbone.text_tower={inputs['text_tower']}",
-           f"backbone.modalities={modalities}", *flat(ablation),
-           *budget(), log=out.with_suffix(".log"))
-    return finished(out, t0)
+    return cli_run(out, f"stage2 {variant} seed {seed} {method} ({modalities})", "stage2",
+                   *data_args(inputs, variant, seed), "--backbone", inputs["backbone"],
+                   *([] if one_stage else ["--teacher", teacher]),
+                   "recommender.name=vbpr", f"backbone.text_tower={inputs['text_tower']}",
+                   f"backbone.modalities={modalities}", *flat(ablation), *budget())
 
 
 def t_interval(diffs: list[float]) -> dict:
@@ -194,7 +215,7 @@ def mean_std(ms: list[dict]) -> dict:
 def collect(work: Path, seeds: list[int]) -> dict:
     """Every finished run of WORK for these seeds (earlier invocations too)."""
     table: dict = {"stage1": {}, "stage2": {}}
-    for path in sorted(work.glob("*/seed*/stage*/*/bench.json")):
+    for path in sorted(work.glob("*/seed*/stage[12]/*/bench.json")):
         variant, seed, stage, name = path.parts[-5:-1]
         if int(seed[4:]) not in seeds:
             continue
@@ -206,6 +227,7 @@ def collect(work: Path, seeds: list[int]) -> dict:
             ms = [runs[s] for s in sorted(runs)]
             row = {**mean_std(ms), "seeds": sorted(runs),
                    "best_epochs": [m["best_epoch"] for m in ms],
+                   "chosen": ms[0].get("chosen", []),
                    "wall_s": float(np.mean([m["wall_s"] for m in ms]))}
             if stage == "stage2":
                 variant, name = key.split("/")
@@ -221,11 +243,12 @@ def collect(work: Path, seeds: list[int]) -> dict:
 
 def markdown(summary: dict) -> str:
     lines = ["| stage 1: variant / model-modalities | R@10 | R@20 | N@10 | N@20 | seeds | "
-             "best epochs | time |", "|---|---|---|---|---|---|---|---|"]
+             "best epochs | chosen on valid | time |", "|---|---|---|---|---|---|---|---|---|"]
     for key, r in summary["stage1"].items():
         cells = [f"{r[k]['mean']:.4f} ± {r[k]['std']:.4f}" for k in METRICS]
-        lines.append(f"| {key} | " + " | ".join(cells)
-                     + f" | {len(r['seeds'])} | {r['best_epochs']} | {r['wall_s']:.0f} s |")
+        chosen = " ".join(c.split(".", 1)[1] for c in r["chosen"]) or "-"
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {len(r['seeds'])} | "
+                     f"{r['best_epochs']} | {chosen} | {r['wall_s']:.0f} s |")
     lines += ["", "| stage 2 (vbpr): variant / method-modalities | R@20 | N@20 | R@20 - frozen "
               "(95 % CI) | N@20 - frozen (95 % CI) | backbone trained | seeds | best epochs | "
               "time |", "|---|---|---|---|---|---|---|---|---|"]

@@ -54,3 +54,17 @@ def restore_env():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def in_process():
+    """One torch thread (the runs are tiny; threads only contend) and the environment put back
+    after a module's in-process runs (they set RANK/MASTER_PORT/...)."""
+    import torch
+
+    saved, threads = dict(os.environ), torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    os.environ.clear()
+    os.environ.update(saved)

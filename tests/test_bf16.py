@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from rec_fixtures import in_process  # noqa: F401  (a fixture)
 from rec_fixtures import make_tiny_dataset
 from run_fixtures import read_log
 from safetensors.torch import load_file
@@ -26,17 +26,6 @@ from ptmrec_dist.train.engine import resolve_ds_config, resolve_precision
 from ptmrec_dist.train.losses import in_batch_bpr
 from ptmrec_dist.train.stage1 import run_stage1
 from ptmrec_dist.train.stage2 import run_stage2
-
-
-@pytest.fixture(scope="module")
-def in_process():
-    """One torch thread, and the environment put back after the in-process runs."""
-    saved, threads = dict(os.environ), torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 # --------------------------------------------------------------------------- whole runs

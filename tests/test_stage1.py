@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rec_fixtures import in_process  # noqa: F401  (a fixture)
 from rec_fixtures import make_tiny_dataset
 from run_fixtures import ptmrec, read_log
 from safetensors.torch import load_file
@@ -31,18 +32,6 @@ RANDOM_RECALL20 = 20 / 52     # each user: 60 items - 8 training ones masked, 1 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return make_tiny_dataset(tmp_path_factory.mktemp("stage1") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def in_process():
-    """One torch thread (the runs are tiny; threads only contend) and the environment put back
-    after the in-process runs (they set RANK/MASTER_PORT/...)."""
-    saved, threads = dict(os.environ), torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def train(data, out, name, *overrides):
