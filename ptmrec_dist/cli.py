@@ -257,7 +257,8 @@ def cmd_extract(args) -> int:
     if not cfg.data.shards:
         raise ConfigError("data.shards is not set: pass --shards or set it in the config")
     env = dist.detect()
-    meta = run_extract(cfg, Path(cfg.data.shards), Path(args.out), env)
+    with _one_writer(args.out, "ptmrec extract", env):
+        meta = run_extract(cfg, Path(cfg.data.shards), Path(args.out), env)
     if meta is not None:
         print(f"features of {meta['n_present']} items ({meta['image_dim']}-d image, "
               f"{meta['text_dim']}-d text, {meta['dtype']}) in {args.out}; {meta['seconds']} s")
@@ -273,13 +274,24 @@ def cmd_stage1(args) -> int:
                   resume=args.resume)
 
 
+def _one_writer(out, what: str, env):
+    """The output folder's lock (``io.run_lock``), held by rank 0 for the whole command: a
+    second command writing into the same folder is refused naming the first (before, a second
+    stage run there removed the first one's checkpoints). Other ranks take no lock."""
+    import contextlib
+
+    from ptmrec_dist.io import run_lock
+    return run_lock(out, what) if env.rank == 0 else contextlib.nullcontext()
+
+
 def _train(run, cfg, out, **kw) -> int:
     """A training command on this process's rank; the process group is finished either way."""
     from ptmrec_dist import dist
     if not cfg.data.path:
         raise ConfigError("no interactions given: pass --data or set data.path")
     try:
-        run(cfg, Path(out), **kw)
+        with _one_writer(out, f"ptmrec {run.__name__.removeprefix('run_')}", dist.detect()):
+            run(cfg, Path(out), **kw)
     finally:
         dist.finish()
     return 0
@@ -389,6 +401,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:                  # noqa: BLE001  (re-raised unless a lost rank)
+        from ptmrec_dist.dist import lost_peer
+        lost = lost_peer(exc)
+        if lost is None:
+            raise
+        print(f"error: {lost}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

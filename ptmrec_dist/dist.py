@@ -139,7 +139,7 @@ def set_deterministic() -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def init(backend: str = "auto", timeout_s: int = 1800, env: DistEnv | None = None,
+def init(backend: str = "auto", timeout_s: int = 600, env: DistEnv | None = None,
          deterministic: bool = False) -> DistEnv:
     """Initialise torch.distributed for ``env`` (default: :func:`detect`). A single process also
     gets the rank/master variables set, since DeepSpeed expects them (else it tries MPI).
@@ -165,6 +165,30 @@ def init(backend: str = "auto", timeout_s: int = 1800, env: DistEnv | None = Non
                                  world_size=env.world_size,
                                  timeout=datetime.timedelta(seconds=timeout_s))
     return env
+
+
+def lost_peer(exc: BaseException) -> str | None:
+    """One line for a collective that failed because another rank ended or hung (a gloo read
+    error when its process died, NCCL's watchdog timeout, a store timeout), or None when ``exc``
+    is something else. The survivor exits with it instead of a DeepSpeed traceback: within a
+    second when the other process died (its sockets close), within ``dist.timeout_s`` when it
+    hangs or its node is gone."""
+    import torch.distributed as tdist
+    # the group may be torn down already (the commands finish it on the way out): the
+    # variables init() exported say whether this process was one of several ranks
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world < 2 or not tdist.is_available():
+        return None
+    text = str(exc)
+    if not (isinstance(exc, getattr(tdist, "DistError", ())) or
+            (isinstance(exc, RuntimeError) and any(
+                mark in text for mark in ("gloo", "NCCL", "Connection reset", "Connection closed",
+                                          "timed out", "Timed out")))):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return (f"rank {os.environ.get('RANK', '?')} of {world}: a collective failed, most "
+            f"likely because another rank ended or hangs (see its log; dist.timeout_s bounds "
+            f"the wait): {first[:300]}")
 
 
 def teardown() -> None:
@@ -194,19 +218,33 @@ def _multi_rank() -> bool:
     return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
 
 
-def allreduce_tensor(t, op: str = "sum"):
-    """Sum (or max) a CPU tensor over the ranks, in place; unchanged on one process. (nccl
-    reduces device tensors only: the tensor makes a round trip through the GPU.)"""
+# the largest piece of a tensor reduced at once: under nccl each piece makes a round trip
+# through the GPU, so a catalog-sized bank (1M items x 768 x 4 bytes = 3 GiB) never has to fit
+# there whole, and gloo's own buffers stay this small too
+ALLREDUCE_CHUNK_BYTES = 64 * 2**20
+
+
+def allreduce_tensor(t, op: str = "sum", chunk_bytes: int = ALLREDUCE_CHUNK_BYTES):
+    """Sum (or max) a contiguous CPU tensor over the ranks, in place, ``chunk_bytes`` at a time;
+    unchanged on one process. (nccl reduces device tensors only: each chunk makes a round trip
+    through the GPU.)"""
     import torch.distributed as tdist
     if not _multi_rank():
         return t
+    if not t.is_contiguous():
+        raise ValueError("allreduce_tensor reduces a contiguous tensor in place")
     reduce_op = tdist.ReduceOp.MAX if op == "max" else tdist.ReduceOp.SUM
-    if tdist.get_backend() == "nccl":
-        on_device = t.cuda()
-        tdist.all_reduce(on_device, op=reduce_op)
-        t.copy_(on_device.cpu())
-    else:
-        tdist.all_reduce(t, op=reduce_op)
+    nccl = tdist.get_backend() == "nccl"
+    flat = t.view(-1)
+    step = max(1, chunk_bytes // t.element_size())
+    for start in range(0, flat.numel(), step):
+        part = flat[start:start + step]          # a view: reduced in place
+        if nccl:
+            on_device = part.cuda()
+            tdist.all_reduce(on_device, op=reduce_op)
+            part.copy_(on_device.cpu())
+        else:
+            tdist.all_reduce(part, op=reduce_op)
     return t
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -32,7 +34,41 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+# what a directory fsync may answer on file systems that do not support it (some network and
+# FUSE file systems): the entry is then as durable as that file system makes it
+_NO_DIR_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES, errno.EPERM}
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush ``path``'s data to the disk (a file another call or library wrote and closed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make the entries of directory ``path`` durable (a file created, renamed or removed in
+    it): without this, a crash soon after a rename may find the old name, or none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        if exc.errno in _NO_DIR_FSYNC:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _NO_DIR_FSYNC:
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """``data`` into ``path`` through a temp file beside it: written, fsynced, renamed over
+    ``path``, and the rename made durable (the folder fsynced)."""
     path = Path(path)
     fd, tmp = _tmp_near(path)
     try:
@@ -44,6 +80,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def atomic_save_safetensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> None:
@@ -87,10 +124,13 @@ def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:
@@ -124,3 +164,68 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | Path, what: str):
+    """Hold ``FOLDER/.lock`` (an advisory ``fcntl.flock``) while the body runs, so that only one
+    writer (``what``: ``"ptmrec shard"``, ...) works in ``folder`` at a time. A second process is
+    refused at once with an :class:`InputError` naming the folder and the holder (what, pid, host,
+    since when), never left waiting. The kernel drops the lock when its holder exits, however it
+    exits, so the lock file of a killed process blocks nothing; a holder that ends normally also
+    removes the file. Where the file system has no ``flock`` the body runs unlocked, with a
+    warning. Yields the lock file's path."""
+    import fcntl
+    import socket
+    import sys
+    import time
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_FILE
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise InputError(folder, f"in use by {holder}: wait for it to end or write to "
+                                     f"another folder (lock file {lock})") from None
+        except OSError as exc:          # e.g. ENOLCK on a file system without locks
+            os.close(fd)
+            print(f"warning: {lock}: cannot lock ({exc.strerror}); make sure no other {what} "
+                  "writes into this folder", file=sys.stderr)
+            yield lock
+            return
+        # a holder that ends removes the file: ours must still be the one at the path
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        info = {"what": what, "pid": os.getpid(), "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
+        yield lock
+    finally:
+        try:
+            lock.unlink()                 # while still holding it (see the samestat check)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds a lock, from its file: ``ptmrec shard (pid 123 on node7, since ...)``."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+        return f"{info['what']} (pid {info['pid']} on {info['host']}, since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (it has not written its pid yet)"

@@ -20,3 +20,14 @@ def build_small_demo(out: Path) -> dict:
     torch.set_num_threads(1)
     cfg = load_config(None, SMALL, base=demo_config("tiny"))
     return run_demo(cfg, out, "tiny", log=lambda *_: None)
+
+
+def stage2_cfg(out: Path, *overrides: str):
+    """A stage-2 config on the small demo in ``out`` (its stage-1 run as the teacher, its
+    shards) with ``key=value`` overrides."""
+    from ptmrec_dist.config import load_config
+
+    cfg = load_config(out / "stage1" / "config.yaml", SMALL)
+    cfg.data.shards = str(out / "shards")
+    cfg.stage2.teacher = str(out / "stage1")
+    return load_config(None, list(overrides), base=cfg)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from rec_fixtures import restore_env  # noqa: F401  (a fixture)
 import torch
+from rec_fixtures import in_process  # noqa: F401  (a fixture)
 from rec_fixtures import make_tiny_dataset
 
 from ptmrec_dist import dist
@@ -164,18 +165,8 @@ def test_deepspeed_accelerator_must_match_torch(fake_cuda, monkeypatch):
         dist.check_devices(environ={"DS_ACCELERATOR": "cpu"})
 
 
-@pytest.fixture
-def in_process():
-    """One torch thread, and the environment put back after an in-process run."""
-    saved, threads = dict(os.environ), torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-def test_each_command_checks_before_it_starts(tmp_path, monkeypatch, capsys, in_process):
+def test_each_command_checks_before_it_starts(tmp_path, monkeypatch, capsys, in_process,
+                                             restore_env):
     """stage1, stage2 and extract exit 2 with the message when the job has GPUs that torch
     cannot use, before reading anything."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
@@ -187,7 +178,7 @@ def test_each_command_checks_before_it_starts(tmp_path, monkeypatch, capsys, in_
         assert "CUDA_VISIBLE_DEVICES='0'" in err and "is_available() is False" in err, err
 
 
-def test_startup_line_of_each_command(tmp_path, in_process):
+def test_startup_line_of_each_command(tmp_path, in_process, restore_env):
     """The small demo (extract, stage 1 pop and vbpr, stage 2): one line each, by the main
     rank, before training."""
     from demo_fixtures import SMALL
@@ -265,7 +256,7 @@ def test_adam_auto_on_cpu_is_unchanged():
         assert engine.describe_engine(ds)[1] == "torch.optim.Adam"
 
 
-def test_fused_reaches_torch_adam_through_deepspeed(in_process):
+def test_fused_reaches_torch_adam_through_deepspeed(in_process, restore_env):
     """The key the CUDA resolution adds is passed by DeepSpeed to torch.optim.Adam (torch 2.4+
     has a fused CPU kernel too, so this runs here)."""
     ds = resolve("zero0")
@@ -451,3 +442,23 @@ def test_the_bank_reads_written_rows_back_only_when_asked():
     assert bank.written == {1, 2, 4} and not bank._pending
     rows = bank.rank_rows()
     assert rows["items"].tolist() == [1, 2, 4]
+
+
+def test_a_deepspeed_that_casts_otherwise_is_refused_before_training(monkeypatch):
+    """The training code relies on DeepSpeed casting the module's weights to bf16 when bf16 is
+    on (and leaving fp32 otherwise): a release that leaves them in fp32 under bf16 is a
+    TrainingError naming its version and the tested one; the real engine passes both ways."""
+    from types import SimpleNamespace
+
+    from ptmrec_dist.errors import TrainingError
+    from ptmrec_dist.train.engine import TESTED_DEEPSPEED, check_cast
+
+    module = torch.nn.Linear(3, 2)
+    bf16 = {"bf16": {"enabled": True}}
+    with pytest.raises(TrainingError, match=f"left the trainable weights in.*float32.*"
+                                            f"bfloat16.*{TESTED_DEEPSPEED}"):
+        check_cast(SimpleNamespace(module=module), bf16)
+    check_cast(SimpleNamespace(module=module), {})                       # fp32 as asked
+    check_cast(SimpleNamespace(module=module.bfloat16()), bf16)
+    frozen = torch.nn.Linear(3, 2).bfloat16().requires_grad_(False)      # only trainable count
+    check_cast(SimpleNamespace(module=torch.nn.Sequential(frozen, torch.nn.Linear(2, 2))), {})

@@ -84,3 +84,15 @@ def test_checkpoint_fields_keep_their_on_disk_names():
                                       "test": {"recall@20": 0.4}},
                              "bad": 0, "times": {"train": [1.5]}, "epochs_run": 1}
     assert state.mean_time("train", 3) == 1.5
+
+
+def test_ranks_ask_about_stop_signals_every_n_steps_one_process_every_step():
+    """With several ranks the stop check is a collective (an all-reduce, a host sync on GPUs):
+    every ``stage2.stop_check_every``-th optimizer step only, the same steps on every rank; one
+    process asks after every step, where it costs nothing."""
+    from ptmrec_dist.train.checkpoint import StopSignals
+
+    stop = StopSignals()
+    assert [s for s in range(1, 31) if stop.due(s, 4, 10)] == [10, 20, 30]
+    assert [s for s in range(1, 6) if stop.due(s, 1, 10)] == [1, 2, 3, 4, 5]
+    assert all(stop.due(s, 2, 1) for s in range(1, 6))

@@ -22,7 +22,8 @@ from run_fixtures import assert_same_run, checkpoint_states, job, job_env, ptmre
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "slurm"
 # 4 epochs, so that a signal sent after the first checkpoint arrives well before the end
-RUN = ["stage2.epochs=4", "stage2.checkpoint_every=2", "stage2.keep_checkpoints=50"]
+RUN = ["stage2.epochs=4", "stage2.checkpoint_every=2", "stage2.keep_checkpoints=50",
+       "stage2.stop_check_every=2"]      # the 2 ranks agree on a signal every 2 steps
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
 
 

@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from demo_fixtures import SMALL
+from demo_fixtures import stage2_cfg
 from run_fixtures import assert_same_run, checkpoint_states, child_env, ptmrec, read_log
 from ptmrec_dist.cli import main
 from ptmrec_dist.clip.backbone import load_backbone
@@ -106,13 +106,6 @@ def test_in_batch_bpr_with_several_users_per_item():
 
 
 # --------------------------------------------------------------------------- whole runs
-
-def stage2_cfg(out, *overrides):
-    cfg = load_config(out / "stage1" / "config.yaml", SMALL)
-    cfg.data.shards = str(out / "shards")
-    cfg.stage2.teacher = str(out / "stage1")
-    return load_config(None, list(overrides), base=cfg)
-
 
 def test_demo_stage2_outputs(demo):
     out, summary = demo
@@ -414,7 +407,8 @@ def test_cli_stage2_bad_inputs_exit_2(demo, tmp_path, capsys):
     assert main(args + ["--teacher", str(out / "stage1"), "peft.method=nope"]) == 2
 
 
-TWO_RANKS = ["stage2.epochs=2", "stage2.checkpoint_every=2", "stage2.keep_checkpoints=50"]
+TWO_RANKS = ["stage2.epochs=2", "stage2.checkpoint_every=2", "stage2.keep_checkpoints=50",
+             "stage2.stop_check_every=3"]          # ranks ask each other every 3 steps
 
 
 @pytest.fixture(scope="module")

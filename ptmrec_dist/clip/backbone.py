@@ -36,14 +36,22 @@ def weights_hash(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _from_pretrained(cls, name_or_path: str, what: str, **kw):
+def _from_pretrained(cls, name_or_path: str, what: str, weights: bool = False, **kw):
+    """``cls.from_pretrained`` without remote code; ``weights``: a model, whose weights load from
+    safetensors only (a folder or hub repo with only ``pytorch_model.bin``, a pickle, is refused:
+    exit 2)."""
+    if weights:
+        kw["use_safetensors"] = True
     try:
         return cls.from_pretrained(name_or_path, trust_remote_code=False, **kw)
     except (OSError, ValueError) as exc:
         where = "local folder" if Path(name_or_path).exists() else \
             "hub id (not a local folder; it must be in the HF cache when offline)"
+        hint = " (weights load from model.safetensors only, never from a pickle such as " \
+            "pytorch_model.bin: convert it with safetensors)" if weights and \
+            "safetensors" in str(exc) else ""
         raise InputError(name_or_path, f"cannot load the {what} from this {where}: "
-                                       f"{str(exc).splitlines()[0]}",
+                                       f"{str(exc).splitlines()[0]}{hint}",
                          field="backbone.name_or_path" if what != "text tower"
                          else "backbone.text_tower") from None
 
@@ -54,8 +62,8 @@ class TextTower(nn.Module):
     def __init__(self, name_or_path: str, dtype: torch.dtype, attn_implementation: str):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
-        self.encoder = _from_pretrained(AutoModel, name_or_path, "text tower", dtype=dtype,
-                                        attn_implementation=attn_implementation)
+        self.encoder = _from_pretrained(AutoModel, name_or_path, "text tower", weights=True,
+                                        dtype=dtype, attn_implementation=attn_implementation)
         self.tokenizer = _from_pretrained(AutoTokenizer, name_or_path, "text tower")
         self.dim = self.encoder.config.hidden_size
         self.max_length = min(getattr(self.tokenizer, "model_max_length", 512) or 512,
@@ -127,7 +135,7 @@ def load_backbone(cfg: BackboneConfig, device: str | torch.device = "cpu") -> Fr
         raise InputError(None, "no backbone: set backbone.name_or_path (a local folder or a hub "
                                "id), e.g. the one `ptmrec make-backbone` writes")
     dtype = DTYPES[cfg.dtype]
-    clip = _from_pretrained(CLIPModel, cfg.name_or_path, "CLIP model", dtype=dtype,
+    clip = _from_pretrained(CLIPModel, cfg.name_or_path, "CLIP model", weights=True, dtype=dtype,
                             attn_implementation=cfg.attn_implementation)
     processor = _from_pretrained(CLIPProcessor, cfg.name_or_path, "CLIP processor")
     text = TextTower(cfg.text_tower, dtype, cfg.attn_implementation) if cfg.text_tower else None

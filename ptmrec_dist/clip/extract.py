@@ -6,7 +6,9 @@ under ``torch.inference_mode()``, and writes one part per finished shard
 (``OUT/parts/items-000003.npz``, atomically). After a barrier rank 0 merges the parts into
 ``OUT/image.npy`` and ``OUT/text.npy`` (item-index order) and ``OUT/meta.json``, checking that
 every written item is present exactly once. A rerun skips shards whose part exists and was made
-by the same backbone weights. ``OUT`` must be on storage all ranks share.
+by the same backbone weights from the same shard (the sha256 that manifest.json gives it): after a
+re-shard, parts of shards that changed are discarded with a note and recomputed, and parts of
+shards no longer listed are removed. ``OUT`` must be on storage all ranks share.
 """
 
 from __future__ import annotations
@@ -54,31 +56,75 @@ def _part_path(out: Path, shard_name: str) -> Path:
     return out / PARTS / (shard_name.removesuffix(".tar") + ".npz")
 
 
-def _load_part(path: Path, weights: str, n_items: int,
-               keys=("index", "image", "text")) -> dict | None:
-    """A part's arrays (``keys``) if it exists, is readable and was made by these weights;
-    else None. npz members load lazily: checking validity reads only the index."""
+def _part_state(path: Path, weights: str, entry: dict) -> str:
+    """``"ok"`` if the part exists, is readable and was made by these weights from this shard (the
+    sha256 and item count of its manifest entry); else ``"missing"``, ``"other weights"``,
+    ``"other shards"`` (the shard folder was rewritten since; parts of before the shard's sha256
+    was recorded count as such) or ``"unreadable"``. npz members load lazily: this reads only
+    the small ones."""
     if not path.is_file():
+        return "missing"
+    try:
+        with np.load(path, allow_pickle=False) as part:
+            if str(part["weights_hash"]) != weights:
+                return "other weights"
+            if "shard_sha256" not in part.files or str(part["shard_sha256"]) != entry["sha256"] \
+                    or len(part["index"]) != entry["n_items"]:
+                return "other shards"
+            return "ok"
+    except (OSError, ValueError, KeyError):
+        return "unreadable"
+
+
+def _load_part(path: Path, weights: str, entry: dict,
+               keys=("index", "image", "text")) -> dict | None:
+    """A part's arrays (``keys``) if it is valid for this shard entry and weights; else None."""
+    if _part_state(path, weights, entry) != "ok":
         return None
     try:
         with np.load(path, allow_pickle=False) as part:
-            if str(part["weights_hash"]) != weights or len(part["index"]) != n_items:
-                return None
             return {k: part[k] for k in keys}
     except (OSError, ValueError, KeyError):
         return None
 
 
-def _part_is_valid(path: Path, weights: str, n_items: int) -> bool:
-    return _load_part(path, weights, n_items, keys=()) is not None
-
-
-def _save_part(path: Path, index, image, text, weights: str) -> None:
+def _save_part(path: Path, index, image, text, weights: str, shard_sha256: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_file_near(path)
     with os.fdopen(fd, "wb") as f:
-        np.savez(f, index=index, image=image, text=text, weights_hash=np.array(weights))
+        np.savez(f, index=index, image=image, text=text, weights_hash=np.array(weights),
+                 shard_sha256=np.array(shard_sha256))
     os.replace(tmp, path)
+
+
+def _discard_stale_parts(out: Path, manifest: dict, mine: list[dict], states: dict[str, str],
+                         env: DistEnv, log) -> None:
+    """Remove the parts a rerun must not reuse, and say so: this rank's parts made from other
+    shards or by other weights (recomputed), and (rank 0) parts of shards the manifest no
+    longer lists."""
+    who = f"rank {env.rank}: " if env.world_size > 1 else ""
+    for reason in ("other shards", "other weights", "unreadable"):
+        names = [e["name"] for e in mine if states[e["name"]] == reason]
+        if not names:
+            continue
+        for name in names:
+            _part_path(out, name).unlink(missing_ok=True)
+        what = {"other shards": "made from other shards (the shard folder was rewritten since: "
+                                "its manifest.json gives them another sha256)",
+                "other weights": "made by other backbone weights",
+                "unreadable": "that cannot be read"}[reason]
+        plural = "s" if len(names) > 1 else ""
+        log(f"resume: {who}discarding {len(names)} feature part{plural} {what}; recomputing "
+            f"{', '.join(n.removesuffix('.tar') for n in names)}")
+    if env.is_main and (out / PARTS).is_dir():
+        listed = {_part_path(out, e["name"]).name for e in manifest["shards"]}
+        orphans = sorted(p for p in (out / PARTS).glob("items-*.npz") if p.name not in listed)
+        for p in orphans:
+            p.unlink(missing_ok=True)
+        if orphans:
+            plural = "s" if len(orphans) > 1 else ""
+            log(f"resume: removing {len(orphans)} feature part{plural} of shards no longer in "
+                f"manifest.json: {', '.join(p.name for p in orphans)}")
 
 
 def extract_rank(backbone: FrozenBackbone, weights: str, shards: Path, out: Path,
@@ -101,6 +147,7 @@ def extract_rank(backbone: FrozenBackbone, weights: str, shards: Path, out: Path
     order = np.argsort(first)
     pending = {e["name"]: ([], [], []) for e in entries}
     expected = {e["name"]: e["n_items"] for e in entries}
+    shard_sha = {e["name"]: e["sha256"] for e in entries}
     done = 0
     bar = tqdm(total=sum(expected.values()), unit="item", desc="extract", disable=not show_progress,
                file=sys.stderr)
@@ -119,7 +166,8 @@ def extract_rank(backbone: FrozenBackbone, weights: str, shards: Path, out: Path
                 buf[0].append(idx[sel]), buf[1].append(img[sel]), buf[2].append(txt[sel])
                 if sum(len(a) for a in buf[0]) == expected[name]:
                     _save_part(_part_path(out, name), np.concatenate(buf[0]),
-                               np.concatenate(buf[1]), np.concatenate(buf[2]), weights)
+                               np.concatenate(buf[1]), np.concatenate(buf[2]), weights,
+                               shard_sha[name])
                     del pending[name]
             done += len(idx)
             bar.update(len(idx))
@@ -137,7 +185,7 @@ def merge_parts(shards: Path, out: Path, manifest: dict, weights: str, dtype: st
     image = text = None
     for entry in manifest["shards"]:
         path = _part_path(out, entry["name"])
-        part = _load_part(path, weights, entry["n_items"])
+        part = _load_part(path, weights, entry)
         if part is None:
             raise ShardError(path, f"missing or stale feature part for {entry['name']}")
         idx = part["index"]
@@ -212,8 +260,9 @@ def _run(cfg: Config, shards: Path, out: Path, env: DistEnv, log, t0: float) -> 
     backbone = load_backbone(cfg.backbone, device)
     weights = backbone.weights_hash()
     mine = [e for k, e in enumerate(manifest["shards"]) if k % env.world_size == env.rank]
-    todo = [e for e in mine if not _part_is_valid(_part_path(out, e["name"]), weights,
-                                                  e["n_items"])]
+    states = {e["name"]: _part_state(_part_path(out, e["name"]), weights, e) for e in mine}
+    _discard_stale_parts(out, manifest, mine, states, env, log)
+    todo = [e for e in mine if states[e["name"]] != "ok"]
     if env.is_main and len(todo) < len(mine):
         log(f"resume: {len(mine) - len(todo)} of {len(mine)} shards of rank 0 already done")
     t1 = time.perf_counter()

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ptmrec_dist.data.catalog import ImageTooLarge, open_image
 from ptmrec_dist.errors import InputError
 
 
@@ -43,11 +44,12 @@ def normalise_images(images: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 def load_images(paths: list[Path], image_processor, size: int) -> torch.Tensor:
     """All images as one uint8 tensor (N, 3, size, size). Images that are not already RGB
     ``size`` x ``size`` go once through the processor's own RGB conversion (transparency onto
-    white), resize and centre crop, so the result is what the processor would feed the model."""
+    white), resize and centre crop, so the result is what the processor would feed the model.
+    An image over ``catalog.MAX_IMAGE_PIXELS`` is refused from its header, undecoded."""
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     for i, path in enumerate(paths):
         try:
-            with Image.open(path) as img:
+            with open_image(path) as img:
                 img.load()
                 if img.mode == "RGB" and img.size == (size, size):
                     arr = np.asarray(img).transpose(2, 0, 1)
@@ -57,6 +59,8 @@ def load_images(paths: list[Path], image_processor, size: int) -> torch.Tensor:
                     arr = np.clip(np.rint(pv), 0, 255).astype(np.uint8)
         except FileNotFoundError:
             raise InputError(path, "image file not found") from None
+        except (ImageTooLarge, Image.DecompressionBombError) as exc:
+            raise InputError(path, str(exc)) from None
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise InputError(path, f"undecodable image ({exc})") from None
         out[i] = torch.from_numpy(np.ascontiguousarray(arr))

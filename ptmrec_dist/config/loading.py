@@ -169,21 +169,76 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     if path:
         path = Path(path)
         data = read_yaml(path, "config file")
-        merged = merge_dicts(to_dict(cfg), data, path)
-        cfg = _build(Config, merged, "")
+        try:
+            cfg = _build(Config, merge_dicts(to_dict(cfg), data, path), "")
+        except ConfigError as exc:            # an unknown key, a wrong type: name the file too
+            if str(path) in str(exc):
+                raise
+            raise ConfigError(f"{path}: {exc}") from None
     for item in overrides:
         set_key(cfg, *parse_override(item))
     return cfg.validate()
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A mapping names the same key twice (``line`` of the second, 1-based; ``key`` dotted)."""
+
+    def __init__(self, key: str, line: int, first_line: int):
+        super().__init__(f"line {line}: key '{key}' given more than once (first at line "
+                         f"{first_line})")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, at any depth (plain
+    YAML loaders keep the last one silently). Keys merged in with ``<<`` may be overridden, as
+    YAML's merge defines."""
+
+    def construct_document(self, node):
+        self._check_unique(node, "", set())
+        return super().construct_document(node)
+
+    def _check_unique(self, node, prefix: str, seen_nodes: set) -> None:
+        if id(node) in seen_nodes:              # an alias: checked where its anchor is
+            return
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for k, child in enumerate(node.value):
+                self._check_unique(child, f"{prefix}[{k}]", seen_nodes)
+            return
+        if not isinstance(node, yaml.MappingNode):
+            return
+        first: dict = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            name = f"{prefix}.{key}" if prefix else str(key)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise DuplicateKey(name, line, first[key])
+                first[key] = line
+            except TypeError:                   # an unhashable key: SafeLoader's own error
+                pass
+            self._check_unique(value_node, name, seen_nodes)
+
+
 def read_yaml(path: Path, what: str) -> Any:
-    """A YAML file's content ({} when empty); a missing file or bad YAML names the file."""
+    """A YAML file's content ({} when empty); a missing file, bad YAML or a key given twice
+    (:class:`UniqueKeyLoader`) names the file (and the line and key)."""
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
+    except DuplicateKey as exc:
+        raise ConfigError(f"{path}:{exc.line}: config key '{exc.key}' is given more than once "
+                          f"(first at line {exc.first_line}); keep one") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): a YAML config is "
+                          "text") from None
 
 
 def merge_into(cfg: Config, sections: dict, source: Path | str = "") -> Config:

@@ -192,6 +192,9 @@ class Stage2Config:
     checkpoint_every: int = 0           # optimizer steps between resumable checkpoints (0: epoch
     #                                     ends only; -1: none); --resume continues the newest
     keep_checkpoints: int = 2           # resumable checkpoints kept (the newest)
+    stop_check_every: int = 10          # with several ranks, optimizer steps between their
+    #                                     collective check for a stop signal (one all-reduce and,
+    #                                     on GPUs, a host sync); one process checks every step
 
     def checks(self) -> list[tuple[str, bool, str]]:
         return [
@@ -217,13 +220,16 @@ class Stage2Config:
             ("checkpoint_every", self.checkpoint_every >= -1,
              "must be >= 1, 0 (epoch ends only) or -1 (never)"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, "must be >= 1"),
+            ("stop_check_every", self.stop_check_every >= 1, "must be >= 1"),
         ]
 
 
 @dataclass
 class DistConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"   # auto: nccl with CUDA, else gloo
-    timeout_s: int = 1800
+    timeout_s: int = 600                # seconds a collective waits for the other ranks (a
+    #                                     rank that died ends the others at once; a hung rank or
+    #                                     a lost node after this long)
     deterministic: bool = False         # deterministic kernels (GPU: slower; docs/scaling.md)
 
 
@@ -259,5 +265,14 @@ class TuneConfig:
             ("workers_per_trial", self.workers_per_trial >= 1, "must be >= 1"),
             ("cpus_per_worker", self.cpus_per_worker > 0, "must be > 0"),
             ("gpus_per_worker", self.gpus_per_worker >= 0, "must be >= 0"),
+            ("gpus_per_worker", self.gpus_per_worker <= 1
+             or float(self.gpus_per_worker).is_integer(),
+             "must be a fraction up to 1 or a whole number (Ray's rule)"),
+            ("gpus_per_worker", self.workers_per_trial == 1 or self.gpus_per_worker == 0
+             or float(self.gpus_per_worker).is_integer(),
+             f"must be 0 or a whole number with tune.workers_per_trial "
+             f"{self.workers_per_trial}: a fraction lets Ray put two ranks of one trial on the "
+             "same GPU, which nccl refuses (a fraction is for several one-worker trials "
+             "sharing a GPU)"),
             ("num_cpus", self.num_cpus >= 0, "must be >= 0 (0 = all)"),
         ]

@@ -118,7 +118,8 @@ class Drops:
 
 def read_items(spec: CatalogSpec, drops: Drops) -> list[dict]:
     """The item table's rows as ``{raw_id, title, text, image (absolute path or "")}``, first
-    row per id; the missing-image/text policy applied."""
+    row per id; the missing-image/text policy applied. An image path (``--image`` filled in, or
+    ``--image-column``) that leads outside the table's folder is an InputError naming the line."""
     text_tpl = Template(spec.text, "--text")
     title = spec.title or ""                 # a column name, or a template
     title_tpl = Template(title if "{" in title or not title else "{" + title + "}", "--title")
@@ -146,6 +147,13 @@ def read_items(spec: CatalogSpec, drops: Drops) -> list[dict]:
         seen.add(raw_id)
         image = ""
         rel = image_tpl.render(row) if image_tpl else cell_text(row.get(spec.image_column))
+        why = _leaves_folder(rel) if rel else None
+        if why:
+            raise InputError(spec.items, f"{rel!r} is outside the item table's folder {root}: "
+                                         f"{why} (image paths are relative to that folder and "
+                                         "stay inside it; link a folder of images in if they "
+                                         "live elsewhere)", line=line_no,
+                             field=spec.image_column or "--image")
         if rel and (root / rel).is_file():
             image = str((root / rel).resolve())
         items.append({"raw_id": raw_id, "title": title_tpl.render(row),
@@ -158,6 +166,18 @@ def read_items(spec: CatalogSpec, drops: Drops) -> list[dict]:
             drops.add(rule, [it["raw_id"] for it in items if not has(it)])
             items = [it for it in items if has(it)]
     return items
+
+
+def _leaves_folder(rel: str) -> str | None:
+    """Why the image path ``rel`` (a pattern filled in, or a column value) leaves the item
+    table's folder, or None. Lexical: absolute paths and ``..`` that climbs out are refused;
+    symbolic links inside the folder are followed (the table and its folder are the user's own
+    input, and ``write_catalog`` copies or hard-links every image into the catalog it writes)."""
+    if os.path.isabs(rel):
+        return "an absolute path"
+    if os.path.normpath(rel).split(os.sep)[0] == "..":
+        return "it climbs out with '..'"
+    return None
 
 
 def k_core(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:

@@ -1,24 +1,85 @@
 """Item catalog: ``items.jsonl`` (``item_id``, ``title``, ``text``, ``image``) plus image files.
 
-Structural problems (bad JSON, a missing ``item_id``, duplicate ids) are always errors naming the
-file and line. Bad *samples* (missing or undecodable image, empty text, an id the interactions do
-not know) follow ``data.on_bad_sample``: ``error`` stops at the first, ``skip`` counts them in a
+Structural problems (bad JSON, a missing ``item_id``, duplicate ids, an ``image`` path that leads
+outside the catalog folder) are always errors naming the file and line. Bad *samples* (missing,
+undecodable or too large image, empty text, an id the interactions do not know) follow
+``data.on_bad_sample``: ``error`` stops at the first, ``skip`` counts them in a
 :class:`SkipReport`.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ptmrec_dist.errors import InputError, SkipReport
 from ptmrec_dist.io import iter_jsonl
 
 CATALOG_FILE = "items.jsonl"
+
+# Largest image (width x height) any reader of ours decodes: 64 Mpx, 8192 x 8192 (192 MiB as
+# decoded RGB). Checked from the header before a pixel is decoded, so a decompression bomb (a small
+# file claiming 30000 x 30000) costs nothing; a larger image is the bad sample "image too large".
+# Ours on purpose, not PIL's process-wide ``Image.MAX_IMAGE_PIXELS`` (which warns, raises only at
+# twice its value, and which any other library in the process may change or switch off).
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header gives more than :data:`MAX_IMAGE_PIXELS` pixels."""
+
+
+def open_image(fp) -> Image.Image:
+    """``Image.open`` (a path or a file object) with :data:`MAX_IMAGE_PIXELS` checked from the
+    header, before anything is decoded; raises :class:`ImageTooLarge`. PIL's own bomb check can
+    only fire first for a larger image (its limit is higher) and is reported the same way."""
+    limit = MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(fp)
+        except Image.DecompressionBombError as exc:
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            size = f"{int(found.group(1))} pixels" if found else "too many pixels"
+            raise ImageTooLarge(f"image too large ({size}; the limit is {limit})") from None
+    width, height = img.size
+    if width * height > limit:
+        img.close()
+        raise ImageTooLarge(f"image too large ({width} x {height} pixels; the limit is {limit})")
+    return img
+
+
+def image_path_problem(root: str, rel: str, dirs: dict[str, str] | None = None) -> str | None:
+    """Why the catalog image path ``rel`` is not a file inside the catalog folder ``root`` (an
+    ``os.path.realpath``), or None. Refused: absolute paths, ``..`` that climbs out, and symbolic
+    links (of the file or of a folder on the way) that resolve outside. ``dirs`` caches resolved
+    folders, so a million items in a few folders cost about one ``lstat`` each."""
+    if os.path.isabs(rel):
+        return "an absolute path; image paths are relative to the catalog folder"
+    if ".." in Path(rel).parts:   # the kernel resolves a symlink before the ".." after it
+        real = os.path.realpath(os.path.join(root, rel))
+    else:
+        parent, name = os.path.split(rel)
+        real_parent = dirs.get(parent) if dirs is not None else None
+        if real_parent is None:
+            real_parent = os.path.realpath(os.path.join(root, parent))
+            if dirs is not None:
+                dirs[parent] = real_parent
+        real = os.path.join(real_parent, name)
+        if os.path.islink(real):
+            real = os.path.realpath(real)
+    if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+        return None
+    if os.path.normpath(rel).split(os.sep)[0] == "..":
+        return "it climbs out with '..'"
+    return f"a symbolic link on the way resolves to {real}"
 
 
 @dataclass
@@ -46,6 +107,7 @@ def read_catalog(catalog_dir: str | Path) -> list[CatalogItem]:
                                "and the images it names)")
     items: list[CatalogItem] = []
     seen: dict[str, int] = {}
+    root, dirs = os.path.realpath(catalog_dir), {}
     for line_no, obj in iter_jsonl(path):
         if "item_id" not in obj or obj["item_id"] in (None, ""):
             raise InputError(path, "missing", line=line_no, field="item_id")
@@ -61,6 +123,12 @@ def read_catalog(catalog_dir: str | Path) -> list[CatalogItem]:
             raise InputError(path, f"duplicate item_id {item_id!r} (first at line "
                                    f"{seen[item_id]})", line=line_no, field="item_id")
         seen[item_id] = line_no
+        why = image_path_problem(root, obj["image"], dirs) if obj.get("image") else None
+        if why:
+            raise InputError(path, f"{obj['image']!r} is outside the catalog folder {root}: "
+                                   f"{why} (files outside the catalog folder are never read: copy "
+                                   "the images in, or let `ptmrec catalog` link them in)",
+                             line=line_no, field="image")
         items.append(CatalogItem(item_id=item_id, title=obj.get("title") or "",
                                  text=obj.get("text") or "", image=obj.get("image") or "",
                                  line=line_no))
@@ -124,13 +192,17 @@ def load_image_bytes(catalog_dir: Path, item: CatalogItem, image_size: int,
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         return None, "missing image"
     try:
-        with Image.open(io.BytesIO(raw)) as img:
+        with open_image(io.BytesIO(raw)) as img:
             img.load()
             fmt, mode = img.format, img.mode
             if image_size <= 0 and fmt == "JPEG" and mode == "RGB":
                 return raw, None
             rgb = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except (ImageTooLarge, Image.DecompressionBombError):
+        return None, "image too large"
+    except MemoryError:
+        raise
+    except Exception:   # noqa: BLE001  Pillow's decoders raise many types on malformed files
         return None, "undecodable image"
     if image_size > 0:
         w, h = rgb.size

@@ -1,9 +1,15 @@
 """User-item interactions: MMRec ``.inter`` and plain CSV in, split CSR matrices out.
 
 * ``.inter`` (MMRec): tab-separated with a header; ``userID itemID`` plus optional ``rating``,
-  ``timestamp``, ``x_label``. The integer ids are the indices.
-* CSV: ``user,item[,timestamp]`` (a header line is optional); raw ids are strings, mapped to
-  indices in sorted order; :meth:`Interactions.save_mappings` writes the mapping.
+  ``timestamp``, ``x_label``. The integer ids are the indices, so each one up to the largest
+  costs memory (an embedding row, a slot in every per-user/per-item array): ids above
+  :data:`MAX_INDEX` are refused with their line. Give such ids as CSV instead.
+* CSV: ``user,item[,timestamp]`` (a header line is optional); raw ids are strings of any length,
+  mapped to indices in sorted order; :meth:`Interactions.save_mappings` writes the mapping.
+
+Both are read as UTF-8 with an optional byte-order mark, with LF or CRLF line endings. A split
+without training rows is refused when loading; one without valid rows where valid is needed
+(``need_valid``: the training stages, which choose their epoch on it).
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from ptmrec_dist.config import DataConfig
-from ptmrec_dist.data.splits import SPLIT_NAMES, TEST, TRAIN, leave_last_out_labels, \
+from ptmrec_dist.data.splits import SPLIT_NAMES, TEST, TRAIN, VALID, leave_last_out_labels, \
     random_split_labels, subsample_per_user
-from ptmrec_dist.data.table import Table, read_table
+from ptmrec_dist.data.table import MAX_DIGITS, Table, read_table
 from ptmrec_dist.errors import InputError
 from ptmrec_dist.io import atomic_write_text
 
@@ -31,6 +37,11 @@ ALIASES = {
 }
 CSV_POSITIONAL = ["user", "item", "timestamp"]
 NOT_INTERACTIONS = ("_mapping.csv", "_url.csv")   # MMRec's companion files in a data folder
+# the largest id a .inter file may use as an index (the arrays of the index space are sized
+# by the largest id, not by the number of distinct ids)
+MAX_INDEX = 100_000_000
+INDEX_TOO_LARGE = (" (.inter ids are the indices, and every index up to the largest costs memory;"
+                   " give large or sparse ids as CSV user,item, which maps them to indices)")
 
 
 @dataclass
@@ -119,6 +130,8 @@ def _lookup(sorted_ids: np.ndarray | None, n: int, raw_ids) -> np.ndarray:
     raw = np.asarray([str(r) for r in raw_ids])
     if sorted_ids is None:
         ok = np.strings.isdecimal(raw) if len(raw) else np.zeros(0, bool)
+        if len(raw):     # beyond int64 (and beyond any index): unknown, not an overflow
+            ok &= np.strings.str_len(np.strings.lstrip(raw, "0")) <= MAX_DIGITS
         out = np.full(len(raw), -1, dtype=np.int64)
         out[ok] = raw[ok].astype(np.int64)
         out[out >= n] = -1
@@ -150,7 +163,7 @@ def _read(path: Path) -> tuple[Table, str]:
         table = read_table(path, "\t", None, ALIASES)
         return table, "inter"
     first = ""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for line in f:
             if line.strip():
                 first = line
@@ -184,7 +197,7 @@ def _parse_fast(path: Path) -> _Parsed | None:
     """All-numeric ``.inter`` through numpy's C reader (~10x the validating parser); None when
     anything is off, so that the validating parser names the exact line and field."""
     header_lines, line = 0, ""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for line in f:
             header_lines += 1
             if line.strip():
@@ -200,13 +213,14 @@ def _parse_fast(path: Path) -> _Parsed | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)   # "input contained no data"
             cols = np.loadtxt(path, delimiter="\t", skiprows=header_lines, dtype=np.int64,
-                              comments=None, usecols=ints, ndmin=2, encoding="utf-8")
+                              comments=None, usecols=ints, ndmin=2, encoding="utf-8-sig")
             fcols = np.loadtxt(path, delimiter="\t", skiprows=header_lines, dtype=np.float64,
-                               comments=None, usecols=floats, ndmin=2, encoding="utf-8") \
+                               comments=None, usecols=floats, ndmin=2, encoding="utf-8-sig") \
                 if floats else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, OverflowError, UnicodeDecodeError):
         return None
-    if not len(cols) or cols.min() < 0 or (fcols is not None and not np.isfinite(fcols).all()):
+    if not len(cols) or cols.min() < 0 or cols.max() > MAX_INDEX \
+            or (fcols is not None and not np.isfinite(fcols).all()):
         return None
     col = {names[k]: cols[:, j] for j, k in enumerate(ints)}
     if "x_label" in col and col["x_label"].max() > TEST:
@@ -232,7 +246,8 @@ def parse_interactions(path: Path, fast: bool = True) -> _Parsed:
                                    f"{', '.join(table.columns)})", line=int(table.line_no[0]) - 1)
     user_ids = item_ids = None
     if fmt == "inter":
-        users, items = table.ints("user"), table.ints("item")
+        users = table.ints("user", limit=MAX_INDEX, why=INDEX_TOO_LARGE)
+        items = table.ints("item", limit=MAX_INDEX, why=INDEX_TOO_LARGE)
         n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
     else:
         for name in ("user", "item"):
@@ -312,11 +327,34 @@ def _apply_item_space(p: _Parsed, path: Path, catalog) -> int:
     return n
 
 
+def _split_detail(rule: str, label: int) -> str:
+    """Why a split can come out empty under ``rule`` (for messages)."""
+    if rule == "x_label":
+        return f"no row has x_label {label}"
+    if label == TRAIN:
+        return "no user kept a row for training"
+    return "every user has fewer than 3 interactions, and such users keep all of them in train"
+
+
+def check_valid_split(inter: Interactions) -> None:
+    """A training run chooses its epoch (early stopping, the kept model) on valid: refuse
+    interactions without valid rows instead of stopping on metrics of 0."""
+    if not (inter.labels == VALID).any():
+        raise InputError(inter.path, f"no valid interactions (data.split={inter.split_rule}: "
+                                     f"{_split_detail(inter.split_rule, VALID)}), so nothing can "
+                                     "choose the epoch: training stops early on valid metrics; "
+                                     "give the file valid rows or use data.split=random")
+
+
 def load_interactions(path: str | Path, cfg: DataConfig | None = None, warn=None,
-                      catalog: str | Path | None = None) -> Interactions:
+                      catalog: str | Path | None = None,
+                      need_valid: bool = False) -> Interactions:
     """Parse, validate, deduplicate, subsample and split. ``warn`` gets human-readable notices
     (stderr). The item count is the catalog's (``catalog``, else ``data.catalog``, else a
-    ``catalog.json`` beside the file) when there is one: see :func:`catalog_item_space`."""
+    ``catalog.json`` beside the file) when there is one: see :func:`catalog_item_space`.
+
+    A split without training rows is an :class:`InputError`; so is one without valid rows when
+    ``need_valid`` (training runs: :func:`check_valid_split`)."""
     cfg = cfg or DataConfig()
     warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
     path = find_interactions_file(path)
@@ -360,6 +398,10 @@ def load_interactions(path: str | Path, cfg: DataConfig | None = None, warn=None
         if timestamps is None:
             raise InputError(path, "data.split=loo needs a timestamp column")
         labels = leave_last_out_labels(users, timestamps)
+    if not (labels == TRAIN).any():
+        raise InputError(path, f"the train split is empty (data.split={rule}: "
+                               f"{_split_detail(rule, TRAIN)}): there is nothing to train on, and "
+                               "valid/test rows of users without training rows are dropped")
 
     # MMRec drops valid/test interactions of users that have no training interaction
     has_train = np.bincount(users[labels == TRAIN], minlength=n_users) > 0
@@ -371,8 +413,11 @@ def load_interactions(path: str | Path, cfg: DataConfig | None = None, warn=None
         keep = ~drop
         users, items, labels = users[keep], items[keep], labels[keep]
         timestamps = timestamps[keep] if timestamps is not None else None
-    return Interactions(path=path, format=p.fmt, n_users=n_users, n_items=n_items, users=users,
-                        items=items, labels=labels, split_rule=rule, user_ids=user_ids,
-                        item_ids=item_ids, timestamps=timestamps, raw_rows=raw_rows,
-                        duplicates_removed=duplicates, dropped_eval=dropped,
-                        subsampled_out=subsampled_out)
+    inter = Interactions(path=path, format=p.fmt, n_users=n_users, n_items=n_items,
+                         users=users, items=items, labels=labels, split_rule=rule,
+                         user_ids=user_ids, item_ids=item_ids, timestamps=timestamps,
+                         raw_rows=raw_rows, duplicates_removed=duplicates, dropped_eval=dropped,
+                         subsampled_out=subsampled_out)
+    if need_valid:
+        check_valid_split(inter)
+    return inter

@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ptmrec_dist import seeds
+from ptmrec_dist.data.catalog import ImageTooLarge, open_image
 from ptmrec_dist.data.shards import item_key, load_manifest, verify_shards
 from ptmrec_dist.errors import ShardError
 
@@ -75,18 +76,43 @@ def iter_shard(path: Path, on_bad_sample: str = "error",
 
 
 def decode_sample(sample: dict, decode: Decode = "pil") -> dict:
+    """A raw sample -> ``{"index", "item_id", "text"[, "image"]}``. A missing or bad member (a
+    ``.json`` that is not JSON or lacks ``index``/``item_id``, a key that is not its index, text
+    that is not UTF-8, an undecodable or too large image) is a :class:`ShardError` naming the
+    shard and the member, whatever ``on_bad_sample`` says: our writer never makes such a member,
+    so the shard is corrupt (a verified one was made so), and a streaming reader cannot drop a
+    sample without leaving its rank short of the others."""
     url = sample.get("__url__", "?")
+    key = sample.get("__key__")
     for part in ("jpg", "txt", "json"):
         if part not in sample:
-            raise ShardError(url, f"sample {sample.get('__key__')!r} has no {part!r} member")
-    meta = json.loads(sample["json"])
-    if sample["__key__"] != item_key(meta["index"]):
-        raise ShardError(url, f"sample key {sample['__key__']!r} does not match its index "
-                              f"{meta['index']}")
-    out = {"index": int(meta["index"]), "item_id": meta["item_id"],
-           "text": sample["txt"].decode("utf-8")}
+            raise ShardError(url, f"sample {key!r} has no {part!r} member")
+    try:
+        meta = json.loads(sample["json"])
+    except ValueError as exc:    # JSONDecodeError, UnicodeDecodeError
+        raise ShardError(url, f"member {key}.json: invalid JSON: {exc}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("index"), int) or \
+            isinstance(meta["index"], bool) or "item_id" not in meta:
+        raise ShardError(url, f"member {key}.json: expected a JSON object with 'index' and "
+                              f"'item_id', got {str(meta)[:80]}")
+    if key != item_key(meta["index"]):
+        raise ShardError(url, f"sample key {key!r} does not match its index {meta['index']}")
+    try:
+        text = sample["txt"].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ShardError(url, f"member {key}.txt: not UTF-8 ({exc.reason})") from None
+    out = {"index": meta["index"], "item_id": meta["item_id"], "text": text}
     if decode == "pil":
-        out["image"] = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        try:
+            with open_image(io.BytesIO(sample["jpg"])) as img:
+                out["image"] = img.convert("RGB")
+        except (ImageTooLarge, Image.DecompressionBombError) as exc:
+            raise ShardError(url, f"member {key}.jpg: {exc}") from None
+        except MemoryError:
+            raise
+        except Exception as exc:   # noqa: BLE001  Pillow's decoders raise many types
+            raise ShardError(url, f"member {key}.jpg: undecodable image "
+                                  f"({type(exc).__name__}: {exc})") from None
     elif decode == "bytes":
         out["image"] = sample["jpg"]
     return out

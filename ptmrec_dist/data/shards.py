@@ -4,7 +4,8 @@ Layout: ``items-000000.tar ...`` with, per item, ``<key>.jpg``, ``<key>.txt`` (w
 encoder reads) and ``<key>.json`` (``index``, ``item_id``, ``title``, ``text``); the key is the
 zero-padded item index, items are in index order. ``manifest.json`` records counts, bytes and the
 sha256 of every shard. Each shard is written under a temporary name and renamed when complete;
-the manifest is written last, so a folder with a manifest is a finished one.
+the manifest is written last, so a folder with a manifest is a finished one. One ``ptmrec shard``
+writes into a folder at a time (``OUT/.lock``, :func:`ptmrec_dist.io.run_lock`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from pathlib import Path
 import webdataset as wds
 
 from ptmrec_dist import __version__
+from ptmrec_dist.data import catalog
 from ptmrec_dist.data.catalog import CatalogItem, check_text, load_image_bytes, read_catalog, \
     resolve_indices
 from ptmrec_dist.data.interactions import find_interactions_file, load_interactions
 from ptmrec_dist.errors import InputError, ShardError, SkipReport
-from ptmrec_dist.io import atomic_write_json, sha256_file
+from ptmrec_dist.io import atomic_write_json, run_lock, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "ptmrec-shards/1"
@@ -126,53 +128,55 @@ def write_shards(catalog_dir: str | Path, out_dir: str | Path, shard_size: int =
         items, n_space = resolve_indices(items, None, catalog_file, skips, on_bad_sample)
 
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)   # the folder is unfinished until rewritten
-    shards: list[dict] = []
-    buf_items: list[CatalogItem] = []
-    buf_images: list[bytes] = []
-    n_written = 0
+    with run_lock(out_dir, "ptmrec shard"):   # a second run into out_dir is refused, not mixed in
+        (out_dir / MANIFEST).unlink(missing_ok=True)   # the folder is unfinished until rewritten
+        shards: list[dict] = []
+        buf_items: list[CatalogItem] = []
+        buf_images: list[bytes] = []
+        n_written = 0
 
-    def flush() -> None:
-        shards.append(_write_one(out_dir / shard_name(len(shards)), buf_items, buf_images))
-        buf_items.clear()
-        buf_images.clear()
+        def flush() -> None:
+            shards.append(_write_one(out_dir / shard_name(len(shards)), buf_items, buf_images))
+            buf_items.clear()
+            buf_images.clear()
 
-    for it, jpg, reason in _encode_stream(catalog_dir, items, image_size, quality, workers):
-        if reason is None:
-            buf_items.append(it)
-            buf_images.append(jpg)
-            n_written += 1
-            if len(buf_items) == shard_size:
-                flush()
-        elif on_bad_sample == "error":
-            field = "text" if reason == "empty text" else "image"
-            detail = f" ({it.image})" if field == "image" and it.image else ""
-            raise InputError(catalog_file, f"{reason}{detail} for item {it.item_id!r} "
-                                           "(data.on_bad_sample=skip skips such items)",
-                             line=it.line, field=field)
-        else:
-            skips.add(reason, it.item_id)
-    if buf_items:
-        flush()
-    if not n_written:
-        raise InputError(catalog_file, f"no usable items: {skips.message()}")
-    if skips.total:
-        log(f"warning: {catalog_file}: {skips.message()}")
-    missing = n_space - n_written   # indices are unique (resolve_indices checks it)
-    names = {s["name"] for s in shards}
-    for stale in out_dir.glob("items-*.tar"):
-        if stale.name not in names:
-            stale.unlink()
-    manifest = {
-        "format": FORMAT, "created_by": f"ptmrec_dist {__version__}",
-        "catalog": str(catalog_dir), "interactions": str(inter_path) if inter_path else None,
-        "n_items": n_space, "n_written": n_written, "n_missing": missing,
-        "image_size": image_size, "key_digits": KEY_DIGITS, "shard_size": shard_size,
-        "skipped": skips.to_dict(), "shards": shards,
-    }
-    atomic_write_json(out_dir / MANIFEST, manifest)
-    return manifest
+        for it, jpg, reason in _encode_stream(catalog_dir, items, image_size, quality, workers):
+            if reason is None:
+                buf_items.append(it)
+                buf_images.append(jpg)
+                n_written += 1
+                if len(buf_items) == shard_size:
+                    flush()
+            elif on_bad_sample == "error":
+                field = "text" if reason == "empty text" else "image"
+                detail = f" ({it.image})" if field == "image" and it.image else ""
+                if reason == "image too large":
+                    detail = f" ({it.image}: more than {catalog.MAX_IMAGE_PIXELS} pixels)"
+                raise InputError(catalog_file, f"{reason}{detail} for item {it.item_id!r} "
+                                               "(data.on_bad_sample=skip skips such items)",
+                                 line=it.line, field=field)
+            else:
+                skips.add(reason, it.item_id)
+        if buf_items:
+            flush()
+        if not n_written:
+            raise InputError(catalog_file, f"no usable items: {skips.message()}")
+        if skips.total:
+            log(f"warning: {catalog_file}: {skips.message()}")
+        missing = n_space - n_written   # indices are unique (resolve_indices checks it)
+        names = {s["name"] for s in shards}
+        for stale in out_dir.glob("items-*.tar"):
+            if stale.name not in names:
+                stale.unlink()
+        manifest = {
+            "format": FORMAT, "created_by": f"ptmrec_dist {__version__}",
+            "catalog": str(catalog_dir), "interactions": str(inter_path) if inter_path else None,
+            "n_items": n_space, "n_written": n_written, "n_missing": missing,
+            "image_size": image_size, "key_digits": KEY_DIGITS, "shard_size": shard_size,
+            "skipped": skips.to_dict(), "shards": shards,
+        }
+        atomic_write_json(out_dir / MANIFEST, manifest)
+        return manifest
 
 
 def load_manifest(shard_dir: str | Path) -> dict:
@@ -183,8 +187,21 @@ def load_manifest(shard_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ShardError(path, f"invalid JSON: {exc.msg}", line=exc.lineno) from None
-    if manifest.get("format") != FORMAT:
-        raise ShardError(path, f"unknown format {manifest.get('format')!r} (expected {FORMAT})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ShardError(path, f"unknown format {found!r} (expected {FORMAT})")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise ShardError(path, "no list of shards", field="shards")
+    for n, entry in enumerate(shards):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        # a shard is a file of this folder: a name with a folder part, absolute or climbing
+        # out with "..", would open a file elsewhere
+        if not isinstance(name, str) or not name or Path(name).name != name or \
+                name in (".", ".."):
+            raise ShardError(path, f"entry {n}: {name!r} is not a file name in this folder "
+                                   "(shards are read from the manifest's own folder only)",
+                             field="shards")
     return manifest
 
 

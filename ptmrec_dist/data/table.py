@@ -13,6 +13,9 @@ import numpy as np
 
 from ptmrec_dist.errors import InputError
 
+MAX_DIGITS = 18                      # every 18-digit number fits in int64
+INT64_SAFE = 10 ** MAX_DIGITS - 1
+
 
 @dataclass
 class Table:
@@ -27,13 +30,24 @@ class Table:
     def fail(self, row: int, column: str, message: str) -> InputError:
         return InputError(self.path, message, line=int(self.line_no[row]), field=column)
 
-    def ints(self, column: str, what: str = "a non-negative integer") -> np.ndarray:
+    def ints(self, column: str, what: str = "a non-negative integer",
+             limit: int | None = None, why: str = "") -> np.ndarray:
+        """The column as int64; a non-decimal cell, or one above ``limit`` (``why`` says why
+        there is one), fails on its line. Never an overflow: more than 18 significant digits
+        is above any limit."""
         col = self.values[column]
         ok = np.strings.isdecimal(col)
         if not ok.all():
             row = int(np.flatnonzero(~ok)[0])
             raise self.fail(row, column, f"expected {what}, got {str(col[row])!r}")
-        return col.astype(np.int64)
+        limit = INT64_SAFE if limit is None else min(limit, INT64_SAFE)
+        long = np.strings.str_len(np.strings.lstrip(col, "0")) > MAX_DIGITS
+        values = np.where(long, "0", col).astype(np.int64)
+        above = long | (values > limit)
+        if above.any():
+            row = int(np.flatnonzero(above)[0])
+            raise self.fail(row, column, f"{str(col[row])} is above {limit:,}{why}")
+        return values
 
     def floats(self, column: str) -> np.ndarray:
         col = self.values[column]
@@ -60,7 +74,7 @@ def read_table(path: Path, delimiter: str, header: list[str] | None,
     column names; unknown header names are kept under their own name.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")     # a byte-order mark is not data
     except UnicodeDecodeError as exc:
         raise InputError(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     lines = np.array(text.split("\n"))

@@ -34,7 +34,10 @@ class TopkWriter:
         self.parts: list[np.ndarray] = []
 
     def __call__(self, users: np.ndarray, topk: np.ndarray) -> None:
-        self.parts.append(np.concatenate([users[:, None], topk[:, :self.k]], axis=1))
+        topk = topk[:, :self.k]
+        if topk.shape[1] < self.k:        # fewer items than K in the catalog: -1 beyond them
+            topk = np.pad(topk, ((0, 0), (0, self.k - topk.shape[1])), constant_values=-1)
+        self.parts.append(np.concatenate([users[:, None], topk], axis=1))
 
     def close(self) -> None:
         rows = np.concatenate(self.parts) if self.parts else np.zeros((0, 1 + self.k), np.int64)
@@ -45,11 +48,12 @@ class TopkWriter:
                 np.save(f, rows.astype(np.int64))
             else:
                 for row in rows:
-                    rec = {"user": int(row[0]), "items": row[1:].tolist()}
+                    items = row[1:][row[1:] >= 0]      # -1: no item left at that place
+                    rec = {"user": int(row[0]), "items": items.tolist()}
                     if self.user_ids is not None:
                         rec["user_id"] = str(self.user_ids[row[0]])
                     if self.item_ids is not None:
-                        rec["item_ids"] = [str(self.item_ids[i]) for i in row[1:]]
+                        rec["item_ids"] = [str(self.item_ids[i]) for i in items]
                     f.write((json.dumps(rec) + "\n").encode())
         Path(tmp).replace(self.path)
 
@@ -61,8 +65,24 @@ def load_representations(run: Path) -> tuple[np.ndarray, np.ndarray]:
         if not path.is_file():
             raise InputError(path, "missing: not a finished stage-1/stage-2 run folder "
                                    "(it has no exported representations)")
-        arrays.append(np.load(path, allow_pickle=False))
+        array = np.load(path, allow_pickle=False)
+        if array.ndim != 2 or array.dtype.kind not in "fiu":
+            raise InputError(path, f"expected a 2-d array of numbers, found {array.dtype} "
+                                   f"{array.shape}")
+        bad = ~np.isfinite(array).all(axis=1)
+        if bad.any():
+            raise InputError(path, f"{int(bad.sum())} row(s) not finite (NaN or inf), first "
+                                   f"row {int(np.flatnonzero(bad)[0])}: the run diverged; its "
+                                   "metrics would mean nothing")
+        arrays.append(array)
     return arrays[0], arrays[1]
+
+
+def score_function(reps: tuple[torch.Tensor, torch.Tensor]):
+    """``users LongTensor -> [n, n_items]`` scores of the representations ``(users_r,
+    items_r)``: ``users_r[u] @ items_r.T`` on their device (the users are moved there)."""
+    users_r, items_r = reps
+    return lambda u: users_r[u.to(users_r.device)] @ items_r.T
 
 
 class Evaluator:
@@ -80,8 +100,7 @@ class Evaluator:
         target = self.valid if split == "valid" else self.test
         extra = self.valid if split == "test" and e.mask_valid_at_test else None
         users = np.flatnonzero(np.diff(target.indptr) > 0)[self.env.rank::self.env.world_size]
-        users_r, items_r = reps
-        return evaluate(lambda u: users_r[u.to(users_r.device)] @ items_r.T, self.train, target,
+        return evaluate(score_function(reps), self.train, target,
                         sorted(set(e.ks)), also_mask=extra, chunk=e.chunk_users,
                         memory_mb=e.memory_mb, users=users, topk_sink=topk_sink,
                         sink_k=sink_k, reduce=allreduce_sum, row_sink=row_sink)

@@ -114,6 +114,20 @@ def chunk_size(n_items: int, chunk_users: int = 0, memory_mb: int = 512) -> int:
     return max(1, memory_mb * 2**20 // (n_items * 8))
 
 
+def chunk_topk(score_fn: Callable[[torch.Tensor], torch.Tensor], users: np.ndarray,
+               mask: sp.csr_matrix, k: int) -> torch.Tensor:
+    """The ``[n, k]`` top-k of one chunk of ``users`` (:func:`topk_items`), on the device the
+    scores are on: ``score_fn`` scores every item, ``mask``'s entries (a CSR matrix) are
+    excluded."""
+    with torch.no_grad():
+        scores = score_fn(torch.from_numpy(users.astype(np.int64))).float()
+    sub = mask[users]
+    rows = torch.from_numpy(np.repeat(np.arange(len(users)), np.diff(sub.indptr)))
+    cols = torch.from_numpy(sub.indices.astype(np.int64))
+    scores[rows.to(scores.device), cols.to(scores.device)] = -torch.inf
+    return topk_items(scores, k)
+
+
 def ranked_chunks(score_fn: Callable[[torch.Tensor], torch.Tensor], users: np.ndarray,
                   mask: sp.csr_matrix, k: int, chunk: int) -> Iterator[tuple[np.ndarray,
                                                                                np.ndarray]]:
@@ -121,13 +135,7 @@ def ranked_chunks(score_fn: Callable[[torch.Tensor], torch.Tensor], users: np.nd
     mask = mask.tocsr()
     for start in range(0, len(users), chunk):
         u = users[start:start + chunk]
-        with torch.no_grad():
-            scores = score_fn(torch.from_numpy(u.astype(np.int64))).float()
-        sub = mask[u]
-        rows = torch.from_numpy(np.repeat(np.arange(len(u)), np.diff(sub.indptr)))
-        cols = torch.from_numpy(sub.indices.astype(np.int64))
-        scores[rows.to(scores.device), cols.to(scores.device)] = -torch.inf
-        yield u, topk_items(scores, k).cpu().numpy()
+        yield u, chunk_topk(score_fn, u, mask, k).cpu().numpy()
 
 
 def evaluate(score_fn, train: sp.csr_matrix, target: sp.csr_matrix, ks: list[int],

@@ -4,7 +4,8 @@ Looked up, in order: ``data.features`` if set (a folder holding ``image.npy``/``
 ``ptmrec extract``, or MMRec's ``image_feat.npy``/``text_feat.npy``), else the folder of the
 interactions file (where MMRec's releases keep them). Rows are items in index order; the row count
 must equal the number of items. Items ``ptmrec extract`` could not read (``present.npy`` False)
-get zero vectors and are counted.
+get zero vectors and are counted. Arrays must hold real numbers (float or integer dtypes), all
+finite: :func:`check_matrix` names the file and the dtype, or the first row holding NaN/inf.
 """
 
 from __future__ import annotations
@@ -44,11 +45,62 @@ class ItemFeatures:
         return f"{dims or 'none'} from {self.source or '-'}"
 
 
-def _load(path: Path, n_items: int) -> np.ndarray:
+REAL_KINDS = "fiub"      # float, signed and unsigned integer, boolean
+KIND_NAMES = {"U": "text", "S": "bytes", "O": "Python objects", "c": "complex numbers",
+              "M": "dates", "m": "time spans", "V": "records"}
+
+
+def _header_dtype(path: Path) -> np.dtype | None:
+    """The dtype a ``.npy`` header declares (None if it cannot be read)."""
+    from numpy.lib import format as npy
+
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        with open(path, "rb") as f:
+            version = npy.read_magic(f)
+            read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            return np.dtype(read(f)[2])
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _dtype_error(path: Path, dtype: np.dtype) -> InputError:
+    kind = KIND_NAMES.get(dtype.kind, dtype.name)
+    return InputError(path, f"dtype {dtype} ({kind}): expected real numbers (a float or integer "
+                            "array; save it with .astype(np.float32))")
+
+
+def read_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    """A ``.npy`` array of real numbers; anything else (unreadable, of strings, objects,
+    complex numbers, dates, records) is an :class:`InputError` naming the file (and the dtype)."""
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, ValueError) as exc:
+        dtype = _header_dtype(path)
+        if dtype is not None and dtype.kind not in REAL_KINDS:   # object arrays fail to load
+            raise _dtype_error(path, dtype) from None
         raise InputError(path, f"not a readable .npy array: {exc}") from None
+    if not isinstance(arr, np.ndarray):
+        raise InputError(path, "not a .npy array (an .npz archive?)")
+    if arr.dtype.kind not in REAL_KINDS:
+        raise _dtype_error(path, arr.dtype)
+    return arr
+
+
+def check_finite(path: Path, arr: np.ndarray, what: str = "item index",
+                 problem: str = "a NaN or infinite value") -> None:
+    """NaN or inf anywhere in the rows of ``arr``: an InputError naming the file and the first
+    bad row (``what`` says what a row is)."""
+    if arr.dtype.kind != "f" or not arr.size:
+        return
+    finite = np.isfinite(arr)
+    if not finite.all():
+        rows = finite.reshape(len(arr), -1) if arr.ndim else finite.reshape(1, 1)
+        bad = int(np.flatnonzero(~rows.all(axis=1))[0])
+        raise InputError(path, f"row {bad} ({what} {bad}) holds {problem}")
+
+
+def _load(path: Path, n_items: int) -> np.ndarray:
+    arr = read_npy(path, mmap=True)
     if arr.ndim != 2 or arr.shape[0] != n_items:
         hint = ""
         if arr.ndim == 2 and arr.shape[0] > n_items:
@@ -56,10 +108,9 @@ def _load(path: Path, n_items: int) -> np.ndarray:
                     "to the catalog folder (its catalog.json owns the item index)")
         raise InputError(path, f"expected shape ({n_items}, dim) (one row per item), "
                                f"got {tuple(arr.shape)}{hint}")
+    check_finite(path, arr)
     out = np.array(arr, dtype=np.float32)          # a writable copy, never the read-only map
-    if not np.isfinite(out).all():
-        bad = int(np.flatnonzero(~np.isfinite(out).all(axis=1))[0])
-        raise InputError(path, f"row {bad} (item index {bad}) holds a NaN or infinite value")
+    check_finite(path, out, problem="a value beyond float32's range")
     return out
 
 

@@ -43,7 +43,11 @@ import torch
 
 from ptmrec_dist.errors import ConfigError
 
-DS_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+# ds_configs/ of the checkout; an installed package carries a copy as ptmrec_dist/ds_configs/
+# (pyproject.toml package-dir), which wins where it exists
+DS_DIR = next((d for d in (Path(__file__).resolve().parents[1] / "ds_configs",
+                           Path(__file__).resolve().parents[2] / "ds_configs") if d.is_dir()),
+              Path(__file__).resolve().parents[2] / "ds_configs")
 
 
 def ds_config_path(name_or_path: str) -> Path:
@@ -262,5 +266,33 @@ def build_engine(module: torch.nn.Module, ds_config: dict, param_groups: list | 
         [p for p in module.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params,
                                            config=ds_config, lr_scheduler=lr_scheduler)
+    check_cast(engine, ds_config)
     return engine
+
+
+# the DeepSpeed release whose casting the code was tested against (constraints.txt; pyproject
+# admits later 0.19 patch releases); named in the error when a release casts differently
+TESTED_DEEPSPEED = "0.19.8"
+
+
+def check_cast(engine, ds_config: dict) -> None:
+    """What the training code relies on from DeepSpeed's casting: with ``bf16``/``fp16``
+    enabled the engine holds the module's trainable weights in that dtype (the student casts
+    the encoders' features to it, the graph models propagate in fp32 and cast back to it, the
+    losses upcast from it); without, in fp32. A release that casts otherwise (autocast in
+    place of a cast, say) would train in another precision than the start-up line says: a
+    :class:`~ptmrec_dist.errors.TrainingError` naming the release, before the first step."""
+    import deepspeed
+
+    want = torch.bfloat16 if (ds_config.get("bf16") or {}).get("enabled") else \
+        torch.float16 if (ds_config.get("fp16") or {}).get("enabled") else torch.float32
+    found = {getattr(p, "ds_tensor", p).dtype for p in engine.module.parameters()
+             if p.requires_grad}
+    if found and found != {want}:
+        from ptmrec_dist.errors import TrainingError
+        raise TrainingError(
+            f"DeepSpeed {deepspeed.__version__} left the trainable weights in "
+            f"{sorted(str(d) for d in found)} where the config asks for {want} (precision); "
+            f"this code is tested with DeepSpeed {TESTED_DEEPSPEED}, which casts the module: "
+            "pip install -c constraints.txt deepspeed")
 

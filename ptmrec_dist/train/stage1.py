@@ -26,7 +26,7 @@ from ptmrec_dist.eval.evaluate import Evaluator
 from ptmrec_dist.io import atomic_write_json
 from ptmrec_dist.rec.features import ItemFeatures, resolve_features
 from ptmrec_dist.run import provenance
-from ptmrec_dist.train.checkpoint import StopSignals
+from ptmrec_dist.train.checkpoint import StopSignals, check_finite, own_handlers
 from ptmrec_dist.train.engine import build_engine, describe_engine, stage_ds_config
 from ptmrec_dist.train.outputs import representations, save_model_and_representations
 from ptmrec_dist.train.runstate import Resume, RunState, main_rank_log
@@ -72,7 +72,7 @@ class Stage1Run:
         self.cfg, self.out, self.env = cfg, out, env
         self.say = main_rank_log(log, env)
         self.t_start = time.perf_counter()
-        self.inter = load_interactions(cfg.data.path, cfg.data)
+        self.inter = load_interactions(cfg.data.path, cfg.data, need_valid=True)
         self.model = build_model(cfg, self.inter)
         self.resume = Resume(out, cfg, env, resume, self.say, self.RESUMABLE_CHANGES)
         self.run_dir = self.resume.run_dir(out, cfg, env)
@@ -122,8 +122,9 @@ class Stage1Run:
         record = {"epoch": epoch,
                   **{k: round(v / len(self.sampler), 6) for k, v in zip(sums, sums_vec)}}
         if not np.isfinite(record["loss"]):
-            raise TrainingError(f"stage 1: the loss of epoch {epoch} is {record['loss']} "
-                                f"(terms: {record}); lower stage1.lr or check the features")
+            raise TrainingError(f"stage 1: the loss of epoch {epoch} (optimizer step "
+                                f"{int(engine.global_steps)}) is {record['loss']} (terms: "
+                                f"{record}); lower stage1.lr or check the features")
         self.state.times["epoch"].append(time.perf_counter() - t0)
         record["epoch_s"] = round(self.state.times["epoch"][-1], 3)
         return record
@@ -153,14 +154,20 @@ class Stage1Run:
             save_model_and_representations(self.out, self.model.state_dict(), reps)
 
     def checkpoint(self, epoch: int) -> Path:
-        """A resumable checkpoint after ``epoch`` (collective)."""
+        """A resumable checkpoint after ``epoch`` (collective); non-finite trainable weights
+        stop the run here instead (TrainingError: the epoch's loss is checked already)."""
+        check_finite(self.engine, {}, f"stage 1: after epoch {epoch} (optimizer step "
+                                      f"{int(self.engine.global_steps)})",
+                     "lower stage1.lr or check the features")
         return self.resume.checkpointer.save(self.engine, int(self.engine.global_steps), {
             "epoch": epoch, **self.state.state(), "log_lines": self.run_dir.lines,
             "config": to_dict(self.cfg)}, {})
 
-    def run(self) -> dict:
+    def run(self, stop: StopSignals | None = None) -> dict:
+        """``stop``: the signal handlers the caller installed before set-up (a signal that
+        arrived then stops the run after its first epoch); else installed here."""
         stage, state = self.cfg.stage1, self.state
-        with StopSignals() as stop:
+        with own_handlers(stop) as stop:
             for epoch in state.epochs(self.first_epoch,
                                       stage.epochs if self.model.trainable else 1):
                 record = self.train_epoch(epoch) if self.model.trainable else {"epoch": epoch}
@@ -206,5 +213,6 @@ def run_stage1(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
     """The whole command on this rank; returns the metrics. ``resume``: continue after the
     epoch of the newest checkpoint in ``OUT/checkpoints`` (from scratch if none)."""
     dist.check_devices()
-    env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, env, cfg.dist.deterministic)
-    return Stage1Run(cfg, Path(out), env, log, resume).run()
+    with StopSignals() as stop:          # from the start: a signal during set-up still stops
+        env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, env, cfg.dist.deterministic)
+        return Stage1Run(cfg, Path(out), env, log, resume).run(stop)

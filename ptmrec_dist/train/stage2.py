@@ -43,7 +43,7 @@ from ptmrec_dist.errors import ConfigError, TrainingError
 from ptmrec_dist.eval.evaluate import Evaluator
 from ptmrec_dist.run import provenance
 from ptmrec_dist.train.bank import FeatureBank
-from ptmrec_dist.train.checkpoint import StopSignals
+from ptmrec_dist.train.checkpoint import StopSignals, check_finite, own_handlers
 from ptmrec_dist.train.engine import (build_engine, describe_engine, set_group_lr,
                                       stage_ds_config, warmup_schedule, zero_stage)
 from ptmrec_dist.train.outputs import representations, save_stage2_best
@@ -183,7 +183,13 @@ class Stage2Run:
     def checkpoint(self, epoch: int, next_step: int, epoch_done: bool, sums: dict,
                    items_seen: int) -> Path:
         """A resumable checkpoint (collective): after ``next_step`` micro steps of ``epoch``,
-        or after the epoch and its evaluation (``epoch_done``)."""
+        or after the epoch and its evaluation (``epoch_done``). A non-finite loss so far or
+        non-finite trainable weights stop the run here instead (TrainingError), on every rank."""
+        where = f"after epoch {epoch}" if epoch_done else \
+            f"at epoch {epoch}, micro step {next_step}"
+        check_finite(self.engine, sums, f"stage 2: {where} (optimizer step "
+                                        f"{int(self.engine.global_steps)})",
+                     "lower stage2.lr / stage2.rec_lr")
         state = {"epoch": epoch, "next_step": next_step, "epoch_done": epoch_done,
                  **self.state.state(), "log_lines": self.run_dir.lines,
                  "bank_keys": self.bank.keys(), "backbone_sha256": self.backbone_hash,
@@ -231,7 +237,8 @@ class Stage2Run:
             items_seen += len(batch["items"]) if batch["weight"] else 0
             if steps % stage.grad_accum:
                 continue                      # mid-accumulation: nothing can be saved here
-            if stop is not None and stop.requested():
+            if stop is not None and stop.due(steps // stage.grad_accum, env.world_size,
+                                             stage.stop_check_every) and stop.requested():
                 path = self.checkpoint(epoch, steps, False, sums, items_seen)
                 raise interrupted(stop, f"at epoch {epoch}, step {steps}", path)
             if stage.checkpoint_every > 0 and engine.global_steps % stage.checkpoint_every == 0:
@@ -306,7 +313,10 @@ class Stage2Run:
         return shift(list(now)), {t: shift(keys) for t, keys in towers.items() if keys}
 
     # ------------------------------------------------------------------ the run
-    def run(self) -> dict:
+    def run(self, stop: StopSignals | None = None) -> dict:
+        """``stop``: the signal handlers the caller installed before set-up; else installed
+        here. A signal that arrived during set-up (epoch -1's re-extraction included) ends the
+        run before its first step, with exit 3 like any stop."""
         stage, state = self.cfg.stage2, self.state
         bb = self.counts["backbone"]
         self.say(dist.runtime_line(self.engine.device, *describe_engine(self.ds_cfg)))
@@ -316,9 +326,11 @@ class Stage2Run:
                  f"{self.teacher['run'] if self.teacher else 'none (one stage)'}; "
                  f"{self.env.world_size} rank(s), ZeRO-{zero_stage(self.ds_cfg)}"
                  f"{'; bf16' if self.ds_cfg.get('bf16', {}).get('enabled') else ''}")
-        if self.resume.path is None:                # epoch -1: the state before training
-            self.evaluate(-1, {"epoch": -1}, self.refresh_bank(first=True))
-        with StopSignals() as stop:
+        with own_handlers(stop) as stop:
+            if self.resume.path is None:            # epoch -1: the state before training
+                self.evaluate(-1, {"epoch": -1}, self.refresh_bank(first=True))
+            if stop.requested():                    # collective: every rank, once
+                raise interrupted(stop, "during set-up, before the first step", None)
             for epoch in state.epochs(self.start.epoch, stage.epochs):
                 record, steps = self.train_epoch(epoch, stop)
                 state.epochs_run = epoch + 1
@@ -379,5 +391,6 @@ def run_stage2(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
     ``on_epoch(progress)`` is called on every rank after each trained epoch's evaluation and
     checkpoint (:meth:`Stage2Run.progress`; ``ptmrec tune`` reports it to Ray Tune)."""
     dist.check_devices()
-    env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, env, cfg.dist.deterministic)
-    return Stage2Run(cfg, Path(out), env, log, resume, on_epoch).run()
+    with StopSignals() as stop:          # from the start: a signal during set-up still stops
+        env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, env, cfg.dist.deterministic)
+        return Stage2Run(cfg, Path(out), env, log, resume, on_epoch).run(stop)

@@ -215,9 +215,22 @@ def check_stage2_config(cfg: Config) -> None:
                           "stage)")
 
 
+def _teacher_repr(path: Path, what: str) -> np.ndarray:
+    """One exported representation matrix of the teacher: 2-d, real, finite."""
+    from ptmrec_dist.rec.features import check_finite, read_npy
+
+    arr = read_npy(path)
+    if arr.ndim != 2:
+        raise InputError(path, f"expected a ({what}s, dim) matrix, got shape {tuple(arr.shape)}")
+    check_finite(path, arr, what=f"{what} index")
+    return arr
+
+
 def load_teacher(cfg: Config) -> dict | None:
     """The stage-1 run in ``stage2.teacher``: representations, weights, and its config (whose
-    recommender must be the one configured here)."""
+    recommender must be the one configured here). Representations that are not a finite real
+    matrix are an :class:`InputError` naming the file (and the first bad row); whether they
+    fit the interactions is :func:`check_stage2_data`'s question."""
     if not cfg.stage2.teacher:
         return None
     run = Path(cfg.stage2.teacher)
@@ -235,9 +248,48 @@ def load_teacher(cfg: Config) -> dict | None:
         if mine != theirs:
             raise ConfigError(f"config key '{section}.{key}' is {mine!r} but the teacher "
                               f"{run} was trained with {theirs!r}")
-    return {"users": torch.from_numpy(np.load(files["users"])),
-            "items": torch.from_numpy(np.load(files["items"])),
-            "weights": files["weights"], "run": str(run)}
+    users = _teacher_repr(files["users"], "user")
+    items = _teacher_repr(files["items"], "item")
+    if users.shape[1] != items.shape[1]:
+        raise InputError(files["items"], f"{items.shape[1]}-d item representations, but "
+                                         f"{files['users']} holds {users.shape[1]}-d users' "
+                                         "(scores are user_repr @ item_repr.T)")
+    return {"users": torch.from_numpy(users), "items": torch.from_numpy(items),
+            "weights": files["weights"], "run": str(run),
+            "users_file": files["users"], "items_file": files["items"],
+            "data": tcfg.data.path}
+
+
+def check_stage2_data(cfg: Config, inter, teacher: dict | None) -> None:
+    """Before anything is built, stage 2's inputs must fit the interactions ``inter``: the
+    teacher's representations (one row per user and per item), the shards' item index
+    (``manifest.json``'s ``n_items``), and a valid split to choose the epoch on."""
+    from ptmrec_dist.data.interactions import check_valid_split
+    from ptmrec_dist.data.shards import MANIFEST, load_manifest
+
+    if teacher is not None:
+        for key, n in (("users", inter.n_users), ("items", inter.n_items)):
+            rows = teacher[key].shape[0]
+            if rows != n:
+                raise InputError(teacher[f"{key}_file"],
+                                 f"the teacher has {rows} {key}, but the interactions "
+                                 f"{inter.path} have {n} {key}: stage2.teacher must be a "
+                                 "stage-1 run on the same interactions (it was trained on "
+                                 f"data.path={teacher['data']})")
+    check_valid_split(inter)
+    manifest = load_manifest(cfg.data.shards)
+    n_shards = manifest.get("n_items")
+    recorded = manifest.get("interactions")
+    if not isinstance(n_shards, int) or n_shards > inter.n_items \
+            or (recorded and n_shards != inter.n_items):
+        raise InputError(Path(cfg.data.shards) / MANIFEST,
+                         f"the shards index {n_shards} items, but the interactions "
+                         f"{inter.path} have {inter.n_items} items: data.shards must be "
+                         "written (`ptmrec shard`) for the same item index"
+                         + (f" (these were written for {recorded})" if recorded else "")
+                         + ("; if the interactions are a subset of a larger catalog, set "
+                            "data.catalog to the catalog folder"
+                            if isinstance(n_shards, int) and n_shards > inter.n_items else ""))
 
 
 def build_student(cfg: Config, inter, teacher: dict | None, device):
@@ -248,6 +300,7 @@ def build_student(cfg: Config, inter, teacher: dict | None, device):
     from ptmrec_dist.rec.features import resolve_features
     from ptmrec_dist.train.stage1 import build_model
 
+    check_stage2_data(cfg, inter, teacher)
     name = cfg.recommender.name
     if not rec.model_class(name).needs_features:
         raise ConfigError(f"recommender.name={name} uses no item features: stage 2 "
