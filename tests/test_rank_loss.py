@@ -76,3 +76,35 @@ def test_a_second_run_into_the_same_folder_is_refused_and_the_first_keeps_its_ch
     assert first.returncode == 0, out[-2000:]
     assert (run / "metrics.json").is_file() and list(run.glob("checkpoints/step-*"))
     assert not (run / ".lock").exists()
+
+
+def test_sigkill_of_one_torchrun_worker_ends_the_run_promptly(tmp_path):
+    """Under torchrun: SIGKILL of worker 1 alone; torchrun's agent ends the other worker and
+    exits non-zero within seconds (no waiting for dist.timeout_s)."""
+    from pathlib import Path
+
+    data = make_tiny_dataset(tmp_path / "data", n_users=400, n_items=300, per_user=20)
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(free_port()), "-m", "ptmrec_dist", "stage1", "--model", "bpr",
+         "--out", str(run), f"data.path={data}", "stage1.epochs=100000",
+         "stage1.patience=100000", "stage1.batch_size=64", "dist.timeout_s=300"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    deadline = time.time() + 180
+    while not ((run / "log.jsonl").is_file()
+               and len((run / "log.jsonl").read_text().splitlines()) >= 2):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()[0][-2000:]
+        time.sleep(0.3)
+    kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    rank1 = [int(p) for p in kids.stdout.split()
+             if b"RANK=1" in Path(f"/proc/{p}/environ").read_bytes().split(b"\0")]
+    assert len(rank1) == 1, kids.stdout
+    t0 = time.time()
+    os.kill(rank1[0], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - t0 < 60, out[-3000:]

@@ -189,3 +189,53 @@ def test_scripts_refuse_to_run_outside_an_allocation_and_bad_arguments(tmp_path)
     assert proc.returncode == 2 and "nope.yaml: no such config file" in proc.stderr
     proc = _pipeline("--config", tmp_path / "nope.yaml", "--frobnicate")
     assert proc.returncode == 2 and "unknown argument '--frobnicate'" in proc.stderr
+
+
+def _pid_of_rank(rank: int, marker: str, deadline: float) -> int:
+    """The pid of the ``ptmrec_dist`` process of SLURM rank ``rank`` whose command line holds
+    ``marker`` (the nodes of the local cluster are processes of this machine)."""
+    while time.time() < deadline:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                env = (proc / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if "ptmrec_dist" in cmd and marker in cmd and \
+                    f"SLURM_PROCID={rank}".encode() in env:
+                return int(proc.name)
+        time.sleep(0.3)
+    raise AssertionError(f"no process of rank {rank} running {marker}")
+
+
+def test_a_lost_task_ends_the_job_promptly(slurm_cluster, tmp_path):
+    """SIGKILL of the task of rank 1 (a lost process: out of memory, a node's OOM killer) in
+    a 2-node ``slurm/stage1.sh`` job: rank 0 sees its sockets close and exits with one line,
+    srun ends the step and the job fails well inside a minute (not after dist.timeout_s or
+    the time limit); nothing is requeued (only exit 3 requeues)."""
+    import os
+    import signal
+
+    from rec_fixtures import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "data", n_users=400, n_items=300, per_user=20)
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    job_id, _ = sbatch("--nodes", 2, "--ntasks-per-node", 1, "--output", log,
+                       SLURM / "stage1.sh", "--model", "bpr", "--out", run, "--data", data,
+                       "stage1.epochs=100000", "stage1.patience=100000", "stage1.batch_size=64")
+    deadline = time.time() + 180
+    while not ((run / "log.jsonl").is_file()
+               and len((run / "log.jsonl").read_text().splitlines()) >= 2):
+        assert time.time() < deadline and job(job_id)["JobState"] not in FINAL, \
+            log.read_text()[-3000:] if log.exists() else job(job_id)
+        time.sleep(0.3)
+    os.kill(_pid_of_rank(1, str(run), deadline), signal.SIGKILL)
+    t0 = time.time()
+    info = wait_for(job_id, timeout=120)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", f"{info}\n{text[-3000:]}"
+    assert time.time() - t0 < 60, text[-3000:]
+    assert "error: rank 0 of 2: a collective failed, most likely because another rank ended" \
+        in text, text[-3000:]
