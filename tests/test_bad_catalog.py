@@ -453,3 +453,20 @@ def test_a_manifest_cannot_point_outside_its_folder(tmp_path, name):
         {"format": FORMAT, "shards": [{"name": name, "bytes": 1, "sha256": "0", "n_items": 1}]}))
     with pytest.raises(ShardError, match="manifest.json: shards: entry 0: .* is not a file name"):
         load_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("item_id", ["4000000000", "99999999999999999999"])
+def test_a_huge_item_id_without_interactions_names_the_line(tmp_path, item_id):
+    """Without interactions a catalog's ids are its item indices: an id above the bound (or
+    beyond int64) is refused naming items.jsonl, the line and the id, before anything is
+    sized by it."""
+    import json
+
+    from ptmrec_dist.data.catalog import read_catalog, resolve_indices
+    from ptmrec_dist.errors import InputError, SkipReport
+
+    lines = [{"item_id": "0", "text": "a"}, {"item_id": item_id, "text": "b"}]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    items = read_catalog(tmp_path)
+    with pytest.raises(InputError, match=rf"items.jsonl:2: item_id: item_id {item_id} is above"):
+        resolve_indices(items, None, tmp_path / "items.jsonl", SkipReport(), "error")

@@ -151,6 +151,13 @@ def resolve_indices(items: list[CatalogItem], item_index: np.ndarray | None, pat
             raise InputError(path, f"non-integer item_id {bad.item_id!r} and no interactions "
                                    "to map it (pass --interactions)", line=bad.line,
                              field="item_id")
+        from ptmrec_dist.data.interactions import MAX_INDEX
+        big = next((it for it in items if int(it.item_id) > MAX_INDEX), None)
+        if big is not None:       # the ids are the indices: a huge one would size every table
+            raise InputError(path, f"item_id {big.item_id} is above {MAX_INDEX:,}, and without "
+                                   "interactions the ids are the item indices (pass "
+                                   "--interactions to map raw ids)", line=big.line,
+                             field="item_id")
         item_index = np.array([int(i) for i in ids], dtype=np.int64)
         n_space = int(item_index.max()) + 1
     else:
