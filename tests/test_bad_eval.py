@@ -57,3 +57,14 @@ def test_dump_topk_with_fewer_items_than_k_writes_only_real_items(tmp_path, caps
     assert top.shape == (len(lines), 1 + 50)
     assert (top[:, 1:4] >= 0).all() and (top[:, 4:] == -1).all()
     capsys.readouterr()
+
+
+def test_evaluating_an_empty_split_is_refused(tmp_path, capsys):
+    """``evaluate --split valid`` where no row is valid: exit 2 naming the interactions, not a
+    table of 0.0."""
+    run = _run(tmp_path)
+    inter = tmp_path / "data" / "t.inter"
+    inter.write_text(inter.read_text().replace("\t1\n", "\t0\n"))
+    assert main(["evaluate", "--run", str(run), "--split", "valid"]) == 2
+    err = capsys.readouterr().err
+    assert str(inter) in err and "the valid split of these interactions is empty" in err, err

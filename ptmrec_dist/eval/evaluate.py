@@ -113,6 +113,9 @@ def evaluate_run(run: str | Path, split: str = "test", dump_topk: str | None = N
         raise InputError(run / "config.yaml", "missing: not a run folder")
     cfg = load_config(run / "config.yaml", overrides)
     inter = load_interactions(cfg.data.path, cfg.data)
+    if not inter.csr(split).nnz:
+        raise InputError(cfg.data.path, f"the {split} split of these interactions is empty: "
+                                        "there is nothing to evaluate")
     users_r, items_r = load_representations(run)
     if users_r.shape[0] != inter.n_users or items_r.shape[0] != inter.n_items:
         raise InputError(run / "user_repr.npy",
