@@ -161,8 +161,11 @@ def init(backend: str = "auto", timeout_s: int = 600, env: DistEnv | None = None
                        "MASTER_PORT": str(env.master_port)})
     if not tdist.is_initialized():
         backend = resolve_backend(backend)
+        # one process needs no rendezvous: an in-memory store, so that no port is bound (a free
+        # port picked now can be taken by another process before the store binds it)
+        store = tdist.HashStore() if env.world_size == 1 else None
         tdist.init_process_group(backend=backend, rank=env.rank,
-                                 world_size=env.world_size,
+                                 world_size=env.world_size, store=store,
                                  timeout=datetime.timedelta(seconds=timeout_s))
     return env
 
