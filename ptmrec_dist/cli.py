@@ -81,14 +81,19 @@ def _data_commands(sub) -> None:
     _common(p)
 
     p = sub.add_parser("extract", help="frozen-backbone image and text features of every item")
-    p.add_argument("--shards", help="shard folder (data.shards)")
+    p.add_argument("--shards", help="shard folder (data.shards; with --adapter, default: the "
+                                     "run's)")
     p.add_argument("--backbone", help="CLIP: local folder or hub id (backbone.name_or_path)")
     p.add_argument("--out", required=True, help="features folder: image.npy, text.npy, meta.json")
+    p.add_argument("--adapter", metavar="RUN",
+                   help="encode with the tuned encoders of this stage-2 run folder (its "
+                        "backbone, method and adapter.safetensors): the features it evaluated "
+                        "with")
     _common(p)
 
 
 def _training_commands(sub) -> None:
-    """stage1, stage2, evaluate."""
+    """stage1, stage2, evaluate, recommend, export."""
     p = sub.add_parser("stage1", help="train a base recommender (BPR) under DeepSpeed; "
                                       "early stopping on valid")
     p.add_argument("--out", required=True, help="run folder (checkpoints, representations, "
@@ -121,6 +126,28 @@ def _training_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides of the run's config, e.g. eval.mask_valid_at_test=true")
+
+    p = sub.add_parser("recommend", help="each user's top-k items of a finished run, by raw id "
+                                         "with scores (JSON lines)")
+    p.add_argument("--run", required=True, help="run folder (stage1 or stage2 output)")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--users", metavar="FILE", help="file with one raw user id per line")
+    who.add_argument("--user", action="append", metavar="ID",
+                     help="a raw user id (repeat for more)")
+    who.add_argument("--all-users", action="store_true",
+                     help="every user with an interaction (scored in chunks: eval.memory_mb)")
+    p.add_argument("-k", type=int, default=20, help="items per user (default 20)")
+    p.add_argument("--exclude-seen", action="store_true",
+                   help="leave out the items each user interacted with (train, valid and test "
+                        "rows of the run's interactions)")
+    p.add_argument("--out", metavar="FILE.jsonl", help="write here (default: print)")
+
+    p = sub.add_parser("export", help="a finished run's embeddings + id maps, recommender "
+                                      "weights and tuned encoders (peft adapter, prompts), "
+                                      "with a README.md on loading each")
+    p.add_argument("run", help="run folder (stage1 or stage2 output)")
+    p.add_argument("--out", required=True, help="export folder (new, empty or an earlier "
+                                                "export)")
 
 
 def _tool_commands(sub) -> None:
@@ -254,11 +281,14 @@ def cmd_extract(args) -> int:
     from ptmrec_dist.clip.extract import run_extract
 
     cfg = resolve_config(args, {"shards": "data.shards", "backbone": "backbone.name_or_path"})
+    if args.adapter and not cfg.data.shards and (Path(args.adapter) / "config.yaml").is_file():
+        cfg.data.shards = load_config(Path(args.adapter) / "config.yaml").data.shards
     if not cfg.data.shards:
         raise ConfigError("data.shards is not set: pass --shards or set it in the config")
     env = dist.detect()
     with _one_writer(args.out, "ptmrec extract", env):
-        meta = run_extract(cfg, Path(cfg.data.shards), Path(args.out), env)
+        meta = run_extract(cfg, Path(cfg.data.shards), Path(args.out), env,
+                           adapter=args.adapter)
     if meta is not None:
         print(f"features of {meta['n_present']} items ({meta['image_dim']}-d image, "
               f"{meta['text_dim']}-d text, {meta['dtype']}) in {args.out}; {meta['seconds']} s")
@@ -322,6 +352,30 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_recommend(args) -> int:
+    from ptmrec_dist.eval.recommend import RunRecommender, read_user_file, write_jsonl
+
+    rec = RunRecommender(args.run)
+    if args.all_users:
+        users = rec.all_users()
+    elif args.users:
+        ids, lines = read_user_file(args.users)
+        users = rec.user_index(ids, args.users, lines)
+    else:
+        users = rec.user_index(args.user, "--user")
+    n = write_jsonl(rec.top(users, args.k, args.exclude_seen), args.out)
+    if args.out:
+        print(f"top-{args.k} items of {n} users: {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ptmrec_dist.export import export_run, summary_line
+
+    print(summary_line(export_run(args.run, args.out)))
+    return 0
+
+
 def cmd_verify(args) -> int:
     from ptmrec_dist.data.readers import iter_shard
     from ptmrec_dist.data.shards import load_manifest, verify_shards
@@ -381,6 +435,8 @@ COMMANDS = {"make-data": cmd_make_data, "make-backbone": cmd_make_backbone, "sta
             "catalog": cmd_catalog, "shard": cmd_shard, "extract": cmd_extract, "stage1": cmd_stage1,
             "stage2": cmd_stage2,
             "evaluate": cmd_evaluate, "verify": cmd_verify, "demo": cmd_demo,
+            "recommend": cmd_recommend,
+            "export": cmd_export,
             "plan": cmd_plan, "tune": cmd_tune, "config": cmd_config}
 
 

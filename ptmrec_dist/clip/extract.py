@@ -9,6 +9,10 @@ every written item is present exactly once. A rerun skips shards whose part exis
 by the same backbone weights from the same shard (the sha256 that manifest.json gives it): after a
 re-shard, parts of shards that changed are discarded with a note and recomputed, and parts of
 shards no longer listed are removed. ``OUT`` must be on storage all ranks share.
+
+With ``adapter`` (``ptmrec extract --adapter RUN``) the items are encoded by the tuned encoders
+of a stage-2 run instead (:func:`~ptmrec_dist.clip.methods.load_stage2_encoders`): the features
+that run evaluated with, for the run's own shards bit for bit (tests/test_recommend.py).
 """
 
 from __future__ import annotations
@@ -206,20 +210,53 @@ def merge_parts(shards: Path, out: Path, manifest: dict, weights: str, dtype: st
             "image_dim": int(image.shape[1]), "text_dim": int(text.shape[1])}
 
 
-def run_extract(cfg: Config, shards: Path, out: Path, env: DistEnv, log=print) -> dict | None:
-    """The whole command on one rank of ``env``; rank 0 returns the meta, others None."""
+def run_extract(cfg: Config, shards: Path, out: Path, env: DistEnv, log=print,
+                adapter: str | Path | None = None) -> dict | None:
+    """The whole command on one rank of ``env``; rank 0 returns the meta, others None.
+    ``adapter``: a finished stage-2 run folder whose tuned encoders encode the items (see
+    :func:`_encoders`); None: the frozen backbone of ``cfg.backbone``."""
     from ptmrec_dist import dist
 
     t0 = time.perf_counter()
     dist.check_devices(uses_deepspeed=False)
     with _stop_on_signal(out):
         if not env.distributed:
-            return _run(cfg, shards, out, env, log, t0)
+            return _run(cfg, shards, out, env, log, t0, adapter)
         dist.init(cfg.dist.backend, cfg.dist.timeout_s, env, cfg.dist.deterministic)
         try:
-            return _run(cfg, shards, out, env, log, t0)
+            return _run(cfg, shards, out, env, log, t0, adapter)
         finally:
             dist.teardown()
+
+
+def _encoders(cfg: Config, adapter, device, log) -> tuple[FrozenBackbone, Config, dict | None]:
+    """``(backbone, config, adapter entry of meta.json)``: the frozen backbone of
+    ``cfg.backbone``; or with ``adapter`` (a stage-2 run folder) that run's tuned encoders, and
+    ``cfg`` with the run's ``backbone``, ``peft`` and ``stage2`` sections, which shape the
+    encoders (so ``OUT/config.yaml`` says how the features were made). A backbone other than
+    the run's is refused (exit 2, naming both). ``extract.*`` stays the command's: which items
+    share a batch (and so the text padding) changed no bit of the features on CPU (the demo:
+    batch 50 without loader workers against the run's 64 with 2); other kernels (a GPU) may
+    round differently for other batch shapes."""
+    import dataclasses
+
+    from ptmrec_dist.clip.methods import ADAPTER, load_stage2_encoders
+
+    if adapter is None:
+        return load_backbone(cfg.backbone, device), cfg, None
+    backbone, run_cfg, meta = load_stage2_encoders(adapter, cfg.backbone, device)
+    cfg = dataclasses.replace(cfg, backbone=run_cfg.backbone, peft=run_cfg.peft,
+                              stage2=run_cfg.stage2)
+    entry = {"run": str(adapter), "method": meta.get("method", run_cfg.peft.method),
+             "sha256": sha256_file(Path(adapter) / ADAPTER),
+             "bf16": backbone.dtype == torch.bfloat16}
+    if run_cfg.stage2.feature_gate:
+        # the gate's value at the best epoch is not saved with the run (metrics.json has the
+        # last epoch's, rounded): the gated features cannot be rebuilt from the adapter
+        entry["feature_gate"] = "not applied"
+        log(f"note: {adapter} was trained with stage2.feature_gate: its features/ are "
+            "ref + g (adapted - ref); these are the adapted encoders' own features (g = 1)")
+    return backbone, cfg, entry
 
 
 @contextlib.contextmanager
@@ -249,16 +286,19 @@ def _stop_on_signal(out: Path):
             signal.signal(sig, handler)
 
 
-def _run(cfg: Config, shards: Path, out: Path, env: DistEnv, log, t0: float) -> dict | None:
+def _run(cfg: Config, shards: Path, out: Path, env: DistEnv, log, t0: float,
+         adapter=None) -> dict | None:
     from ptmrec_dist import dist
     from ptmrec_dist.run import RunDir
     device = dist.device(env)
-    if env.is_main:
-        log(dist.runtime_line(device, cfg.backbone.dtype, "none (inference)"))
     manifest = load_manifest(shards)
+    backbone, cfg, adapted = _encoders(cfg, adapter, device,
+                                       log if env.is_main else lambda _m: None)
+    precision = "bf16" if adapted and adapted["bf16"] else cfg.backbone.dtype
+    if env.is_main:
+        log(dist.runtime_line(device, precision, "none (inference)"))
     run = RunDir(out, cfg, is_main=env.is_main).start()
-    backbone = load_backbone(cfg.backbone, device)
-    weights = backbone.weights_hash()
+    weights = backbone.weights_hash()     # an adapter's weights included: parts stay its own
     mine = [e for k, e in enumerate(manifest["shards"]) if k % env.world_size == env.rank]
     states = {e["name"]: _part_state(_part_path(out, e["name"]), weights, e) for e in mine}
     _discard_stale_parts(out, manifest, mine, states, env, log)
@@ -275,7 +315,7 @@ def _run(cfg: Config, shards: Path, out: Path, env: DistEnv, log, t0: float) -> 
         merged = merge_parts(shards, out, manifest, weights, cfg.extract.feature_dtype)
         meta = {"backbone": backbone.name_or_path, "text_tower": cfg.backbone.text_tower or None,
                 "weights_hash": weights, "dtype": cfg.extract.feature_dtype,
-                "backbone_dtype": cfg.backbone.dtype, **merged,
+                "backbone_dtype": precision, "adapter": adapted, **merged,
                 "shards": str(shards), "manifest_sha256": sha256_file(shards / "manifest.json"),
                 "world_size": env.world_size, "seconds": round(time.perf_counter() - t0, 2),
                 "rank0_items": n, "rank0_items_per_s": round(n / rank_seconds, 1) if n else None,

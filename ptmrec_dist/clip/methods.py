@@ -325,3 +325,77 @@ def load_trainable(module: nn.Module, path: str | Path) -> dict:
         for n, p in params.items():
             p.copy_(state[n].to(p.dtype))
     return meta
+
+
+ADAPTER = "adapter.safetensors"
+
+
+def same_model(a: str, b: str) -> bool:
+    """Two ``backbone.name_or_path`` (or ``text_tower``) values name the same model: equal
+    strings, or local folders that resolve to the same place."""
+    if a == b:
+        return True
+    pa, pb = Path(a), Path(b)
+    return bool(a and b) and pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def _recorded_backbone_hash(run: Path) -> str | None:
+    """The pretrained backbone's sha256 that the run's newest step checkpoint recorded
+    (``state.json``, plain JSON), or None where no checkpoint is left."""
+    steps = sorted((run / "checkpoints").glob("step-*/state.json"))
+    if not steps:
+        return None
+    try:
+        return json.loads(steps[-1].read_text(encoding="utf-8")).get("backbone_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def load_stage2_encoders(run: str | Path, backbone=None, device: str | torch.device = "cpu"):
+    """The tuned encoders of the finished stage-2 run folder ``run``: the backbone its
+    ``config.yaml`` names, the run's PEFT method applied with its sizes (``peft``,
+    ``stage2.prompt_*``), ``adapter.safetensors`` loaded onto it (:func:`load_trainable`
+    checks every name and shape), cast to bf16 if the run trained in bf16 (DeepSpeed cast the
+    backbone then, so its features were computed in bf16), in eval mode. Returns ``(backbone,
+    the run's config, the adapter's metadata)``.
+
+    ``backbone`` (a ``BackboneConfig``, optional): what the caller configured; a
+    ``name_or_path`` or ``text_tower`` other than the run's is an :class:`InputError` naming
+    both, because an adapter only means something on the weights it was trained on. Where the
+    run's newest step checkpoint recorded the pretrained weights' sha256, the loaded backbone
+    must have it (a backbone folder rewritten since the run is refused the same way)."""
+    from ptmrec_dist.clip.backbone import load_backbone, weights_hash
+    from ptmrec_dist.config import load_config
+
+    run = Path(run)
+    for name in ("config.yaml", ADAPTER):
+        if not (run / name).is_file():
+            raise InputError(run / name, "missing: not a finished `ptmrec stage2` run folder "
+                                         "(the adapter is written at its first evaluation)")
+    cfg = load_config(run / "config.yaml")
+    if backbone is not None:
+        for key in ("name_or_path", "text_tower"):
+            mine, theirs = getattr(backbone, key), getattr(cfg.backbone, key)
+            if mine and not same_model(mine, theirs):
+                raise InputError(run / "config.yaml", f"the adapter was trained on "
+                                 f"backbone.{key}={theirs!r}, but {mine!r} was given: use the "
+                                 "run's backbone (or leave the setting out)",
+                                 field=f"backbone.{key}")
+    frozen = load_backbone(cfg.backbone)
+    recorded = _recorded_backbone_hash(run)
+    found = weights_hash(frozen) if recorded is not None else None
+    if found != recorded:
+        raise InputError(cfg.backbone.name_or_path,
+                         f"these weights are not the ones the run {run} was trained from "
+                         f"(sha256 {found[:12]}..., the run recorded "
+                         f"{recorded[:12]}...): the backbone folder was rewritten since",
+                         field="backbone.name_or_path")
+    adapted = apply_method(frozen, cfg)
+    adapted.use_checkpoint = False           # inference: nothing to recompute
+    metrics = run / "metrics.json"
+    if metrics.is_file() and json.loads(metrics.read_text(encoding="utf-8")).get("bf16"):
+        adapted.to(torch.bfloat16)
+    meta = load_trainable(adapted, run / ADAPTER)
+    for p in adapted.parameters():
+        p.requires_grad_(False)
+    return adapted.to(device).eval(), cfg, meta
