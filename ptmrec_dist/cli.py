@@ -13,6 +13,51 @@ from ptmrec_dist.errors import ConfigError, PtmrecError
 from ptmrec_dist.io import dumps_json
 
 
+# One example per subcommand (as in README.md's "The command line", the documented layout), shown
+# at the end of its --help with the exit codes; tests/test_help.py parses each with its parser.
+EXAMPLES = {
+    "make-data": "ptmrec make-data synthetic --out data/syn --items 5000 --users 5000 --seed 0",
+    "stats": "ptmrec stats data/syn --json data.split=random",
+    "catalog": "ptmrec catalog --items ../shared/data/ml100k-posters/items.csv --title title "
+               "--text \"{overview}\" --image \"posters/{movie_id}.jpg\" "
+               "--interactions ../shared/data/ml100k-posters/ratings.csv --out data/ml100k",
+    "shard": "ptmrec shard data/syn --out shards/syn --shard-size 1000 --image-size 224",
+    "make-backbone": "ptmrec make-backbone --data data/syn --out backbones/demo",
+    "extract": "ptmrec extract --shards shards/syn --backbone backbones/demo --out features/syn",
+    "stage1": "ptmrec stage1 --data data/syn --features features/syn --model vbpr --out runs/vbpr",
+    "stage2": "ptmrec stage2 --config runs/vbpr/config.yaml --teacher runs/vbpr --shards "
+              "shards/syn --backbone backbones/demo --out runs/ptmrec peft.method=lora",
+    "evaluate": "ptmrec evaluate --run runs/vbpr --split test --dump-topk runs/vbpr/top50.jsonl",
+    "recommend": "ptmrec recommend --run runs/vbpr --users users.txt -k 20 --exclude-seen "
+                 "--out recs.jsonl",
+    "export": "ptmrec export runs/ptmrec --out exported/",
+    "verify": "ptmrec verify shards/syn",
+    "demo": "ptmrec demo --out out/demo --size tiny",
+    "plan": "ptmrec plan --config configs/vit-l14.yaml --world-size 16 --device-memory 80",
+    "tune": "ptmrec tune tuning/demo.yaml --out runs/sweep",
+    "config": "ptmrec config --config configs/demo.yaml stage2.kt_weight=0.5",
+}
+
+EXIT_CODES = """exit codes:
+  0  done
+  1  failed: a run that could not go on (e.g. a lost rank, a non-finite loss)
+  2  bad input: the message names the file and line, or the config key
+  3  stopped by a signal (SIGTERM/SIGUSR1) after writing a checkpoint; --resume continues"""
+
+
+def _epilog(command: str) -> str:
+    return f"example:\n  {EXAMPLES[command]}\n\n{EXIT_CODES}"
+
+
+class _SubParsers(argparse._SubParsersAction):
+    """``add_parser`` with the command's example and the exit codes as its epilog."""
+
+    def add_parser(self, name, **kwargs):
+        kwargs.setdefault("epilog", _epilog(name))
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        return super().add_parser(name, **kwargs)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="experiment YAML (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -28,9 +73,12 @@ def _resume_flag(p) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ptmrec", description="PTMRec: parameter-efficient CLIP tuning for multimodal "
-                                   "recommendation, distributed.")
+                                   "recommendation, distributed.",
+        epilog="`ptmrec COMMAND --help` shows a command's options and an example.\n\n"
+               + EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"ptmrec_dist {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                action=_SubParsers)
 
     _data_commands(sub)
     _training_commands(sub)

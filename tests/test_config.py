@@ -14,7 +14,7 @@ def test_defaults_are_valid_and_cover_every_section():
     assert isinstance(cfg, Config)
     sections = {k.split(".")[0] for k in all_keys() if "." in k}
     assert sections == {"data", "synthetic", "backbone", "demo_backbone", "extract",
-                        "recommender", "peft", "stage1", "eval",
+                        "recommender", "peft", "stage1", "eval", "log",
                         "stage2", "dist", "tune"}
 
 

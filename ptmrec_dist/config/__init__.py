@@ -17,13 +17,13 @@ from ptmrec_dist.config.loading import (
 )
 from ptmrec_dist.config.schema import Config, get_key
 from ptmrec_dist.config.training import (
-    BM3Config, BPRConfig, DistConfig, EvalConfig, FreedomConfig, PeftConfig, RecommenderConfig,
-    Stage1Config, Stage2Config, TuneConfig, VBPRConfig,
+    BM3Config, BPRConfig, DistConfig, EvalConfig, FreedomConfig, LogConfig, PeftConfig,
+    RecommenderConfig, Stage1Config, Stage2Config, TuneConfig, VBPRConfig,
 )
 
 __all__ = [
     "BM3Config", "BPRConfig", "BackboneConfig", "Config", "DataConfig", "DemoBackboneConfig",
-    "DistConfig", "EvalConfig", "ExtractConfig", "FreedomConfig", "PeftConfig",
+    "DistConfig", "EvalConfig", "ExtractConfig", "FreedomConfig", "LogConfig", "PeftConfig",
     "RecommenderConfig", "Stage1Config", "Stage2Config", "SyntheticConfig", "TuneConfig",
     "VBPRConfig", "all_keys", "get_key", "load_config", "merge_dicts", "merge_into",
     "parse_override", "read_yaml", "save_config", "set_key", "to_dict", "to_yaml",

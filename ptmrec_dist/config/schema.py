@@ -15,8 +15,8 @@ from ptmrec_dist.config.inputs import (
     BackboneConfig, DataConfig, DemoBackboneConfig, ExtractConfig, SyntheticConfig,
 )
 from ptmrec_dist.config.training import (
-    DistConfig, EvalConfig, PeftConfig, RecommenderConfig, Stage1Config, Stage2Config,
-    TuneConfig,
+    DistConfig, EvalConfig, LogConfig, PeftConfig, RecommenderConfig, Stage1Config,
+    Stage2Config, TuneConfig,
 )
 from ptmrec_dist.errors import ConfigError
 
@@ -45,6 +45,7 @@ class Config:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     dist: DistConfig = field(default_factory=DistConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> "Config":
         # every check is evaluated before any is reported (a check that raises, e.g. a modulo

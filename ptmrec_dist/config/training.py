@@ -276,3 +276,10 @@ class TuneConfig:
              "sharing a GPU)"),
             ("num_cpus", self.num_cpus >= 0, "must be >= 0 (0 = all)"),
         ]
+
+
+@dataclass
+class LogConfig:
+    """What a training run writes besides ``log.jsonl`` (``ptmrec_dist.run.RunDir``)."""
+    tensorboard: bool = False           # every numeric field of each epoch record as a scalar
+    #                                     in OUT/tensorboard/ (tag: its key path, step: epoch)
