@@ -60,6 +60,7 @@ VARIANTS = {"full": [], "sparse": ["data.subsample=0.1"]}
 # variant keeps configs/ml100k.yaml's (the defaults were chosen on Baby's valid split)
 GRID = {"sparse": {"stage1.batch_size": [256, 1024], "stage1.lr": [0.001, 0.005]}}
 SELECT_SEED = 0
+CONTROL = "frozen-backbone-kt"
 CONFIG = ROOT / "configs" / "ml100k.yaml"
 DEMO_BACKBONE = ROOT / "out" / "demo" / "backbone"
 
@@ -236,6 +237,14 @@ def collect(work: Path, seeds: list[int]) -> dict:
                 row["vs_frozen"] = {k: t_interval([runs[s]["test"][k] - frozen[s]["test"][k]
                                                    for s in paired])
                                     for k in ("recall@20", "ndcg@20")}
+                # the control: the same two stages and KT with nothing in the backbone trained
+                # (configs/ablations/frozen-backbone-kt.yaml): what adapting the encoder adds
+                control = table["stage2"].get(f"{variant}/{CONTROL}-{name.rsplit('-', 1)[1]}", {})
+                both = [s for s in sorted(runs) if s in control]
+                if control and not name.startswith(CONTROL):
+                    row["vs_control"] = {k: t_interval([runs[s]["test"][k] -
+                                                        control[s]["test"][k] for s in both])
+                                         for k in ("recall@20", "ndcg@20")}
                 row["trainable_backbone_pct"] = ms[0]["params"]["backbone"]["trainable_pct"]
             summary[stage][key] = row
     return summary
@@ -263,6 +272,9 @@ def markdown(summary: dict) -> str:
                      f"{ci(r['vs_frozen']['recall@20'])} | {ci(r['vs_frozen']['ndcg@20'])} | "
                      f"{r['trainable_backbone_pct']} % | {len(r['seeds'])} | "
                      f"{r['best_epochs']} | {r['wall_s']:.0f} s |")
+        if "vs_control" in r:
+            lines.append(f"| {key} **minus {CONTROL}** | | | {ci(r['vs_control']['recall@20'])} | "
+                         f"{ci(r['vs_control']['ndcg@20'])} | | | | |")
     return "\n".join(lines)
 
 
