@@ -183,20 +183,12 @@ def _export_peft(run: Path, out: Path, cfg, files: dict) -> list[dict]:
     return written
 
 
-def _recorded_hash(run: Path) -> str | None:
-    """The pretrained backbone's sha256 the run's newest step checkpoint recorded, if any."""
-    steps = sorted((run / "checkpoints").glob("step-*/state.json"))
-    try:
-        return json.loads(steps[-1].read_text(encoding="utf-8")).get("backbone_sha256") \
-            if steps else None
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def _export_prompts(run: Path, out: Path, cfg, metrics: dict, files: dict) -> dict:
     """Deep prompts: the run's ``adapter.safetensors`` (metadata included) and the JSON that
     :func:`load_prompts` builds the prompted backbone from."""
     from safetensors import safe_open
+
+    from ptmrec_dist.clip.methods import recorded_backbone_hash
 
     from ptmrec_dist.config import to_dict
 
@@ -210,7 +202,7 @@ def _export_prompts(run: Path, out: Path, cfg, metrics: dict, files: dict) -> di
               "prompt_len": cfg.stage2.prompt_len, "prompt_depth": cfg.stage2.prompt_depth,
               "coupled": cfg.peft.coupled, "modalities": cfg.backbone.modalities,
               "backbone": to_dict(cfg.backbone), "peft": to_dict(cfg.peft),
-              "backbone_sha256": _recorded_hash(run), "bf16": bool(metrics.get("bf16")),
+              "backbone_sha256": recorded_backbone_hash(run), "bf16": bool(metrics.get("bf16")),
               "tensors": shapes, "run_metadata": meta}
     atomic_write_json(folder / "prompt_config.json", config)
     files["prompts/prompts.safetensors"] = f"the deep prompts ({', '.join(shapes)})"

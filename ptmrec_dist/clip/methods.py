@@ -339,7 +339,7 @@ def same_model(a: str, b: str) -> bool:
     return bool(a and b) and pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
-def _recorded_backbone_hash(run: Path) -> str | None:
+def recorded_backbone_hash(run: Path) -> str | None:
     """The pretrained backbone's sha256 that the run's newest step checkpoint recorded
     (``state.json``, plain JSON), or None where no checkpoint is left."""
     steps = sorted((run / "checkpoints").glob("step-*/state.json"))
@@ -382,7 +382,7 @@ def load_stage2_encoders(run: str | Path, backbone=None, device: str | torch.dev
                                  "run's backbone (or leave the setting out)",
                                  field=f"backbone.{key}")
     frozen = load_backbone(cfg.backbone)
-    recorded = _recorded_backbone_hash(run)
+    recorded = recorded_backbone_hash(run)
     found = weights_hash(frozen) if recorded is not None else None
     if found != recorded:
         raise InputError(cfg.backbone.name_or_path,

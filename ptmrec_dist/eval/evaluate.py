@@ -17,6 +17,7 @@ from ptmrec_dist.dist import DistEnv, allreduce_sum
 from ptmrec_dist.errors import ConfigError, InputError
 from ptmrec_dist.eval.metrics import evaluate
 from ptmrec_dist.io import atomic_write_json, temp_file_near
+from ptmrec_dist.rec.features import read_representations
 
 DUMP_K = 50
 
@@ -65,15 +66,7 @@ def load_representations(run: Path) -> tuple[np.ndarray, np.ndarray]:
         if not path.is_file():
             raise InputError(path, "missing: not a finished stage-1/stage-2 run folder "
                                    "(it has no exported representations)")
-        array = np.load(path, allow_pickle=False)
-        if array.ndim != 2 or array.dtype.kind not in "fiu":
-            raise InputError(path, f"expected a 2-d array of numbers, found {array.dtype} "
-                                   f"{array.shape}")
-        bad = ~np.isfinite(array).all(axis=1)
-        if bad.any():
-            raise InputError(path, f"{int(bad.sum())} row(s) not finite (NaN or inf), first "
-                                   f"row {int(np.flatnonzero(bad)[0])}: the run diverged; its "
-                                   "metrics would mean nothing")
+        array = read_representations(path, name.split("_")[0])
         arrays.append(array)
     return arrays[0], arrays[1]
 

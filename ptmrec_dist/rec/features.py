@@ -99,6 +99,17 @@ def check_finite(path: Path, arr: np.ndarray, what: str = "item index",
         raise InputError(path, f"row {bad} ({what} {bad}) holds {problem}")
 
 
+def read_representations(path: Path, what: str) -> np.ndarray:
+    """One exported representation matrix of a run (``user_repr.npy``, ``item_repr.npy``;
+    ``what``: ``"user"`` or ``"item"``): 2-d, real and finite, else an :class:`InputError` naming
+    the file (and the first bad row: a run that diverged has metrics that mean nothing)."""
+    arr = read_npy(path)
+    if arr.ndim != 2:
+        raise InputError(path, f"expected a ({what}s, dim) matrix, got shape {tuple(arr.shape)}")
+    check_finite(path, arr, what=f"{what} index", problem="a value that is not finite (NaN or inf)")
+    return arr
+
+
 def _load(path: Path, n_items: int) -> np.ndarray:
     arr = read_npy(path, mmap=True)
     if arr.ndim != 2 or arr.shape[0] != n_items:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +18,7 @@ from ptmrec_dist.clip.methods import apply_method, tower_of
 from ptmrec_dist.config import Config, load_config
 from ptmrec_dist.errors import ConfigError, InputError
 from ptmrec_dist.rec.base import terms
+from ptmrec_dist.rec.features import read_representations
 from ptmrec_dist.train.losses import in_batch_bpr, kt_loss
 
 
@@ -215,17 +215,6 @@ def check_stage2_config(cfg: Config) -> None:
                           "stage)")
 
 
-def _teacher_repr(path: Path, what: str) -> np.ndarray:
-    """One exported representation matrix of the teacher: 2-d, real, finite."""
-    from ptmrec_dist.rec.features import check_finite, read_npy
-
-    arr = read_npy(path)
-    if arr.ndim != 2:
-        raise InputError(path, f"expected a ({what}s, dim) matrix, got shape {tuple(arr.shape)}")
-    check_finite(path, arr, what=f"{what} index")
-    return arr
-
-
 def load_teacher(cfg: Config) -> dict | None:
     """The stage-1 run in ``stage2.teacher``: representations, weights, and its config (whose
     recommender must be the one configured here). Representations that are not a finite real
@@ -248,8 +237,8 @@ def load_teacher(cfg: Config) -> dict | None:
         if mine != theirs:
             raise ConfigError(f"config key '{section}.{key}' is {mine!r} but the teacher "
                               f"{run} was trained with {theirs!r}")
-    users = _teacher_repr(files["users"], "user")
-    items = _teacher_repr(files["items"], "item")
+    users = read_representations(files["users"], "user")
+    items = read_representations(files["items"], "item")
     if users.shape[1] != items.shape[1]:
         raise InputError(files["items"], f"{items.shape[1]}-d item representations, but "
                                          f"{files['users']} holds {users.shape[1]}-d users' "
