@@ -12,7 +12,7 @@ export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia
 export RAY_USAGE_STATS_ENABLED := 0
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench clean chromium
 
 install: $(STAMP)
 
@@ -26,11 +26,19 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/ptmrec demo --out $(OUT) --size $(SIZE)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q -m "not heavy" tests
 
-test-all: $(STAMP)
+test-all: $(STAMP) chromium
 	$(BIN)/python -m pytest -q tests
+
+# best effort: Debian's chromium for the headless screenshot of `ptmrec report`
+# (tests/test_report.py), installed quietly when missing and we are root with apt-get
+chromium:
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      chromium) >/dev/null 2>&1 && test -x /usr/bin/chromium; } \
+	  || echo "chromium not installed (needs root and apt-get): the report screenshot test will be skipped"
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py --out bench/results

@@ -92,3 +92,17 @@ def resumable(out: Path, label: str, run: Callable[[], dict]) -> dict:
     m["wall_s"] = round(time.perf_counter() - t0, 1)
     atomic_write_json(done, m)
     return m
+
+
+def t_interval(diffs: list[float]) -> dict:
+    """Mean of paired differences with its 95 % t interval (n - 1 degrees of freedom);
+    ``lo``/``hi`` None for one difference."""
+    import numpy as np
+    from scipy import stats
+
+    d = np.asarray(diffs, dtype=np.float64)
+    mean = float(d.mean())
+    if len(d) < 2:
+        return {"mean": mean, "lo": None, "hi": None, "n": len(d)}
+    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(d)}

@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from _util import resumable, write_result  # noqa: E402
+from _util import resumable, t_interval, write_result  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "ml100k-posters"
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
@@ -195,16 +195,6 @@ def stage2_run(work: Path, inputs: dict, variant: str, seed: int, method: str,
                    *([] if one_stage else ["--teacher", teacher]),
                    "recommender.name=vbpr", f"backbone.text_tower={inputs['text_tower']}",
                    f"backbone.modalities={modalities}", *flat(ablation), *budget())
-
-
-def t_interval(diffs: list[float]) -> dict:
-    from scipy import stats
-    d = np.asarray(diffs, dtype=np.float64)
-    mean = float(d.mean())
-    if len(d) < 2:
-        return {"mean": mean, "lo": None, "hi": None, "n": len(d)}
-    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
-    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(d)}
 
 
 def mean_std(ms: list[dict]) -> dict:

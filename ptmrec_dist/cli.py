@@ -11,6 +11,9 @@ from ptmrec_dist import __version__
 from ptmrec_dist.config import Config, load_config, to_yaml
 from ptmrec_dist.errors import ConfigError, PtmrecError
 from ptmrec_dist.io import dumps_json
+from ptmrec_dist.logs import get_logger, setup_logging
+
+_log = get_logger("ptmrec_dist.cli")     # not __name__: "__main__" when run as a script
 
 
 # One example per subcommand (as in README.md's "The command line", the documented layout), shown
@@ -31,6 +34,10 @@ EXAMPLES = {
     "recommend": "ptmrec recommend --run runs/vbpr --users users.txt -k 20 --exclude-seen "
                  "--out recs.jsonl",
     "export": "ptmrec export runs/ptmrec --out exported/",
+    "encode-items": "ptmrec encode-items --run runs/ptmrec --catalog data/new_items "
+                    "--out runs/ptmrec/new_items",
+    "report": "ptmrec report runs/ptmrec --out runs/ptmrec/report",
+    "diagnose": "ptmrec diagnose runs/ptmrec",
     "verify": "ptmrec verify shards/syn",
     "demo": "ptmrec demo --out out/demo --size tiny",
     "plan": "ptmrec plan --config configs/vit-l14.yaml --world-size 16 --device-memory 80",
@@ -55,7 +62,20 @@ class _SubParsers(argparse._SubParsersAction):
     def add_parser(self, name, **kwargs):
         kwargs.setdefault("epilog", _epilog(name))
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-        return super().add_parser(name, **kwargs)
+        parser = super().add_parser(name, **kwargs)
+        _verbosity_flags(parser, argparse.SUPPRESS)   # `ptmrec stage1 ... -q` too
+        return parser
+
+
+def _verbosity_flags(p: argparse.ArgumentParser, default) -> None:
+    """-q/-v: on the top-level parser (``ptmrec -q stage1 ...``) and, with a suppressed
+    default so that they do not undo the top-level ones, on every subcommand."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="warnings and errors only, no progress bars (results still go to "
+                            "stdout)")
+    group.add_argument("-v", "--verbose", action="store_true", default=default,
+                       help="also debug messages, each line with its time and logger name")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -77,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="`ptmrec COMMAND --help` shows a command's options and an example.\n\n"
                + EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"ptmrec_dist {__version__}")
+    _verbosity_flags(parser, False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 action=_SubParsers)
 
@@ -168,7 +189,8 @@ def _training_commands(sub) -> None:
 
     p = sub.add_parser("evaluate", help="full-ranking metrics of a finished run")
     p.add_argument("--run", required=True, help="run folder (stage1 or stage2 output)")
-    p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.add_argument("--split", choices=["valid", "test", "cold"], default="test",
+                   help="cold: the held-out items of data.cold_items, ranked among themselves")
     p.add_argument("--dump-topk", metavar="FILE",
                    help="write each user's top-50 items (.jsonl or .npy)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -189,6 +211,23 @@ def _training_commands(sub) -> None:
                    help="leave out the items each user interacted with (train, valid and test "
                         "rows of the run's interactions)")
     p.add_argument("--out", metavar="FILE.jsonl", help="write here (default: print)")
+    p.add_argument("--new-items", metavar="DIR",
+                   help="also rank the items of an `ptmrec encode-items` folder (new items, "
+                        "scored by the run's content branch)")
+    p.add_argument("--only-new", action="store_true",
+                   help="rank only the --new-items items (cold start)")
+
+    p = sub.add_parser("encode-items", help="shard, encode and score items never trained on "
+                                            "(cold start) with a finished run's encoders and "
+                                            "recommender")
+    p.add_argument("--run", required=True, help="run folder (stage1 or stage2 output)")
+    p.add_argument("--catalog", required=True,
+                   help="catalog folder of the new items (`ptmrec catalog --items FILE --out "
+                        "DIR`, no interactions needed)")
+    p.add_argument("--out", required=True, help="output folder: shards/, features/, "
+                                                "item_ids.txt, item_repr.npy, encode.json")
+    p.add_argument("--backbone", help="the backbone folder, where it moved since the run "
+                                      "(its weights must be the same)")
 
     p = sub.add_parser("export", help="a finished run's embeddings + id maps, recommender "
                                       "weights and tuned encoders (peft adapter, prompts), "
@@ -196,6 +235,18 @@ def _training_commands(sub) -> None:
     p.add_argument("run", help="run folder (stage1 or stage2 output)")
     p.add_argument("--out", required=True, help="export folder (new, empty or an earlier "
                                                 "export)")
+
+    p = sub.add_parser("report", help="a self-contained report.html (+ PNGs) of a run, a sweep "
+                                      "or a bench result JSON")
+    p.add_argument("target", help="run folder, sweep folder (ptmrec tune --out) or bench JSON")
+    p.add_argument("--out", help="report folder (default: TARGET/report, or beside the JSON)")
+
+    p = sub.add_parser("diagnose", help="the two gaps (feature vs recommender CKA, co-interaction "
+                                        "AUC) before and after stage 2; diagnose.json")
+    p.add_argument("run", help="run folder (stage1 or stage2 output)")
+    p.add_argument("--pairs", type=int, default=20000,
+                   help="co-interacted and random item pairs for the AUC (default 20000)")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _tool_commands(sub) -> None:
@@ -288,7 +339,7 @@ def cmd_catalog(args) -> int:
     spec = CatalogSpec.from_args(args, split_seed=cfg.data.split_seed)
     if args.image and args.image_column:
         raise ConfigError("give --image (a pattern) or --image-column, not both")
-    build_catalog(spec)
+    build_catalog(spec, log=print)     # its summary table is the result: stdout
     return 0
 
 
@@ -317,8 +368,7 @@ def cmd_make_backbone(args) -> int:
     from ptmrec_dist.config import save_config
 
     cfg = resolve_config(args)
-    summary = build_demo_backbone(args.data, args.out, cfg.demo_backbone, seed=cfg.seed,
-                                  log=lambda m: print(m, file=sys.stderr))
+    summary = build_demo_backbone(args.data, args.out, cfg.demo_backbone, seed=cfg.seed)
     save_config(cfg, args.out)
     print(dumps_json(summary))
     return 0
@@ -403,7 +453,7 @@ def cmd_evaluate(args) -> int:
 def cmd_recommend(args) -> int:
     from ptmrec_dist.eval.recommend import RunRecommender, read_user_file, write_jsonl
 
-    rec = RunRecommender(args.run)
+    rec = RunRecommender(args.run, args.new_items, args.only_new)
     if args.all_users:
         users = rec.all_users()
     elif args.users:
@@ -413,7 +463,16 @@ def cmd_recommend(args) -> int:
         users = rec.user_index(args.user, "--user")
     n = write_jsonl(rec.top(users, args.k, args.exclude_seen), args.out)
     if args.out:
-        print(f"top-{args.k} items of {n} users: {args.out}", file=sys.stderr)
+        _log.info("top-%d items of %d users: %s", args.k, n, args.out)
+    return 0
+
+
+def cmd_encode_items(args) -> int:
+    from ptmrec_dist.eval.new_items import encode_items
+
+    s = encode_items(args.run, args.catalog, args.out, args.backbone)
+    print(f"{s['n_items']} new items encoded by the {s['encoders']} and scored by "
+          f"{s['model']}'s content branch: {args.out}")
     return 0
 
 
@@ -421,6 +480,21 @@ def cmd_export(args) -> int:
     from ptmrec_dist.export import export_run, summary_line
 
     print(summary_line(export_run(args.run, args.out)))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ptmrec_dist.report import write_report
+
+    print(write_report(args.target, args.out))
+    return 0
+
+
+def cmd_diagnose(args) -> int:
+    from ptmrec_dist.diagnose import diagnose_run, format_diagnosis
+
+    result = diagnose_run(args.run, pairs=args.pairs)
+    print(dumps_json(result) if args.json else format_diagnosis(result))
     return 0
 
 
@@ -437,8 +511,8 @@ def cmd_verify(args) -> int:
     items = sum(e["n_items"] for e in good)
     if bad.total:
         for reason, info in bad.to_dict()["by_reason"].items():
-            print(f"error: {args.shards}: {info['count']} {reason}(s): "
-                  f"{', '.join(info['first_ids'])}", file=sys.stderr)
+            _log.error("%s: %s %s(s): %s", args.shards, info["count"], reason,
+                       ", ".join(info["first_ids"]))
         return 2
     print(f"ok: {len(good)} shards, {items} items ({manifest['n_items']} in the index space)")
     return 0
@@ -450,7 +524,7 @@ def cmd_demo(args) -> int:
 
     cfg = resolve_config(args, base=demo_config(args.size))
     try:
-        run_demo(cfg, Path(args.out), args.size)
+        run_demo(cfg, Path(args.out), args.size, show=print)   # its tables: stdout
     finally:
         dist.finish()
     return 0
@@ -470,6 +544,7 @@ def cmd_tune(args) -> int:
 
     sweep = load_sweep(args.sweep, args.overrides, base_config=args.base)
     summary = run_sweep(sweep, args.out, resume=args.resume)
+    print(summary["text"])
     return 0 if summary["trials"] > summary["errors"] else 1
 
 
@@ -484,7 +559,8 @@ COMMANDS = {"make-data": cmd_make_data, "make-backbone": cmd_make_backbone, "sta
             "stage2": cmd_stage2,
             "evaluate": cmd_evaluate, "verify": cmd_verify, "demo": cmd_demo,
             "recommend": cmd_recommend,
-            "export": cmd_export,
+            "export": cmd_export, "report": cmd_report, "diagnose": cmd_diagnose,
+            "encode-items": cmd_encode_items,
             "plan": cmd_plan, "tune": cmd_tune, "config": cmd_config}
 
 
@@ -497,20 +573,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = list(getattr(args, "overrides", [])) + extra
+    if args.quiet and args.verbose:
+        parser.error("-q/--quiet and -v/--verbose exclude each other")
+    # messages (logging) go to stderr; a command's result is printed to stdout
+    setup_logging(-1 if args.quiet else 1 if args.verbose else 0)
+    _log.debug("ptmrec_dist %s, Python %s: %s", __version__, sys.version.split()[0], args)
     try:
         return COMMANDS[args.command](args)
     except PtmrecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _log.error("%s", exc)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted", file=sys.stderr)   # the terminal's answer to Ctrl-C, not a log line
         return 130
     except Exception as exc:                  # noqa: BLE001  (re-raised unless a lost rank)
         from ptmrec_dist.dist import lost_peer
         lost = lost_peer(exc)
         if lost is None:
             raise
-        print(f"error: {lost}", file=sys.stderr)
+        _log.error("%s", lost)
         return 1
 
 

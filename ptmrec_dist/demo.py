@@ -20,7 +20,10 @@ import numpy as np
 from ptmrec_dist.config import Config, save_config
 from ptmrec_dist.errors import PtmrecError
 from ptmrec_dist.io import atomic_write_json
+from ptmrec_dist.logs import get_logger
 from ptmrec_dist.run import RunDir
+
+_log = get_logger(__name__)
 
 SIZES = {
     # tiny: what tests and quick checks use; default: the demo people run
@@ -45,10 +48,15 @@ def demo_config(size: str) -> Config:
     return cfg
 
 
-def prepare_inputs(cfg: Config, out: Path, run: RunDir, log=print) -> tuple[dict, dict]:
+def prepare_inputs(cfg: Config, out: Path, run: RunDir, log=None,
+                   show=None) -> tuple[dict, dict]:
     """Steps 1-5 (data, shards, statistics, backbone, frozen features); sets
     ``cfg.backbone.name_or_path`` and ``cfg.data.shards``. Returns ``(steps, stats)``.
-    ``bench/ablation.py`` prepares its benchmark with it too."""
+    ``bench/ablation.py`` prepares its benchmark with it too. ``log``: the messages (default:
+    this module's logger; each step's own logger for what the steps say), ``show``: the
+    statistics table (default: ``log``; ``ptmrec demo`` prints it to stdout)."""
+    say = log or _log.info
+    show = show or say
     from ptmrec_dist.clip.demo_backbone import build_demo_backbone
     from ptmrec_dist.clip.extract import run_extract
     from ptmrec_dist.dist import DistEnv
@@ -60,7 +68,7 @@ def prepare_inputs(cfg: Config, out: Path, run: RunDir, log=print) -> tuple[dict
     steps: dict[str, dict] = {}
 
     t0 = time.perf_counter()
-    log(f"[1/{STEPS}] synthetic data: {cfg.synthetic.n_items} items x "
+    say(f"[1/{STEPS}] synthetic data: {cfg.synthetic.n_items} items x "
         f"{cfg.synthetic.n_users} users -> {out / 'data'}")
     gen = generate(cfg.synthetic, out / "data", split_seed=cfg.data.split_seed, progress=True)
     save_config(cfg, out / "data")
@@ -69,7 +77,7 @@ def prepare_inputs(cfg: Config, out: Path, run: RunDir, log=print) -> tuple[dict
     run.log(step="data", **steps["data"])
 
     t0 = time.perf_counter()
-    log(f"[2/{STEPS}] shards: {cfg.data.shard_size} items per shard -> {out / 'shards'}")
+    say(f"[2/{STEPS}] shards: {cfg.data.shard_size} items per shard -> {out / 'shards'}")
     manifest = write_shards(out / "data", out / "shards", shard_size=cfg.data.shard_size,
                             image_size=cfg.data.image_size, on_bad_sample=cfg.data.on_bad_sample,
                             quality=cfg.data.jpeg_quality)
@@ -80,12 +88,12 @@ def prepare_inputs(cfg: Config, out: Path, run: RunDir, log=print) -> tuple[dict
                        "skipped": manifest["skipped"]["total"]}
     run.log(step="shards", **steps["shards"])
 
-    log(f"[3/{STEPS}] statistics")
+    say(f"[3/{STEPS}] statistics")
     stats = load_interactions(out / "data", cfg.data).stats()
-    log(format_stats(stats))
+    show(format_stats(stats))
 
     t0 = time.perf_counter()
-    log(f"[4/{STEPS}] demo backbone: pretraining a small CLIP on generic captions "
+    say(f"[4/{STEPS}] demo backbone: pretraining a small CLIP on generic captions "
         f"-> {out / 'backbone'}")
     backbone = build_demo_backbone(out / "data", out / "backbone", cfg.demo_backbone,
                                    seed=cfg.seed, log=log)
@@ -95,7 +103,7 @@ def prepare_inputs(cfg: Config, out: Path, run: RunDir, log=print) -> tuple[dict
     run.log(step="backbone", **steps["backbone"])
 
     t0 = time.perf_counter()
-    log(f"[5/{STEPS}] features: frozen backbone over the shards -> {out / 'features'}")
+    say(f"[5/{STEPS}] features: frozen backbone over the shards -> {out / 'features'}")
     cfg.backbone.name_or_path = str(out / "backbone")
     cfg.data.shards = str(out / "shards")
     save_config(cfg, out)
@@ -106,17 +114,23 @@ def prepare_inputs(cfg: Config, out: Path, run: RunDir, log=print) -> tuple[dict
     return steps, stats
 
 
-def run_demo(cfg: Config, out: Path, size: str, log=print) -> dict:
+def run_demo(cfg: Config, out: Path, size: str, log=None, show=None) -> dict:
+    """The whole demo; returns ``summary.json``'s content. ``log``: the messages (default: this
+    module's logger; each step's own logger for what the steps say), ``show``: the statistics
+    and the stage table, the demo's results (default: ``log``; ``ptmrec demo`` prints them to
+    stdout)."""
     from ptmrec_dist.train.stage1 import run_stage1
     from ptmrec_dist.train.stage2 import run_stage2
 
+    say = log or _log.info
+    show = show or say
     run = RunDir(out, cfg).start()
-    steps, stats = prepare_inputs(cfg, out, run, log)
+    steps, stats = prepare_inputs(cfg, out, run, log, show)
     stages = {}
     runs = [("stage1-pop", "pop")] if cfg.recommender.name != "pop" else []
     for i, (folder, model) in enumerate(runs + [("stage1", cfg.recommender.name)], start=6):
         t0 = time.perf_counter()
-        log(f"[{i}/{STEPS}] stage 1: {model} -> {out / folder}")
+        say(f"[{i}/{STEPS}] stage 1: {model} -> {out / folder}")
         s1 = copy.deepcopy(cfg)
         s1.recommender.name = model
         s1.data.path = str(out / "data")
@@ -131,7 +145,7 @@ def run_demo(cfg: Config, out: Path, size: str, log=print) -> dict:
 
     if cfg.recommender.name in ("vbpr", "freedom", "bm3"):
         t0 = time.perf_counter()
-        log(f"[{STEPS}/{STEPS}] stage 2: PTMRec ({cfg.peft.method}, teacher {out / 'stage1'}) "
+        say(f"[{STEPS}/{STEPS}] stage 2: PTMRec ({cfg.peft.method}, teacher {out / 'stage1'}) "
             f"-> {out / 'stage2'}")
         s2 = copy.deepcopy(cfg)
         # the demo builds its own backbone: prompts go at most as deep as it has layers
@@ -149,15 +163,15 @@ def run_demo(cfg: Config, out: Path, size: str, log=print) -> dict:
         steps["stage2"] = {"dir": "stage2", "seconds": round(time.perf_counter() - t0, 2)}
         run.log(step="stage2", **steps["stage2"], **stages["stage2"])
     else:
-        log(f"[{STEPS}/{STEPS}] stage 2 skipped: recommender.name={cfg.recommender.name} has no "
+        say(f"[{STEPS}/{STEPS}] stage 2 skipped: recommender.name={cfg.recommender.name} has no "
             "modal inputs to adapt (use vbpr, freedom or bm3)")
-    log(format_stage_table(stages))
+    show(format_stage_table(stages))
 
     summary = {"size": size, "data": stats, "steps": steps,
                "not_yet_available": [],
                "stages": stages}   # stage results side by side
     atomic_write_json(out / "summary.json", summary)
-    log(f"summary: {out / 'summary.json'}")
+    say(f"summary: {out / 'summary.json'}")
     return summary
 
 

@@ -14,6 +14,9 @@ from typing import Any
 import numpy as np
 
 from ptmrec_dist.errors import InputError
+from ptmrec_dist.logs import get_logger
+
+_log = get_logger(__name__)
 
 
 def _tmp_near(path: Path) -> tuple[int, str]:
@@ -180,7 +183,6 @@ def run_lock(folder: str | Path, what: str):
     warning. Yields the lock file's path."""
     import fcntl
     import socket
-    import sys
     import time
 
     folder = Path(folder)
@@ -197,8 +199,8 @@ def run_lock(folder: str | Path, what: str):
                                      f"another folder (lock file {lock})") from None
         except OSError as exc:          # e.g. ENOLCK on a file system without locks
             os.close(fd)
-            print(f"warning: {lock}: cannot lock ({exc.strerror}); make sure no other {what} "
-                  "writes into this folder", file=sys.stderr)
+            _log.warning("%s: cannot lock (%s); make sure no other %s writes into this folder",
+                         lock, exc.strerror, what)
             yield lock
             return
         # a holder that ends removes the file: ours must still be the one at the path

@@ -10,6 +10,7 @@ where                       key                                            draws
 ==========================  =============================================  ==========================
 data/splits.py              ``data.split_seed``                            MMRec random split keys
                             ``[data.subsample_seed, SUBSAMPLE]``           the per-user subsample
+                            ``[data.cold_seed, COLD_ITEMS]``               the cold-start items
 data/synthetic.py           ``[seed, SYN_ITEMS]``                          items' attributes
                             ``[seed, SYN_ITEM_IMAGE, item]``               an item's image
                             ``[seed, SYN_ITEM_TEXT, item]``                an item's texts
@@ -17,6 +18,9 @@ data/synthetic.py           ``[seed, SYN_ITEMS]``                          items
                             ``[seed, SYN_INTERACTIONS, chunk]``            a chunk of users'
                                                                            interactions
 clip/demo_backbone.py       ``[seed, BACKBONE_HOLDOUT]``                   held-out captions
+diagnose.py                 ``[seed, DIAG_PAIRS]``                         co-interacted pairs
+                            ``[seed, DIAG_PAIRS, 1]``                      random item pairs
+                            ``[seed, DIAG_PROBE]``                         the probes' item split
 data/readers.py             ``[seed, epoch]``                              stage 2's shard order
                             ``[seed, epoch, slot]``                        a reader's shard cycle
                             ``[seed, epoch, slot, READER_SAMPLES]``        its sample shuffle
@@ -41,6 +45,7 @@ import numpy as np
 
 # data/splits.py
 SUBSAMPLE = 11
+COLD_ITEMS = 12
 # data/synthetic.py
 SYN_ITEMS = 0
 SYN_ITEM_IMAGE = 1
@@ -49,6 +54,9 @@ SYN_USERS = 3
 SYN_INTERACTIONS = 5
 # clip/demo_backbone.py
 BACKBONE_HOLDOUT = 7
+# diagnose.py
+DIAG_PAIRS = 21
+DIAG_PROBE = 22
 # data/readers.py
 READER_SAMPLES = 1
 # train/

@@ -31,6 +31,9 @@ from typing import Any
 
 from ptmrec_dist.config import Config, get_key, load_config, merge_into, read_yaml, set_key
 from ptmrec_dist.errors import ConfigError, InputError
+from ptmrec_dist.logs import get_logger
+
+_log = get_logger(__name__)
 
 SWEEP_NAME = "sweep"
 PATH_KEYS = ("data.path", "data.features", "data.shards", "data.catalog", "stage2.teacher",
@@ -325,8 +328,11 @@ def _search_alg(cfg: Config, n_parallel: int):
     return OptunaSearch(seed=cfg.seed)
 
 
-def run_sweep(sweep: Sweep, out: str | Path, resume: bool = False, log=print) -> dict:
-    """The whole sweep; returns the summary (also in ``DIR/results.csv``, ``best.yaml``)."""
+def run_sweep(sweep: Sweep, out: str | Path, resume: bool = False, log=None) -> dict:
+    """The whole sweep; returns the summary (also in ``DIR/results.csv``, ``best.yaml``); its
+    one-paragraph form, ``summary["text"]``, is the result ``ptmrec tune`` prints. ``log``:
+    the messages on the way (default: this module's logger)."""
+    log = log or _log.info
     out = Path(out).resolve()
     exp = out / "ray" / SWEEP_NAME
     if exp.exists() and not resume:
@@ -380,5 +386,4 @@ def run_sweep(sweep: Sweep, out: str | Path, resume: bool = False, log=print) ->
     from ptmrec_dist.tune_report import write_outputs
     summary = write_outputs(sweep, out, grid, wall_s=time.perf_counter() - t0,
                             ray_start_s=ray_start_s)
-    log(summary["text"])
     return summary

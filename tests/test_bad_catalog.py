@@ -343,7 +343,7 @@ def test_extract_parts_of_other_shards_are_not_reused(extract_world, tmp_path, c
 
     assert _extract(extract_world, shards, out) == 0           # same shards: all reused
     assert _mtimes(out) == first
-    assert "resume: 3 of 3 shards of rank 0 already done" in capsys.readouterr().out
+    assert "resume: 3 of 3 shards of rank 0 already done" in capsys.readouterr().err
 
     items = items_of(cat)                                     # item 5 (shard 1) gets new text
     items[5]["text"] = "a completely different description"
@@ -354,7 +354,7 @@ def test_extract_parts_of_other_shards_are_not_reused(extract_world, tmp_path, c
     assert second["items-000000.npz"] == first["items-000000.npz"]
     assert second["items-000002.npz"] == first["items-000002.npz"]
     assert second["items-000001.npz"] != first["items-000001.npz"]
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     assert "discarding 1 feature part made from other shards" in printed
     fresh = tmp_path / "fresh"
     assert _extract(extract_world, shards, fresh) == 0
@@ -365,7 +365,7 @@ def test_extract_parts_of_other_shards_are_not_reused(extract_world, tmp_path, c
     write_shards(cat, shards, shard_size=6, log=quiet, workers=1)   # 2 shards now
     assert _extract(extract_world, shards, out) == 0
     assert sorted(_mtimes(out)) == ["items-000000.npz", "items-000001.npz"]
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     assert "discarding 2 feature parts made from other shards" in printed
     assert "removing 1 feature part of shards no longer in" in printed
     fresh6 = tmp_path / "fresh6"

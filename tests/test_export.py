@@ -165,7 +165,10 @@ def test_lora_run_exports_a_peft_adapter_that_loads_on_the_base_model(demo, tmp_
                                                                        monkeypatch):
     out, _ = demo
     run = tmp_path / "lora"
-    m = run_stage2(stage2_cfg(out, "peft.method=lora", "stage2.epochs=1"), run, log=_quiet)
+    # LoRA's documented rate (stage2.lr ~3e-3): at the prompts' 0.01 one epoch on this tiny valid
+    # set (60 users) does not beat the untrained state, and the run keeps epoch -1
+    m = run_stage2(stage2_cfg(out, "peft.method=lora", "stage2.epochs=1", "stage2.lr=0.003"),
+                   run, log=_quiet)
     assert m["best_epoch"] == 0          # a trained adapter was kept (lora_B starts at zero)
     export = tmp_path / "export"
     assert main(["export", str(run), "--out", str(export)]) == 0

@@ -195,5 +195,5 @@ def test_a_stop_signal_exits_3_and_keeps_finished_shards(world, tmp_path, monkey
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL      # handler restored
     monkeypatch.setattr(extract_mod, "_save_part", real_save)
     assert main(args) == 0
-    assert "resume: 1 of 4 shards" in capsys.readouterr().out
+    assert "resume: 1 of 4 shards" in capsys.readouterr().err
     assert np.load(out / "present.npy").all()

@@ -135,6 +135,8 @@ def test_asha_sweep_writes_results_best_config_and_plot(asha_sweep):
     assert cfg.stage2.kt_weight == float(best["stage2.kt_weight"])
     assert "# best trial of" in (out / "best.yaml").read_text()
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    # experiment tracking: Ray Tune's own TensorBoard event files, one per trial
+    assert len({p.parent for p in (out / "ray").rglob("events.out.tfevents.*")}) == 4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trials"] == 4 and summary["stopped_early"] == len(stopped)
     assert summary["best"]["params"] == {"stage2.kt_weight": float(best["stage2.kt_weight"])}
@@ -216,7 +218,7 @@ def test_killed_driver_resumes_without_redoing_finished_trials(demo, tmp_path):
     assert again.returncode == 2 and "pass --resume" in again.stderr
     again = tune_cli(sweep, "--out", dest, "--resume")
     assert again.returncode == 0, f"{again.stdout[-3000:]}\n{again.stderr[-3000:]}"
-    assert "resuming the sweep" in again.stdout
+    assert "resuming the sweep" in again.stderr
     table = rows(dest)
     assert [r["status"] for r in table] == ["completed"] * 3
     assert (first / "attempts.jsonl").read_text().count("\n") == 1   # not run again

@@ -36,6 +36,9 @@ from ptmrec_dist.config import DemoBackboneConfig
 from ptmrec_dist.data.catalog import CatalogItem, read_catalog
 from ptmrec_dist.errors import ConfigError, InputError
 from ptmrec_dist.io import append_jsonl, atomic_write_json, iter_jsonl
+from ptmrec_dist.logs import get_logger, progress
+
+_log = get_logger(__name__)
 
 WEIGHT_DECAY = 0.1            # AdamW, on matrices only (not biases, norms, logit_scale)
 WARMUP_FRACTION = 0.1         # linear warm-up over this share of the steps, then cosine to 0
@@ -240,8 +243,10 @@ def train(model, pairs: Pairs, train_idx: np.ndarray, cfg: DemoBackboneConfig, s
         te = time.perf_counter()
         model.train()
         order = train_t[torch.randperm(len(train_t), generator=gen)]
+        steps = progress(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}",
+                         unit="step", leave=False)
         losses = [_train_step(model, opt, sched, pairs, order[s * bs:(s + 1) * bs])
-                  for s in range(steps_per_epoch)]
+                  for s in steps]
         rec = {"epoch": epoch, "loss": round(float(np.mean(losses)), 5),
                "lr": float(opt.param_groups[0]["lr"]),
                "logit_scale": round(model.logit_scale.exp().item(), 3),
@@ -283,7 +288,7 @@ def save_checkpoint(model, processor, out: Path) -> list[str]:
 
 # --------------------------------------------------------------------------- driver
 def build_demo_backbone(data_dir: str | Path, out_dir: str | Path, cfg: DemoBackboneConfig,
-                        seed: int = 0, log: Callable[[str], None] = print,
+                        seed: int = 0, log: Callable[[str], None] | None = None,
                         return_model: bool = False) -> dict:
     """Pretrain a small CLIP on the catalog's (image, generic caption) pairs; save it to
     ``out_dir`` as an HF checkpoint with its processor; returns a summary dict.
@@ -293,10 +298,12 @@ def build_demo_backbone(data_dir: str | Path, out_dir: str | Path, cfg: DemoBack
     ``log.jsonl`` (one line per epoch) and, written last, ``pretrain_metrics.json``.
     Deterministic for a seed (and thread count); the caller's torch RNG state is untouched.
     Returns ``{"out_dir", "n_params", "epochs", "seconds", "final_loss", "heldout"}``, plus the
-    in-memory ``"model"`` (eval mode) and ``"processor"`` if ``return_model``.
+    in-memory ``"model"`` (eval mode) and ``"processor"`` if ``return_model``. Messages go to
+    ``log`` (default: this module's logger).
     """
     from transformers import CLIPModel
 
+    log = log or _log.info
     t0 = time.perf_counter()
     _check(cfg)
     data_dir, out = Path(data_dir), Path(out_dir)

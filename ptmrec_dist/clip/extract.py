@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -34,8 +33,10 @@ from ptmrec_dist.data.shards import load_manifest
 from ptmrec_dist.dist import DistEnv
 from ptmrec_dist.errors import Interrupted, PtmrecError, ShardError
 from ptmrec_dist.io import atomic_save_npy, atomic_write_json, sha256_file, temp_file_near
+from ptmrec_dist.logs import get_logger, progress
 
 PARTS = "parts"
+_log = get_logger(__name__)
 
 
 class Preprocess:
@@ -134,11 +135,12 @@ def _discard_stale_parts(out: Path, manifest: dict, mine: list[dict], states: di
 def extract_rank(backbone: FrozenBackbone, weights: str, shards: Path, out: Path,
                  entries: list[dict], cfg: Config, device: torch.device,
                  show_progress: bool) -> int:
-    """Features of the shards in ``entries`` (this rank's unfinished ones); returns items done."""
+    """Features of the shards in ``entries`` (this rank's unfinished ones); returns items done.
+    ``show_progress``: this rank may show a bar (the main rank; :func:`~ptmrec_dist.logs.progress`
+    decides)."""
     if not entries:
         return 0
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
 
     workers = cfg.extract.num_workers
     reader = ExactlyOnceItems(shards, num_workers=workers, decode="pil",
@@ -153,8 +155,7 @@ def extract_rank(backbone: FrozenBackbone, weights: str, shards: Path, out: Path
     expected = {e["name"]: e["n_items"] for e in entries}
     shard_sha = {e["name"]: e["sha256"] for e in entries}
     done = 0
-    bar = tqdm(total=sum(expected.values()), unit="item", desc="extract", disable=not show_progress,
-               file=sys.stderr)
+    bar = progress(total=sum(expected.values()), unit="item", desc="extract", main=show_progress)
     with torch.inference_mode():
         for batch in loader:
             img = backbone.encode_images(batch["pixel_values"].to(device)).float().cpu().numpy()
@@ -210,12 +211,15 @@ def merge_parts(shards: Path, out: Path, manifest: dict, weights: str, dtype: st
             "image_dim": int(image.shape[1]), "text_dim": int(text.shape[1])}
 
 
-def run_extract(cfg: Config, shards: Path, out: Path, env: DistEnv, log=print,
+def run_extract(cfg: Config, shards: Path, out: Path, env: DistEnv, log=None,
                 adapter: str | Path | None = None) -> dict | None:
     """The whole command on one rank of ``env``; rank 0 returns the meta, others None.
     ``adapter``: a finished stage-2 run folder whose tuned encoders encode the items (see
-    :func:`_encoders`); None: the frozen backbone of ``cfg.backbone``."""
+    :func:`_encoders`); None: the frozen backbone of ``cfg.backbone``. ``log``: where messages
+    go (default: this module's logger)."""
     from ptmrec_dist import dist
+
+    log = log or _log.info
 
     t0 = time.perf_counter()
     dist.check_devices(uses_deepspeed=False)
@@ -363,9 +367,9 @@ def extract_all(backbone, shards: Path, cfg: Config, env: DistEnv, device: torch
     items (as ``ptmrec extract`` deals them), then the tables are summed over the ranks (the
     shares are disjoint). Stage 2 re-extracts with its adapted backbone every epoch this way.
     Returns ``{m: float32 [n_items, d] for m in modalities, "present": bool [n_items]}``; a
-    tower whose modality is not asked for does not run."""
+    tower whose modality is not asked for does not run. ``show_progress``: a bar on the main
+    rank (where :func:`~ptmrec_dist.logs.progress` shows bars)."""
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
 
     from ptmrec_dist.dist import allreduce_tensor
 
@@ -390,8 +394,8 @@ def extract_all(backbone, shards: Path, cfg: Config, env: DistEnv, device: torch
                                                 batch["attention_mask"].to(device))
         return out
 
-    with torch.no_grad(), tqdm(total=n // env.world_size, unit="item", desc="re-extract",
-                               disable=not show_progress, file=sys.stderr, leave=False) as bar:
+    with torch.no_grad(), progress(total=n // env.world_size, unit="item", desc="re-extract",
+                                   leave=False, main=env.is_main, enabled=show_progress) as bar:
         for batch in in_step(loader, backbone, env, encode):
             encoded = encode(batch)
             for key, value in encoded.items():

@@ -25,6 +25,11 @@ class DataConfig:
     subsample: float = 1.0              # fraction of each user's interactions kept (seeded;
     #                                     at least 5 or all), before the split
     subsample_seed: int = 0
+    cold_items: float = 0.0             # fraction of the items with interactions held out
+    #                                     entirely (cold start): their interactions are neither
+    #                                     trained on nor in valid/test, but the "cold" split,
+    #                                     ranked among the cold items by the content branch
+    cold_seed: int = 0                  # which items are cold (seeded)
     shards: str = ""                    # folder with items-*.tar + manifest.json
     features: str = ""                  # item features: `ptmrec extract` output or a folder with
     #                                     MMRec's image_feat.npy/text_feat.npy ("" = next to the
@@ -37,6 +42,7 @@ class DataConfig:
         return [
             ("shard_size", self.shard_size >= 1, "must be >= 1"),
             ("subsample", 0 < self.subsample <= 1, "must be in (0, 1]"),
+            ("cold_items", 0 <= self.cold_items < 0.5, "must be in [0, 0.5)"),
             ("image_size", self.image_size >= 0, "must be >= 0 (0 keeps the original)"),
             ("jpeg_quality", 1 <= self.jpeg_quality <= 100, "must be in 1..100"),
         ]

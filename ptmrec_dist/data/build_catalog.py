@@ -29,6 +29,9 @@ from ptmrec_dist.data.ingest import ITEM_COLUMNS, Template, cell_text, pick_colu
 from ptmrec_dist.data.splits import SPLIT_NAMES, random_split_labels, temporal_split_labels
 from ptmrec_dist.errors import InputError
 from ptmrec_dist.io import atomic_write_json, atomic_write_text
+from ptmrec_dist.logs import get_logger, progress
+
+_log = get_logger(__name__)
 
 FIRST_IDS = 5          # ids named per drop rule
 
@@ -126,7 +129,7 @@ def read_items(spec: CatalogSpec, drops: Drops) -> list[dict]:
     image_tpl = Template(spec.image, "--image") if spec.image else None
     root = spec.items.parent
     items, seen, checked = [], set(), False
-    for line_no, row in read_rows(spec.items):
+    for line_no, row in progress(read_rows(spec.items), desc="items", unit="row"):
         if not checked:
             id_col = pick_column(spec.items, list(row), spec.id_column, ITEM_COLUMNS, "id")
             for tpl in (text_tpl, title_tpl, image_tpl):
@@ -273,7 +276,7 @@ def write_catalog(spec: CatalogSpec, items: list[dict], inter: dict | None) -> d
     out = spec.out
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines = []
-    for index, it in enumerate(items):
+    for index, it in enumerate(progress(items, desc="catalog", unit="item")):
         image = ""
         if it["image"]:
             image = f"images/{index:09d}{Path(it['image']).suffix.lower()}"
@@ -306,8 +309,10 @@ def write_catalog(spec: CatalogSpec, items: list[dict], inter: dict | None) -> d
             "split": spec.split, "columns": inter["columns"]}
 
 
-def build_catalog(spec: CatalogSpec, log=print) -> dict:
-    """The whole command; returns the summary written to ``OUT/catalog.json``."""
+def build_catalog(spec: CatalogSpec, log=None) -> dict:
+    """The whole command; returns the summary written to ``OUT/catalog.json``, whose table
+    goes to ``log`` (default: this module's logger; ``ptmrec catalog`` prints it)."""
+    log = log or _log.info
     spec.out.mkdir(parents=True, exist_ok=True)
     drops = Drops()
     items = read_items(spec, drops)

@@ -24,8 +24,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from ptmrec_dist.config import DataConfig
-from ptmrec_dist.data.splits import SPLIT_NAMES, TEST, TRAIN, VALID, leave_last_out_labels, \
-    random_split_labels, subsample_per_user
+from ptmrec_dist.data.splits import COLD, SPLIT_NAMES, TEST, TRAIN, VALID, cold_item_choice, \
+    leave_last_out_labels, random_split_labels, subsample_per_user
 from ptmrec_dist.data.table import MAX_DIGITS, Table, read_table
 from ptmrec_dist.errors import InputError
 from ptmrec_dist.io import atomic_write_text
@@ -61,12 +61,14 @@ class Interactions:
     duplicates_removed: int = 0
     dropped_eval: int = 0                # valid/test rows of users with no train row (MMRec drops)
     subsampled_out: int = 0              # rows left out by data.subsample
+    cold_items: np.ndarray | None = None  # item indices held out entirely (data.cold_items)
     _csr: dict = field(default_factory=dict, repr=False)
 
     def csr(self, split: str = "train") -> sp.csr_matrix:
-        """Binary users x items CSR matrix of one split (cached)."""
+        """Binary users x items CSR matrix of one split (cached): train, valid, test, or cold
+        (the interactions of the held-out items of ``data.cold_items``)."""
         if split not in self._csr:
-            mask = self.labels == SPLIT_NAMES.index(split)
+            mask = self.labels == (COLD if split == "cold" else SPLIT_NAMES.index(split))
             u, i = self.users[mask], self.items[mask]
             self._csr[split] = sp.csr_matrix(
                 (np.ones(len(u), dtype=np.float32), (u, i)), shape=(self.n_users, self.n_items))
@@ -85,8 +87,22 @@ class Interactions:
         return self.csr("test")
 
     def split_counts(self) -> dict[str, int]:
-        counts = np.bincount(self.labels, minlength=3)
-        return {name: int(counts[k]) for k, name in enumerate(SPLIT_NAMES)}
+        counts = np.bincount(self.labels, minlength=COLD + 1)
+        out = {name: int(counts[k]) for k, name in enumerate(SPLIT_NAMES)}
+        if self.has_cold:
+            out["cold"] = int(counts[COLD])
+        return out
+
+    @property
+    def has_cold(self) -> bool:
+        return self.cold_items is not None and len(self.cold_items) > 0
+
+    def cold_mask(self) -> np.ndarray:
+        """Boolean per item: held out (cold start)."""
+        mask = np.zeros(self.n_items, dtype=bool)
+        if self.has_cold:
+            mask[self.cold_items] = True
+        return mask
 
     def stats(self) -> dict:
         per_user = np.bincount(self.users, minlength=self.n_users)
@@ -107,6 +123,7 @@ class Interactions:
             "raw_rows": self.raw_rows, "duplicates_removed": self.duplicates_removed,
             "dropped_eval_without_train": self.dropped_eval,
             "subsampled_out": self.subsampled_out,
+            "cold_items": int(len(self.cold_items)) if self.has_cold else 0,
         }
 
     def item_index(self, raw_ids) -> np.ndarray:
@@ -388,16 +405,24 @@ def load_interactions(path: str | Path, cfg: DataConfig | None = None, warn=None
         labels = None
     if rule == "auto":
         rule = "x_label" if labels is not None else "random"
+    # cold start: a seeded fraction of the items is held out with all its interactions; the
+    # split rule sees only the other (warm) rows, so data.cold_items=0 changes nothing
+    cold = cold_item_choice(items, n_items, cfg.cold_items, cfg.cold_seed) \
+        if cfg.cold_items > 0 else None
+    warm = ~np.isin(items, cold) if cold is not None else np.ones(len(items), dtype=bool)
     if rule == "x_label":
         if labels is None:
             raise InputError(path, "data.split=x_label but the file has no x_label column")
         labels = labels.astype(np.int8)
     elif rule == "random":
-        labels = random_split_labels(users, cfg.split_seed)
+        labels = np.full(len(users), COLD, dtype=np.int8)
+        labels[warm] = random_split_labels(users[warm], cfg.split_seed)
     else:
         if timestamps is None:
             raise InputError(path, "data.split=loo needs a timestamp column")
-        labels = leave_last_out_labels(users, timestamps)
+        labels = np.full(len(users), COLD, dtype=np.int8)
+        labels[warm] = leave_last_out_labels(users[warm], timestamps[warm])
+    labels[~warm] = COLD
     if not (labels == TRAIN).any():
         raise InputError(path, f"the train split is empty (data.split={rule}: "
                                f"{_split_detail(rule, TRAIN)}): there is nothing to train on, and "
@@ -408,7 +433,7 @@ def load_interactions(path: str | Path, cfg: DataConfig | None = None, warn=None
     drop = (labels != TRAIN) & ~has_train[users]
     dropped = int(drop.sum())
     if dropped:
-        warn(f"{path}: {dropped} valid/test interactions of "
+        warn(f"{path}: {dropped} valid/test{'/cold' if cold is not None else ''} interactions of "
              f"{len(np.unique(users[drop]))} users with no training interaction dropped")
         keep = ~drop
         users, items, labels = users[keep], items[keep], labels[keep]
@@ -417,7 +442,7 @@ def load_interactions(path: str | Path, cfg: DataConfig | None = None, warn=None
                          users=users, items=items, labels=labels, split_rule=rule,
                          user_ids=user_ids, item_ids=item_ids, timestamps=timestamps,
                          raw_rows=raw_rows, duplicates_removed=duplicates, dropped_eval=dropped,
-                         subsampled_out=subsampled_out)
+                         subsampled_out=subsampled_out, cold_items=cold)
     if need_valid:
         check_valid_split(inter)
     return inter

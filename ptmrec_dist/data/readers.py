@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing as mp
-import sys
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -29,8 +28,10 @@ from ptmrec_dist import seeds
 from ptmrec_dist.data.catalog import ImageTooLarge, open_image
 from ptmrec_dist.data.shards import item_key, load_manifest, verify_shards
 from ptmrec_dist.errors import ShardError
+from ptmrec_dist.logs import get_logger
 
 Decode = Literal["pil", "bytes", "none"]
+_log = get_logger(__name__)
 
 
 class SharedEpoch:
@@ -65,14 +66,13 @@ def iter_shard(path: Path, on_bad_sample: str = "error",
         detail = f"{type(exc).__name__}: {exc.args[0] if exc.args else exc}"
         if on_bad_sample == "error":
             raise ShardError(path, f"unreadable tar ({detail})") from None
-        print(f"warning: {path}: unreadable tar, rest of shard skipped ({detail})",
-              file=sys.stderr)
+        _log.warning("%s: unreadable tar, rest of shard skipped (%s)", path, detail)
         return
     if n_items is not None and n != n_items:
         if on_bad_sample == "error":
             raise ShardError(path, f"truncated shard: {n} items read, manifest.json says "
                                    f"{n_items}")
-        print(f"warning: {path}: truncated shard, {n} of {n_items} items read", file=sys.stderr)
+        _log.warning("%s: truncated shard, %d of %d items read", path, n, n_items)
 
 
 def decode_sample(sample: dict, decode: Decode = "pil") -> dict:
@@ -168,8 +168,8 @@ class _ShardReader(IterableDataset):
         if bad.total:
             lost = sum(e["n_items"] for e in self.manifest["shards"] if e["name"] in
                        {i for ids in bad.first_ids.values() for i in ids})
-            print(f"warning: {self.shard_dir}: {bad.message('shards')} (at least {lost} items "
-                  "not read)", file=sys.stderr)
+            _log.warning("%s: %s (at least %d items not read)", self.shard_dir,
+                         bad.message("shards"), lost)
         return good
 
     def _samples(self, entries, slot: int | None) -> Iterator[dict]:

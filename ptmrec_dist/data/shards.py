@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,9 @@ from ptmrec_dist.data.catalog import CatalogItem, check_text, load_image_bytes, 
 from ptmrec_dist.data.interactions import find_interactions_file, load_interactions
 from ptmrec_dist.errors import InputError, ShardError, SkipReport
 from ptmrec_dist.io import atomic_write_json, run_lock, sha256_file
+from ptmrec_dist.logs import get_logger, progress
+
+_log = get_logger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "ptmrec-shards/1"
@@ -104,8 +106,10 @@ def write_shards(catalog_dir: str | Path, out_dir: str | Path, shard_size: int =
                  interactions: str | Path | None = None, quality: int = 95,
                  workers: int | None = None, log=None) -> dict:
     """Shard a catalog; returns the manifest. ``interactions`` (default: the one in the catalog
-    folder, if any) defines the item index space; without one, ``item_id`` must be the index."""
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    folder, if any) defines the item index space; without one, ``item_id`` must be the index.
+    The skipped items are reported as a warning: to this module's logger, or as
+    ``log("warning: ...")`` when ``log`` is given."""
+    warn = _log.warning if log is None else (lambda msg: log(f"warning: {msg}"))
     catalog_dir, out_dir = Path(catalog_dir), Path(out_dir)
     catalog_file = catalog_dir / "items.jsonl"
     items = read_catalog(catalog_dir)
@@ -140,7 +144,9 @@ def write_shards(catalog_dir: str | Path, out_dir: str | Path, shard_size: int =
             buf_items.clear()
             buf_images.clear()
 
-        for it, jpg, reason in _encode_stream(catalog_dir, items, image_size, quality, workers):
+        for it, jpg, reason in progress(_encode_stream(catalog_dir, items, image_size, quality,
+                                                       workers),
+                                        total=len(items), desc="shard", unit="item"):
             if reason is None:
                 buf_items.append(it)
                 buf_images.append(jpg)
@@ -162,7 +168,7 @@ def write_shards(catalog_dir: str | Path, out_dir: str | Path, shard_size: int =
         if not n_written:
             raise InputError(catalog_file, f"no usable items: {skips.message()}")
         if skips.total:
-            log(f"warning: {catalog_file}: {skips.message()}")
+            warn(f"{catalog_file}: {skips.message()}")
         missing = n_space - n_written   # indices are unique (resolve_indices checks it)
         names = {s["name"] for s in shards}
         for stale in out_dir.glob("items-*.tar"):

@@ -15,6 +15,9 @@ import numpy as np
 
 TRAIN, VALID, TEST = 0, 1, 2
 SPLIT_NAMES = ("train", "valid", "test")
+# the interactions of held-out (cold-start) items: neither trained on nor in valid/test
+# (``data.cold_items``); never in a file's x_label column
+COLD = 3
 
 
 def holdout_sizes(counts: np.ndarray) -> np.ndarray:
@@ -93,3 +96,15 @@ def subsample_per_user(users: np.ndarray, fraction: float, seed: int,
     keys = np.random.default_rng([seed, SUBSAMPLE]).random(len(users))
     order = np.lexsort((keys, users))
     return np.flatnonzero(_rank_within_user(users, order) < sizes[users])
+
+
+def cold_item_choice(items: np.ndarray, n_items: int, fraction: float, seed: int) -> np.ndarray:
+    """The cold-start items (sorted indices): a seeded ``round(fraction * n)`` of the ``n`` items
+    that have interactions, drawn uniformly (``numpy.random.default_rng([seed, COLD_ITEMS])``)."""
+    from ptmrec_dist.seeds import COLD_ITEMS
+
+    present = np.flatnonzero(np.bincount(np.asarray(items, dtype=np.int64), minlength=n_items))
+    n_cold = int(round(fraction * len(present)))
+    rng = np.random.default_rng([seed, COLD_ITEMS])
+    return np.sort(rng.choice(present, size=n_cold, replace=False)) if n_cold else \
+        np.zeros(0, np.int64)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ptmrec_dist import seeds
+from ptmrec_dist import logs, seeds
 from ptmrec_dist.config import Config, SyntheticConfig
 from ptmrec_dist.data.splits import SPLIT_NAMES, random_split_labels
 from ptmrec_dist.io import atomic_write_bytes, atomic_write_text, dumps_json
@@ -212,22 +212,6 @@ def _render_chunk(args) -> int:
     return len(colour)
 
 
-class _Bar:
-    def __init__(self, total: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, desc="images", unit="img")
-
-    def update(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _render_all(out_dir: Path, cfg: SyntheticConfig, item_attrs: dict[str, np.ndarray],
                 workers: int, progress: bool) -> None:
     n = cfg.n_items
@@ -237,10 +221,10 @@ def _render_all(out_dir: Path, cfg: SyntheticConfig, item_attrs: dict[str, np.nd
     pool = None
     if workers > 1 and n >= POOL_MIN_ITEMS:
         # fork where there is one: no `if __name__ == "__main__"` guard needed in the caller's
-        # script; workers touch only numpy/PIL. The pool starts before tqdm's monitor thread.
+        # script; workers touch only numpy/PIL. The bar (logs.progress) starts no thread.
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         pool = mp.get_context(method).Pool(min(workers, len(tasks)))
-    bar = _Bar(n, progress)
+    bar = logs.progress(total=n, desc="images", unit="img", enabled=progress)
     try:
         done_iter = pool.imap_unordered(_render_chunk, tasks) if pool else map(_render_chunk, tasks)
         for done in done_iter:

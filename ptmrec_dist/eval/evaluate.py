@@ -71,29 +71,53 @@ def load_representations(run: Path) -> tuple[np.ndarray, np.ndarray]:
     return arrays[0], arrays[1]
 
 
-def score_function(reps: tuple[torch.Tensor, torch.Tensor]):
+def score_function(reps: tuple[torch.Tensor, torch.Tensor], exclude: torch.Tensor | None = None):
     """``users LongTensor -> [n, n_items]`` scores of the representations ``(users_r,
-    items_r)``: ``users_r[u] @ items_r.T`` on their device (the users are moved there)."""
+    items_r)``: ``users_r[u] @ items_r.T`` on their device (the users are moved there);
+    ``exclude`` (bool per item) sets those items' scores to -inf: they are not candidates."""
     users_r, items_r = reps
-    return lambda u: users_r[u.to(users_r.device)] @ items_r.T
+    if exclude is None:
+        return lambda u: users_r[u.to(users_r.device)] @ items_r.T
+    exclude = exclude.to(items_r.device)
+
+    def scores(u):
+        s = users_r[u.to(users_r.device)] @ items_r.T
+        return s.masked_fill(exclude, -torch.inf)
+    return scores
 
 
 class Evaluator:
     """Valid/test metrics of representations (scores = users @ items.T) under ``cfg.eval``; on
-    N ranks each scores its share of the users and the sums are all-reduced."""
+    N ranks each scores its share of the users and the sums are all-reduced.
+
+    With held-out items (``data.cold_items``) valid and test rank the other (warm) items only,
+    and the ``cold`` split ranks the cold items only (strict cold start: each user's cold
+    interactions against every cold item), scored by the representations the run exported for
+    them (the model's content branch, :func:`~ptmrec_dist.train.outputs.representations`)."""
 
     def __init__(self, cfg: Config, inter, env: DistEnv | None = None):
         self.cfg, self.env = cfg, env or DistEnv()
         self.train, self.valid = inter.csr("train"), inter.csr("valid")
         self.test = inter.csr("test")
+        self.cold = inter.csr("cold") if inter.has_cold else None
+        self.cold_mask = torch.from_numpy(inter.cold_mask()) if inter.has_cold else None
+
+    def cold_fn(self, reps: tuple[torch.Tensor, torch.Tensor]):
+        """``() -> cold metrics`` of ``reps`` (for :meth:`RunState.record`), None without
+        held-out items."""
+        return None if self.cold is None else (lambda: self(reps, "cold"))
 
     def __call__(self, reps: tuple[torch.Tensor, torch.Tensor], split: str,
                  topk_sink=None, sink_k: int = 0, row_sink=None) -> dict[str, float]:
         e = self.cfg.eval
-        target = self.valid if split == "valid" else self.test
+        if split == "cold" and self.cold is None:
+            raise ConfigError("the cold split needs data.cold_items > 0")
+        target = {"valid": self.valid, "test": self.test, "cold": self.cold}[split]
         extra = self.valid if split == "test" and e.mask_valid_at_test else None
+        exclude = None if self.cold_mask is None else \
+            (~self.cold_mask if split == "cold" else self.cold_mask)
         users = np.flatnonzero(np.diff(target.indptr) > 0)[self.env.rank::self.env.world_size]
-        return evaluate(score_function(reps), self.train, target,
+        return evaluate(score_function(reps, exclude), self.train, target,
                         sorted(set(e.ks)), also_mask=extra, chunk=e.chunk_users,
                         memory_mb=e.memory_mb, users=users, topk_sink=topk_sink,
                         sink_k=sink_k, reduce=allreduce_sum, row_sink=row_sink)
@@ -106,6 +130,9 @@ def evaluate_run(run: str | Path, split: str = "test", dump_topk: str | None = N
         raise InputError(run / "config.yaml", "missing: not a run folder")
     cfg = load_config(run / "config.yaml", overrides)
     inter = load_interactions(cfg.data.path, cfg.data)
+    if split == "cold" and not inter.has_cold:
+        raise InputError(run / "config.yaml", "the cold split needs held-out items: this run "
+                                              "has data.cold_items=0")
     if not inter.csr(split).nnz:
         raise InputError(cfg.data.path, f"the {split} split of these interactions is empty: "
                                         "there is nothing to evaluate")

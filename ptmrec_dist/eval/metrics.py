@@ -23,6 +23,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ptmrec_dist.logs import progress
+
 METRICS = ("recall", "ndcg", "precision", "map", "hit")
 
 
@@ -158,15 +160,17 @@ def evaluate(score_fn, train: sp.csr_matrix, target: sp.csr_matrix, ks: list[int
     keys = _keys(target)
     kmax = max(max(ks), sink_k if topk_sink is not None else 0)
     totals = {f"{m}@{k}": 0.0 for k in ks for m in METRICS}
-    for u, top in ranked_chunks(score_fn, users, mask, kmax,
-                                chunk_size(n_items, chunk, memory_mb)):
-        if topk_sink is not None:
-            topk_sink(u, top)
-        rows = metric_rows(hits_matrix(u, top, keys, n_items), n_pos_all[u], ks)
-        if row_sink is not None:
-            row_sink(u, rows)
-        for name, value in rows.items():
-            totals[name] += float(value.sum())
+    with progress(total=len(users), desc="evaluate", unit="user", leave=False) as bar:
+        for u, top in ranked_chunks(score_fn, users, mask, kmax,
+                                    chunk_size(n_items, chunk, memory_mb)):
+            if topk_sink is not None:
+                topk_sink(u, top)
+            rows = metric_rows(hits_matrix(u, top, keys, n_items), n_pos_all[u], ks)
+            if row_sink is not None:
+                row_sink(u, rows)
+            for name, value in rows.items():
+                totals[name] += float(value.sum())
+            bar.update(len(u))
     names = list(totals)
     vector = np.array([totals[n] for n in names] + [float(len(users))])
     if reduce is not None:

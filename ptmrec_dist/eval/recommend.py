@@ -58,7 +58,7 @@ class IdMap:
         return [str(i) for i in index.tolist()] if self.raw is None else self.raw[index].tolist()
 
 
-def _read_mapping(path: Path, n: int) -> np.ndarray:
+def read_mapping(path: Path, n: int) -> np.ndarray:
     """A ``raw id <tab> index`` file (``ptmrec catalog``'s; a header line, as
     ``Interactions.save_mappings`` writes, is skipped) -> raw id of each of ``n`` indices."""
     raw = np.full(n, "", dtype=object)
@@ -86,11 +86,11 @@ def id_maps(cfg, inter) -> tuple[IdMap, IdMap]:
     if space is not None:
         folder = space[1].parent
         if (folder / "item_mapping.tsv").is_file():
-            items = IdMap(_read_mapping(folder / "item_mapping.tsv", inter.n_items),
+            items = IdMap(read_mapping(folder / "item_mapping.tsv", inter.n_items),
                           inter.n_items)
         own = inter.path.parent.resolve() == folder.resolve()
         if own and (folder / "user_mapping.tsv").is_file():
-            users = IdMap(_read_mapping(folder / "user_mapping.tsv", inter.n_users),
+            users = IdMap(read_mapping(folder / "user_mapping.tsv", inter.n_users),
                           inter.n_users)
     return users, items
 
@@ -98,7 +98,10 @@ def id_maps(cfg, inter) -> tuple[IdMap, IdMap]:
 class RunRecommender:
     """A finished run loaded once: its representations, interactions and id maps."""
 
-    def __init__(self, run: str | Path):
+    def __init__(self, run: str | Path, new_items: str | Path | None = None,
+                 only_new: bool = False):
+        """``new_items``: an ``encode-items`` output folder whose items join the candidates
+        (after the run's own, with their raw ids); ``only_new``: rank those alone."""
         self.run = Path(run)
         if not (self.run / "config.yaml").is_file():
             raise InputError(self.run / "config.yaml", "missing: not a run folder")
@@ -114,12 +117,35 @@ class RunRecommender:
         self.reps = (torch.from_numpy(users_r.astype(np.float32)),
                      torch.from_numpy(items_r.astype(np.float32)))
         self.users, self.items = id_maps(self.cfg, self.inter)
+        self.n_items, self.exclude = self.inter.n_items, None
+        if new_items is not None:
+            self._add_new_items(Path(new_items), only_new)
+        elif only_new:
+            raise ConfigError("--only-new needs --new-items DIR (from `ptmrec encode-items`)")
+
+    def _add_new_items(self, folder: Path, only_new: bool) -> None:
+        from ptmrec_dist.eval.new_items import IDS, read_new_items
+
+        ids, reprs = read_new_items(folder, self.reps[1].shape[1])
+        known = self.items.index(ids)
+        if (known >= 0).any():
+            k = int(np.flatnonzero(known >= 0)[0])
+            raise InputError(folder / IDS, f"item id {ids[k]!r} is already one of the run's "
+                                           "items: new items need new ids", line=k + 1)
+        old = self.items.names(np.arange(self.n_items))
+        self.items = IdMap(np.asarray(old + ids), self.n_items + len(ids))
+        self.reps = (self.reps[0], torch.cat([self.reps[1], torch.from_numpy(
+            reprs.astype(np.float32))]))
+        if only_new:
+            self.exclude = torch.zeros(self.n_items + len(ids), dtype=torch.bool)
+            self.exclude[:self.n_items] = True
+        self.n_items += len(ids)
 
     def seen(self) -> sp.csr_matrix:
         """Every (user, item) of the loaded interactions, train, valid and test."""
         i = self.inter
         return sp.csr_matrix((np.ones(len(i.users), dtype=np.float32), (i.users, i.items)),
-                             shape=(i.n_users, i.n_items))
+                             shape=(i.n_users, self.n_items))
 
     def user_index(self, ids: list[str], source: str | Path | None = None,
                    lines: list[int] | None = None) -> np.ndarray:
@@ -146,14 +172,14 @@ class RunRecommender:
         top-``k`` items by descending score (fewer where fewer items are left)."""
         if k < 1:
             raise ConfigError(f"k must be >= 1, got {k}")
-        n_items = self.inter.n_items
+        n_items = self.n_items
         mask = self.seen() if exclude_seen else sp.csr_matrix((self.inter.n_users, n_items),
                                                               dtype=np.float32)
         e = self.cfg.eval
         chunk = chunk_users or chunk_size(n_items, e.chunk_users, e.memory_mb)
         for start in range(0, len(users), chunk):
             u = np.asarray(users[start:start + chunk], dtype=np.int64)
-            scores = _Kept(score_function(self.reps))
+            scores = _Kept(score_function(self.reps, self.exclude))
             top = chunk_topk(scores, u, mask, k)
             values = torch.gather(scores.last, 1, top.clamp_min(0)).numpy()
             top = top.numpy()

@@ -51,6 +51,20 @@ class Recommender(nn.Module):
         adapted CLIP features; empty for ID-only models."""
         return {}
 
+    def content_representations(self, modal: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Item representations ``[n, d]`` from modal inputs alone (``{m: [n, d_m]}``; no ID
+        embedding, no interaction graph), scored against the users of
+        :meth:`representations`: how the model scores an item it never trained on (cold start:
+        ``data.cold_items``, ``ptmrec encode-items``). It is the head stage 2's KT aligns
+        (:meth:`stage2_scores`' ``student``)."""
+        raise NotImplementedError(f"{self.name} cannot score an item it never trained on (it "
+                                  "reads no item features)")
+
+    def content_item_representations(self, items: torch.Tensor) -> torch.Tensor:
+        """:meth:`content_representations` of catalog items ``items`` (their modal inputs)."""
+        return self.content_representations({m: t[items]
+                                             for m, t in self.item_modal_inputs().items()})
+
     # ------------------------------------------------------------------ stage 2
     def set_modal_inputs(self, tables: dict[str, torch.Tensor]) -> None:
         """Replace the per-item modal inputs by ``tables`` (stage 2's feature bank: the adapted

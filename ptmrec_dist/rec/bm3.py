@@ -67,6 +67,11 @@ class BM3(Recommender):
         users, items = self._online()
         return self.predictor(users), self.predictor(items)
 
+    def content_representations(self, modal):
+        """BM3's modal branch summed over modalities: ``sum_m predictor(trs_m(f_m))``."""
+        return sum(self.predictor(getattr(self, f"{m}_trs")(
+            modal[m].to(getattr(self, f"{m}_trs").weight.dtype))) for m in self.modalities)
+
     def set_modal_inputs(self, tables):
         tables_to_bank(self, self.modalities, tables)
 

@@ -111,6 +111,11 @@ class FREEDOM(Recommender):
     def representations(self):
         return self._propagate(self.norm_adj)   # the full graph at inference (MMRec)
 
+    def content_representations(self, modal):
+        """FREEDOM's modal head summed over modalities: scores ``u . sum_m trs_m(f_m)``."""
+        return sum(getattr(self, f"{m}_trs")(modal[m].to(getattr(self, f"{m}_trs").weight.dtype))
+                   for m in self.modalities)
+
     def loss(self, batch):
         users_e, items_e = self._propagate(self.masked_adj)
         u = users_e[batch["users"]]

@@ -54,6 +54,13 @@ class VBPR(Recommender):
     def representations(self):
         return self.user_embedding, self._items()
 
+    def content_representations(self, modal):
+        """The content half alone (the ID half zero): scores ``user[:, d:] . item_linear(f)``."""
+        feats = torch.cat([modal[m] for m in self.modalities], dim=1)
+        content = self.item_linear(feats.to(self.item_linear.weight.dtype))
+        return torch.cat([content.new_zeros(len(feats), self.item_embedding.shape[1]), content],
+                         dim=1)
+
     def set_modal_inputs(self, tables):
         for m in self.modalities:
             old = getattr(self, f"{m}_features")

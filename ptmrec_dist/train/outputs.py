@@ -20,7 +20,25 @@ def representations(model) -> tuple[torch.Tensor, torch.Tensor]:
     exported (fp32) representations, so training-time and after-the-fact metrics agree."""
     with torch.no_grad():
         users_r, items_r = model.representations()
+        cold = getattr(model, "cold_items", None)
+        if cold is not None and len(cold):
+            # held-out items are scored by the content branch alone (their ID rows never trained)
+            items_r = items_r.clone()
+            index = cold.to(items_r.device)
+            items_r[index] = model.content_item_representations(index).to(items_r.dtype)
     return users_r.detach().float(), items_r.detach().float()
+
+
+def mark_cold_items(model, inter) -> None:
+    """Let ``model`` score the held-out items of ``data.cold_items`` (``inter.cold_items``) by
+    its content branch in :func:`representations`; a ConfigError for a model without one."""
+    from ptmrec_dist.errors import ConfigError
+    if not inter.has_cold:
+        return
+    if not getattr(model, "needs_features", False):
+        raise ConfigError(f"data.cold_items: {model.name} reads no item features, so it cannot "
+                          "score items it never trained on; use vbpr, freedom or bm3")
+    model.cold_items = torch.as_tensor(inter.cold_items, dtype=torch.long)
 
 
 def save_model_and_representations(out: Path, state: dict,

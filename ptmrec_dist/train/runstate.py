@@ -82,11 +82,15 @@ class RunState:
         self.times, self.epochs_run = state["times"], epochs_run
 
     # ------------------------------------------------------------------ evaluation
-    def record(self, epoch: int, valid: dict, test: Callable[[], dict]) -> bool:
-        """Valid metrics of ``epoch``; True (and ``test()`` taken) when they beat the best."""
+    def record(self, epoch: int, valid: dict, test: Callable[[], dict],
+               cold: Callable[[], dict] | None = None) -> bool:
+        """Valid metrics of ``epoch``; True (and ``test()`` taken, and ``cold()``: the held-out
+        items' metrics, when given) when they beat the best."""
         improved = self.best["valid"] is None or valid[self.metric] > self.best["valid"][self.metric]
         if improved:
             self.best = {"epoch": epoch, "valid": valid, "test": test()}
+            if cold is not None:
+                self.best["cold"] = cold()
             self.evals_since_best = 0
         else:
             self.evals_since_best += 1

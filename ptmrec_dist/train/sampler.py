@@ -22,31 +22,45 @@ from ptmrec_dist.errors import InputError
 
 class BPRSampler:
     def __init__(self, train: sp.csr_matrix, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, negatives: bool = True):
+                 world_size: int = 1, negatives: bool = True,
+                 exclude_items: np.ndarray | None = None):
+        """``exclude_items``: item indices never drawn as negatives (the held-out items of
+        ``data.cold_items``: a cold item must not be seen in training at all)."""
         train = train.tocsr()
         train.sort_indices()
         self.n_users, self.n_items = train.shape
         self.users = np.repeat(np.arange(self.n_users, dtype=np.int64), np.diff(train.indptr))
         self.items = train.indices.astype(np.int64)
         self.keys = self.users * self.n_items + self.items      # sorted: CSR order
-        full = np.flatnonzero(np.diff(train.indptr) >= self.n_items)
+        self.candidates = None            # None: every item (the draws of runs without cold items)
+        if exclude_items is not None and len(exclude_items):
+            keep = np.ones(self.n_items, dtype=bool)
+            keep[np.asarray(exclude_items, dtype=np.int64)] = False
+            self.candidates = np.flatnonzero(keep)
+        n_candidates = self.n_items if self.candidates is None else len(self.candidates)
+        full = np.flatnonzero(np.diff(train.indptr) >= n_candidates)
         if negatives and len(full):
             raise InputError(None, f"user index {int(full[0])} interacted with every item in "
                                    "training, so no negative can be sampled")
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size, self.negatives = rank, world_size, negatives
 
+    def _draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        if self.candidates is None:
+            return rng.integers(0, self.n_items, size=n)
+        return self.candidates[rng.integers(0, len(self.candidates), size=n)]
+
     def __len__(self) -> int:
         return -(-len(self.users) // self.batch_size)
 
     def sample_negatives(self, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        neg = rng.integers(0, self.n_items, size=len(users))
+        neg = self._draw(rng, len(users))
         todo = np.arange(len(users))
         while len(todo):
             keys = users[todo] * self.n_items + neg[todo]
             pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
             todo = todo[self.keys[pos] == keys]          # drew a training positive: redraw
-            neg[todo] = rng.integers(0, self.n_items, size=len(todo))
+            neg[todo] = self._draw(rng, len(todo))
         return neg
 
     def epoch(self, epoch: int) -> Iterator[dict]:

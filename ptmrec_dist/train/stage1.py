@@ -24,13 +24,17 @@ from ptmrec_dist.data.interactions import load_interactions
 from ptmrec_dist.errors import TrainingError
 from ptmrec_dist.eval.evaluate import Evaluator
 from ptmrec_dist.io import atomic_write_json
+from ptmrec_dist.logs import get_logger, progress
 from ptmrec_dist.rec.features import ItemFeatures, resolve_features
 from ptmrec_dist.run import provenance
 from ptmrec_dist.train.checkpoint import StopSignals, check_finite, own_handlers
 from ptmrec_dist.train.engine import build_engine, describe_engine, stage_ds_config
-from ptmrec_dist.train.outputs import representations, save_model_and_representations
+from ptmrec_dist.train.outputs import mark_cold_items, representations, \
+    save_model_and_representations
 from ptmrec_dist.train.runstate import Resume, RunState, main_rank_log
 from ptmrec_dist.train.sampler import BPRSampler
+
+_log = get_logger(__name__)
 
 
 class _LossModule(nn.Module):
@@ -56,6 +60,7 @@ def build_model(cfg: Config, inter, feats: ItemFeatures | None = None) -> rec.ba
     torch.manual_seed(cfg.seed)          # the same initial weights on every rank
     model = cls(inter.n_users, inter.n_items, feats, cfg.recommender, inter.csr("train"))
     model.features_info = feats.describe() if cls.needs_features else "none (ID only)"
+    mark_cold_items(model, inter)
     return model
 
 
@@ -89,7 +94,8 @@ class Stage1Run:
         # one micro batch per sampler step; DeepSpeed steps the optimizer every grad_accum of them
         self.sampler = BPRSampler(self.inter.csr("train"),
                                   stage.batch_size // max(1, stage.grad_accum), cfg.seed,
-                                  env.rank, env.world_size, negatives=self.model.uses_negatives)
+                                  env.rank, env.world_size, negatives=self.model.uses_negatives,
+                                  exclude_items=self.inter.cold_items)
         self.state = RunState(cfg.eval.metric, stage.patience, ("epoch", "eval"), self.say,
                               "evaluations", best_epoch=-1)
         self.first_epoch = 0
@@ -108,7 +114,8 @@ class Stage1Run:
         model.pre_epoch(epoch, torch.Generator().manual_seed(
             seeds.step_seed(self.cfg.seed, epoch, 0, stream=seeds.EPOCH_MODEL)))
         sums: dict[str, torch.Tensor] = {}
-        for batch in self.sampler.epoch(epoch):
+        for batch in progress(self.sampler.epoch(epoch), total=len(self.sampler),
+                              desc=f"epoch {epoch}", unit="step", leave=False, main=env.is_main):
             batch = {k: v.to(engine.device) if torch.is_tensor(v) else v
                      for k, v in batch.items()}
             terms = engine(batch)
@@ -138,7 +145,8 @@ class Stage1Run:
         self.state.times["eval"].append(time.perf_counter() - t1)
         record.update(valid={k: round(v, 6) for k, v in valid.items()},
                       eval_s=round(self.state.times["eval"][-1], 3))
-        improved = self.state.record(epoch, valid, lambda: self.evaluator(reps, "test"))
+        improved = self.state.record(epoch, valid, lambda: self.evaluator(reps, "test"),
+                                     self.evaluator.cold_fn(reps))
         if improved:
             self._save_best(reps)
         record["best"] = improved
@@ -192,6 +200,7 @@ class Stage1Run:
         return {
             "model": self.model.name, "metric": state.metric, "best_epoch": state.best["epoch"],
             "valid": state.best["valid"], "test": state.best["test"],
+            **({"cold": state.best["cold"]} if state.best.get("cold") else {}),
             "epochs_run": state.epochs_run, "stopped_early": state.stopped_early,
             "trainable_params": self.n_params, "world_size": self.env.world_size,
             "n_users": inter.n_users, "n_items": inter.n_items,
@@ -209,10 +218,11 @@ class Stage1Run:
 
 
 def run_stage1(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
-               log=print, resume: bool = False) -> dict:
-    """The whole command on this rank; returns the metrics. ``resume``: continue after the
-    epoch of the newest checkpoint in ``OUT/checkpoints`` (from scratch if none)."""
+               log=None, resume: bool = False) -> dict:
+    """The whole command on this rank; returns the metrics; messages go to ``log`` (default:
+    this module's logger), on the main rank only. ``resume``: continue after the epoch of the
+    newest checkpoint in ``OUT/checkpoints`` (from scratch if none)."""
     dist.check_devices()
     with StopSignals() as stop:          # from the start: a signal during set-up still stops
         env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, env, cfg.dist.deterministic)
-        return Stage1Run(cfg, Path(out), env, log, resume).run(stop)
+        return Stage1Run(cfg, Path(out), env, log or _log.info, resume).run(stop)

@@ -25,7 +25,6 @@ features of every item, loadable as ``data.features``), ``OUT/user_repr.npy``/``
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from ptmrec_dist.data.interactions import load_interactions
 from ptmrec_dist.data.readers import SharedEpoch, StreamingItems
 from ptmrec_dist.errors import ConfigError, TrainingError
 from ptmrec_dist.eval.evaluate import Evaluator
+from ptmrec_dist.logs import get_logger, progress as progress_bar
 from ptmrec_dist.run import provenance
 from ptmrec_dist.train.bank import FeatureBank
 from ptmrec_dist.train.checkpoint import StopSignals, check_finite, own_handlers
@@ -54,6 +54,7 @@ from ptmrec_dist.train.stage2_model import (FeatureGate, GradNormProbe, Stage2Mo
                                             build_teacher_head, check_dims, check_stage2_config,
                                             load_teacher)
 
+_log = get_logger(__name__)
 
 @dataclass
 class Position:
@@ -221,10 +222,13 @@ class Stage2Run:
             seeds.epoch_seed(self.cfg.seed, epoch)))
         steps = first
         probe = GradNormProbe(self.model, stage.grad_norms_every)
-        for batch in item_batches(self.loader, self.sampler, epoch, env.rank, engine.device,
-                                  stage.popularity_weighting, stage.users_per_item,
-                                  first_step=first,
-                                  loader_start=self.loader.dataset.skip_start(first)):
+        batches = item_batches(self.loader, self.sampler, epoch, env.rank, engine.device,
+                               stage.popularity_weighting, stage.users_per_item,
+                               first_step=first,
+                               loader_start=self.loader.dataset.skip_start(first))
+        for batch in progress_bar(batches, total=sum(self.loader.dataset.worker_batches()),
+                                  initial=first, desc=f"epoch {epoch}", unit="step",
+                                  leave=False, main=env.is_main):
             probe.before(steps)
             losses, features = engine(batch)
             probe.after()
@@ -261,7 +265,7 @@ class Stage2Run:
         t0 = time.perf_counter()
         self.engine.module.eval()
         features = extract_all(self.backbone, self.shards, self.cfg, self.env, self.device,
-                               verify=first, show_progress=self.env.is_main and sys.stderr.isatty(),
+                               verify=first, show_progress=True,
                                modalities=tuple(self.student.modalities))
         if first:
             check_dims(self.student, features)
@@ -283,7 +287,8 @@ class Stage2Run:
         reps = (users_r.float(), items_r.float())
         valid = self.evaluator(reps, "valid")
         self.state.times["eval"].append(time.perf_counter() - t1)
-        improved = self.state.record(epoch, valid, lambda: self.evaluator(reps, "test"))
+        improved = self.state.record(epoch, valid, lambda: self.evaluator(reps, "test"),
+                                     self.evaluator.cold_fn(reps))
         if improved:
             save_stage2_best(self.out, self.backbone, self.student, features, reps, self.meta,
                              env, self.cfg.extract.feature_dtype)
@@ -370,6 +375,7 @@ class Stage2Run:
             "feature_gate": self.model.gate.values() if self.model.gate is not None else None,
             "best_epoch": state.best["epoch"],
             "valid": state.best["valid"], "test": state.best["test"],
+            **({"cold": state.best["cold"]} if state.best.get("cold") else {}),
             "epochs_run": state.epochs_run, "stopped_early": state.stopped_early,
             "params": counts,
             "trainable_params": counts["backbone"]["trainable"]
@@ -385,12 +391,13 @@ class Stage2Run:
 
 
 def run_stage2(cfg: Config, out: str | Path, env: dist.DistEnv | None = None,
-               log=print, resume: bool = False, on_epoch=None) -> dict:
-    """The whole command on this rank (see the module doc); returns the metrics. ``resume``:
+               log=None, resume: bool = False, on_epoch=None) -> dict:
+    """The whole command on this rank (see the module doc); returns the metrics; messages go
+    to ``log`` (default: this module's logger), on the main rank only. ``resume``:
     continue from the newest checkpoint in ``OUT/checkpoints`` (from scratch if none).
     ``on_epoch(progress)`` is called on every rank after each trained epoch's evaluation and
     checkpoint (:meth:`Stage2Run.progress`; ``ptmrec tune`` reports it to Ray Tune)."""
     dist.check_devices()
     with StopSignals() as stop:          # from the start: a signal during set-up still stops
         env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, env, cfg.dist.deterministic)
-        return Stage2Run(cfg, Path(out), env, log, resume, on_epoch).run(stop)
+        return Stage2Run(cfg, Path(out), env, log or _log.info, resume, on_epoch).run(stop)

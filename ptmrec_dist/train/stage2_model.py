@@ -230,8 +230,11 @@ def load_teacher(cfg: Config) -> dict | None:
         if not f.is_file():
             raise InputError(f, "missing: stage2.teacher must be a finished `ptmrec stage1` run")
     tcfg = load_config(files["config"])
+    # the held-out items must be the same: a teacher that trained on this run's cold items
+    # would leak them into stage 2 (and one whose cold items are warm here starts untrained)
     for section, key in (("recommender", "name"), ("recommender", "embedding_dim"),
-                         ("recommender", "feat_embed_dim"), ("backbone", "modalities")):
+                         ("recommender", "feat_embed_dim"), ("backbone", "modalities"),
+                         ("data", "cold_items"), ("data", "cold_seed")):
         mine = getattr(getattr(cfg, section), key)
         theirs = getattr(getattr(tcfg, section), key)
         if mine != theirs:
