@@ -348,6 +348,10 @@ def export_run(run: str | Path, out: str | Path) -> dict:
         else:
             encoders = {"kind": "none"}
 
+    if stage == 2 and (run / "feature_gate.json").is_file():
+        shutil.copyfile(run / "feature_gate.json", out / "feature_gate.json")
+        files["feature_gate.json"] = ("stage2.feature_gate's best-epoch g per modality: the run "
+                                      "ranked with ref + g (adapted - ref)")
     shutil.copyfile(run / "config.yaml", out / "config.yaml")
     shutil.copyfile(run / "metrics.json", out / "metrics.json")
     files["config.yaml"] = "the run's resolved configuration"
@@ -428,11 +432,11 @@ model.load_state_dict(state)
               _block(code)]
     enc = result["encoders"]
     if stage == 2:
-        lines += _readme_encoders(enc, result["method"], cfg)
+        lines += _readme_encoders(enc, result["method"], cfg, "feature_gate.json" in files)
     return "\n".join(lines) + "\n"
 
 
-def _readme_encoders(enc: dict, method: str, cfg) -> list[str]:
+def _readme_encoders(enc: dict, method: str, cfg, has_gate: bool) -> list[str]:
     lines = ["## The tuned encoders\n"]
     if enc["kind"] == "peft":
         for part in enc["parts"]:
@@ -507,8 +511,14 @@ processor = {proc}.from_pretrained("{part['folder']}")
         lines.append(f"peft.method={method}: the backbone was not changed; the frozen one "
                      f"(`{cfg.backbone.name_or_path}`) is the encoder.\n")
     if cfg.stage2.feature_gate and enc["kind"] != "none":
+        gate = ("`feature_gate.json` holds its best epoch's `g` per modality, so "
+                "`ref + g * (adapted - ref)` with `ref` the frozen backbone's features "
+                "(rounded to the run's feature dtype) rebuilds them, as `ptmrec extract "
+                "--adapter` does" if has_gate else
+                "this run did not save its gate (it predates `feature_gate.json`)")
         lines.append("The run used `stage2.feature_gate`: the features it ranked with were "
-                     "`ref + g (adapted - ref)`; these encoders give the adapted ones (g = 1).\n")
+                     "`ref + g (adapted - ref)`; these encoders give the adapted ones (g = 1); "
+                     f"{gate}.\n")
     return lines
 
 

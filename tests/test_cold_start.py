@@ -301,6 +301,34 @@ def test_encode_items_scores_new_items_as_the_run_scores_its_cold_items(cold_dem
                                                  for i in x["item_ids"])
 
 
+def test_encode_items_of_a_gated_run_mixes_in_the_frozen_reference(cold_demo, tmp_path):
+    """A ``stage2.feature_gate`` run scored its cold items from ``ref + g (adapted - ref)``:
+    encode-items rebuilds that from the saved gate (the frozen backbone encodes the new items
+    too), so the run's own cold items again get the run's representations; without the saved
+    gate it is refused (exit 2) rather than encoded otherwise."""
+    from demo_fixtures import stage2_cfg
+
+    from ptmrec_dist.train.stage2 import run_stage2
+
+    demo, teacher, _, _ = cold_demo
+    run = tmp_path / "gated"
+    run_stage2(stage2_cfg(demo, f"stage2.teacher={teacher}", "data.cold_items=0.2",
+                          "stage2.feature_gate=true", "stage2.epochs=1"), run,
+               log=lambda *_: None)
+    assert (run / "feature_gate.json").is_file()
+    cfg = load_config(teacher / "config.yaml")
+    cold = load_interactions(cfg.data.path, cfg.data).cold_items
+    catalog = new_item_catalog(demo, cold, tmp_path / "new")
+    res = ptmrec("encode-items", "--run", run, "--catalog", catalog, "--out", tmp_path / "enc")
+    assert res.returncode == 0, res.stderr
+    got, want = np.load(tmp_path / "enc" / "item_repr.npy"), np.load(run / "item_repr.npy")[cold]
+    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
+    assert (tmp_path / "enc" / "features" / "reference" / "parts").is_dir()
+    (run / "feature_gate.json").unlink()
+    res = ptmrec("encode-items", "--run", run, "--catalog", catalog, "--out", tmp_path / "enc2")
+    assert res.returncode == 2 and "feature_gate.json" in res.stderr
+
+
 def test_new_items_with_a_known_id_are_refused(cold_demo, tmp_path):
     demo, teacher, _, _ = cold_demo
     out = tmp_path / "enc"

@@ -278,6 +278,20 @@ def test_full_finetuning_exports_hf_model_folders(demo, tmp_path):
     assert torch.equal(model.logit_scale, base.logit_scale)
 
 
+def test_gated_run_exports_its_gate_and_says_how_to_use_it(demo, tmp_path):
+    """A ``stage2.feature_gate`` run: the export carries ``feature_gate.json`` (the values the
+    run saved) and its README gives the formula that rebuilds the run's features."""
+    out, _ = demo
+    run = tmp_path / "gated"
+    run_stage2(stage2_cfg(out, "stage2.feature_gate=true", "stage2.epochs=1"), run, log=_quiet)
+    result = export_run(run, tmp_path / "export")
+    exported = tmp_path / "export" / "feature_gate.json"
+    assert "feature_gate.json" in result["files"]
+    assert json.loads(exported.read_text()) == json.loads((run / "feature_gate.json").read_text())
+    readme = (tmp_path / "export" / "README.md").read_text()
+    assert "feature_gate.json" in readme and "ref + g * (adapted - ref)" in readme
+
+
 def test_not_a_finished_run_is_exit_2_naming_it(demo, tmp_path, capsys):
     out, _ = demo
     half = tmp_path / "half"

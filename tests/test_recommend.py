@@ -244,21 +244,41 @@ def test_extract_with_a_lora_adapter_gives_the_runs_features(demo, tmp_path):
                               np.load(out / "features" / "text.npy"))
 
 
-def test_extract_says_a_gated_runs_features_are_not_rebuilt(demo, tmp_path):
-    """A ``stage2.feature_gate`` run saved ``ref + g (adapted - ref)``, and the best epoch's g
-    is not saved: the extraction gives the adapted encoders' own features, says so, and
-    records it in meta.json."""
+def test_extract_rebuilds_a_gated_runs_features(demo, tmp_path):
+    """A ``stage2.feature_gate`` run ranked with ``ref + g (adapted - ref)`` and saved its best
+    epoch's exact g (``feature_gate.json``): the extraction encodes with the frozen backbone too
+    (``OUT/reference``) and gives the run's features bit for bit. A run without the file (made
+    before it was saved) gets the adapted encoders' own features, with a note in meta.json."""
     from ptmrec_dist.train.stage2 import run_stage2
 
     out, _ = demo
     run = tmp_path / "gated"
-    run_stage2(stage2_cfg(out, "stage2.feature_gate=true", "stage2.epochs=1"), run,
-               log=lambda *_: None)
+    m = run_stage2(stage2_cfg(out, "stage2.feature_gate=true", "stage2.epochs=2"), run,
+                   log=lambda *_: None)
+    gate = json.loads((run / "feature_gate.json").read_text())
+    assert sorted(gate) == ["image", "text"]
+    assert m["best_epoch"] >= 0 and any(g != 0 for g in gate.values())   # a trained gate
     notes = []
     meta = run_extract(load_config(run / "config.yaml"), out / "shards", tmp_path / "feats",
                        DistEnv(), log=notes.append, adapter=run)
+    assert meta["adapter"]["feature_gate"] == gate
+    assert sorted(p.name for p in (tmp_path / "feats" / "reference" / "parts").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "feats" / "parts").iterdir())
+    _assert_same_features(tmp_path / "feats", run)
+    # the gate mixed in the frozen reference: not the adapted encoders' own features
+    own = tmp_path / "own"
+    shutil.copytree(run, own)
+    (own / "feature_gate.json").unlink()
+    notes = []
+    meta = run_extract(load_config(own / "config.yaml"), out / "shards", tmp_path / "feats2",
+                       DistEnv(), log=notes.append, adapter=own)
     assert meta["adapter"]["feature_gate"] == "not applied"
     assert any("feature_gate" in n for n in notes)
+    assert not (tmp_path / "feats2" / "reference").exists()
+    moved = [not np.array_equal(np.load(tmp_path / "feats2" / f"{m}.npy"),
+                                np.load(run / "features" / f"{m}.npy"))
+             for m, g in gate.items() if g != 1]
+    assert moved and all(moved)
 
 
 def test_extract_with_a_bf16_runs_adapter_encodes_in_bf16(demo, tmp_path):

@@ -12,7 +12,10 @@ shards no longer listed are removed. ``OUT`` must be on storage all ranks share.
 
 With ``adapter`` (``ptmrec extract --adapter RUN``) the items are encoded by the tuned encoders
 of a stage-2 run instead (:func:`~ptmrec_dist.clip.methods.load_stage2_encoders`): the features
-that run evaluated with, for the run's own shards bit for bit (tests/test_recommend.py).
+that run evaluated with, for the run's own shards bit for bit (tests/test_recommend.py). A
+``stage2.feature_gate`` run read ``ref + g (adapted - ref)``: the frozen backbone encodes the
+items too (``OUT/reference/parts``) and the saved best-epoch ``g`` (``RUN/feature_gate.json``)
+combines the two, as the run did.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from ptmrec_dist.io import atomic_save_npy, atomic_write_json, sha256_file, temp
 from ptmrec_dist.logs import get_logger, progress
 
 PARTS = "parts"
+REFERENCE = "reference"      # a gated run's frozen-reference parts (OUT/reference/parts)
+FEATURE_GATE = "feature_gate.json"   # a stage2.feature_gate run's best-epoch gate values
 _log = get_logger(__name__)
 
 
@@ -183,8 +188,39 @@ def extract_rank(backbone: FrozenBackbone, weights: str, shards: Path, out: Path
     return done
 
 
-def merge_parts(shards: Path, out: Path, manifest: dict, weights: str, dtype: str) -> dict:
-    """Rank 0: parts -> image.npy / text.npy in item-index order; every item exactly once."""
+def _extract_parts(backbone, weights: str, shards: Path, out: Path, manifest: dict,
+                   cfg: Config, env: DistEnv, device, log) -> tuple[int, float]:
+    """This rank's share of the shards into ``OUT/parts``, skipping parts already done (and
+    saying so); returns ``(items encoded, seconds)``."""
+    mine = [e for k, e in enumerate(manifest["shards"]) if k % env.world_size == env.rank]
+    states = {e["name"]: _part_state(_part_path(out, e["name"]), weights, e) for e in mine}
+    _discard_stale_parts(out, manifest, mine, states, env, log)
+    todo = [e for e in mine if states[e["name"]] != "ok"]
+    if env.is_main and len(todo) < len(mine):
+        log(f"resume: {len(mine) - len(todo)} of {len(mine)} shards of rank 0 already done")
+    t1 = time.perf_counter()
+    n = extract_rank(backbone, weights, shards, out, todo, cfg, device,
+                     show_progress=env.is_main)
+    return n, time.perf_counter() - t1
+
+
+def _gate_part(part: dict, ref_part: dict, gate: dict[str, float], ref_dtype: str) -> dict:
+    """``ref + g_m (adapted - ref)`` per gated modality, as stage 2's ``FeatureGate`` computes
+    it: float32, the reference rounded to the storage dtype the run read it in."""
+    out = dict(part)
+    store = np.float16 if ref_dtype == "fp16" else np.float32
+    for m, g in gate.items():
+        f = torch.from_numpy(np.asarray(part[m], dtype=np.float32))
+        ref = torch.from_numpy(np.asarray(ref_part[m]).astype(store).astype(np.float32))
+        out[m] = (ref + torch.tensor([g], dtype=torch.float32) * (f - ref)).numpy()
+    return out
+
+
+def merge_parts(shards: Path, out: Path, manifest: dict, weights: str, dtype: str,
+                gated: tuple | None = None) -> dict:
+    """Rank 0: parts -> image.npy / text.npy in item-index order; every item exactly once.
+    ``gated``: ``(reference folder, its weights hash, {modality: g}, reference dtype)`` of a
+    ``stage2.feature_gate`` run: each part is combined with the frozen reference's part."""
     n_items = manifest["n_items"]
     seen = np.zeros(n_items, dtype=np.int64)
     image = text = None
@@ -193,6 +229,13 @@ def merge_parts(shards: Path, out: Path, manifest: dict, weights: str, dtype: st
         part = _load_part(path, weights, entry)
         if part is None:
             raise ShardError(path, f"missing or stale feature part for {entry['name']}")
+        if gated is not None:
+            ref_path = _part_path(gated[0], entry["name"])
+            ref_part = _load_part(ref_path, gated[1], entry)
+            if ref_part is None or not np.array_equal(ref_part["index"], part["index"]):
+                raise ShardError(ref_path, f"missing or stale reference part for "
+                                           f"{entry['name']}")
+            part = _gate_part(part, ref_part, gated[2], gated[3])
         idx = part["index"]
         if image is None:
             np_dtype = np.float16 if dtype == "fp16" else np.float32
@@ -255,12 +298,48 @@ def _encoders(cfg: Config, adapter, device, log) -> tuple[FrozenBackbone, Config
              "sha256": sha256_file(Path(adapter) / ADAPTER),
              "bf16": backbone.dtype == torch.bfloat16}
     if run_cfg.stage2.feature_gate:
-        # the gate's value at the best epoch is not saved with the run (metrics.json has the
-        # last epoch's, rounded): the gated features cannot be rebuilt from the adapter
-        entry["feature_gate"] = "not applied"
-        log(f"note: {adapter} was trained with stage2.feature_gate: its features/ are "
-            "ref + g (adapted - ref); these are the adapted encoders' own features (g = 1)")
+        gate = read_feature_gate(adapter)
+        if gate is None:
+            # a run of before the best epoch's gate was saved (feature_gate.json): metrics.json
+            # has the last epoch's, rounded, so the gated features cannot be rebuilt
+            entry["feature_gate"] = "not applied"
+            log(f"note: {adapter} was trained with stage2.feature_gate and has no "
+                f"{FEATURE_GATE}: its features/ are ref + g (adapted - ref); these are the "
+                "adapted encoders' own features (g = 1)")
+        else:
+            entry["feature_gate"] = gate
+            entry["reference_dtype"] = _reference_dtype(run_cfg, cfg.extract.feature_dtype)
     return backbone, cfg, entry
+
+
+def read_feature_gate(run: str | Path) -> dict[str, float] | None:
+    """The gate values ``g_m`` of a ``stage2.feature_gate`` run's best epoch
+    (``RUN/feature_gate.json``, exact float32 values), or None where the run has none."""
+    import json
+
+    path = Path(run) / FEATURE_GATE
+    if not path.is_file():
+        return None
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ShardError(path, f"invalid JSON: {exc}") from None
+    if not isinstance(values, dict) or not values or \
+            not all(isinstance(v, (int, float)) for v in values.values()):
+        raise ShardError(path, "expected an object {modality: gate value}")
+    return {str(k): float(v) for k, v in values.items()}
+
+
+def _reference_dtype(run_cfg: Config, default: str) -> str:
+    """The storage dtype of the frozen features a gated run read as ``ref`` (its
+    ``data.features``' meta.json): the reference is rounded to it, as the run's was."""
+    import json
+
+    meta = Path(run_cfg.data.features or "") / "meta.json"
+    try:
+        return str(json.loads(meta.read_text(encoding="utf-8")).get("dtype", default))
+    except (OSError, ValueError):
+        return default
 
 
 @contextlib.contextmanager
@@ -303,21 +382,28 @@ def _run(cfg: Config, shards: Path, out: Path, env: DistEnv, log, t0: float,
         log(dist.runtime_line(device, precision, "none (inference)"))
     run = RunDir(out, cfg, is_main=env.is_main).start()
     weights = backbone.weights_hash()     # an adapter's weights included: parts stay its own
-    mine = [e for k, e in enumerate(manifest["shards"]) if k % env.world_size == env.rank]
-    states = {e["name"]: _part_state(_part_path(out, e["name"]), weights, e) for e in mine}
-    _discard_stale_parts(out, manifest, mine, states, env, log)
-    todo = [e for e in mine if states[e["name"]] != "ok"]
-    if env.is_main and len(todo) < len(mine):
-        log(f"resume: {len(mine) - len(todo)} of {len(mine)} shards of rank 0 already done")
-    t1 = time.perf_counter()
-    n = extract_rank(backbone, weights, shards, out, todo, cfg, device,
-                     show_progress=env.is_main)
-    rank_seconds = time.perf_counter() - t1
+    name_or_path = backbone.name_or_path
+    n, rank_seconds = _extract_parts(backbone, weights, shards, out, manifest, cfg, env,
+                                     device, log)
+    gated = None
+    if adapted and isinstance(adapted.get("feature_gate"), dict):
+        # ref + g (adapted - ref): the reference is the frozen backbone's features of the same
+        # items, in their own parts folder (resumable like the adapted ones)
+        del backbone
+        frozen = load_backbone(cfg.backbone, device)
+        ref_weights = frozen.weights_hash()
+        if env.is_main:
+            log(f"feature gate {adapted['feature_gate']}: also encoding with the frozen "
+                f"backbone (the reference) into {out / REFERENCE}")
+        _extract_parts(frozen, ref_weights, shards, out / REFERENCE, manifest, cfg, env,
+                       device, log)
+        gated = (out / REFERENCE, ref_weights, adapted["feature_gate"],
+                 adapted["reference_dtype"])
     dist.barrier()
     meta = None
     if env.is_main:
-        merged = merge_parts(shards, out, manifest, weights, cfg.extract.feature_dtype)
-        meta = {"backbone": backbone.name_or_path, "text_tower": cfg.backbone.text_tower or None,
+        merged = merge_parts(shards, out, manifest, weights, cfg.extract.feature_dtype, gated)
+        meta = {"backbone": name_or_path, "text_tower": cfg.backbone.text_tower or None,
                 "weights_hash": weights, "dtype": cfg.extract.feature_dtype,
                 "backbone_dtype": precision, "adapter": adapted, **merged,
                 "shards": str(shards), "manifest_sha256": sha256_file(shards / "manifest.json"),

@@ -83,7 +83,7 @@ def load_run_model(run: Path, cfg):
 
 def encode_items(run: str | Path, catalog: str | Path, out: str | Path,
                  backbone: str | None = None, log=None) -> dict:
-    from ptmrec_dist.clip.extract import run_extract
+    from ptmrec_dist.clip.extract import FEATURE_GATE, read_feature_gate, run_extract
     from ptmrec_dist.data.shards import write_shards
     from ptmrec_dist.dist import DistEnv
     from ptmrec_dist.rec.features import load_item_features, modality_names
@@ -96,10 +96,11 @@ def encode_items(run: str | Path, catalog: str | Path, out: str | Path,
         raise InputError(run / "config.yaml", "missing: not a run folder")
     cfg = load_config(run / "config.yaml")
     stage2 = (run / "adapter.safetensors").is_file()
-    if stage2 and cfg.stage2.feature_gate:
-        raise ConfigError(f"{run} was trained with stage2.feature_gate: its features mix the "
-                          "frozen and the adapted encoders by a gate whose best-epoch value is "
-                          "not saved with the run, so new items cannot be encoded alike")
+    if stage2 and cfg.stage2.feature_gate and read_feature_gate(run) is None:
+        raise ConfigError(f"{run} was trained with stage2.feature_gate but has no "
+                          f"{FEATURE_GATE} (a run of before the best epoch's gate was saved): "
+                          "its features mix the frozen and the adapted encoders by a gate "
+                          "value it did not keep, so new items cannot be encoded alike")
     _, meta = _features_meta(run, cfg)
     manifest = write_shards(catalog, out / "shards", shard_size=cfg.data.shard_size,
                             image_size=cfg.data.image_size, quality=cfg.data.jpeg_quality,

@@ -52,17 +52,25 @@ def save_model_and_representations(out: Path, state: dict,
 
 
 def save_stage2_best(out: Path, backbone, student, bank: dict, reps, meta: dict,
-                     env: dist.DistEnv, feature_dtype: str) -> None:
+                     env: dist.DistEnv, feature_dtype: str, gate=None) -> None:
     """Stage 2's best epoch: ``adapter.safetensors`` (the method's trainable weights), the
-    student and its representations, and ``features/`` (the adapted backbone's features of every
-    item, loadable as ``data.features``). Collective: ZeRO-3 gathers on every rank first, then
+    student and its representations, ``features/`` (the features the student ranked with, of
+    every item, loadable as ``data.features``) and, with ``stage2.feature_gate`` (``gate``, the
+    ``FeatureGate``), ``feature_gate.json``: the exact gate values, with which ``extract
+    --adapter`` rebuilds those features. Collective: ZeRO-3 gathers on every rank first, then
     the main rank writes."""
     save_trainable(backbone, out / "adapter.safetensors", meta, write=env.is_main)
     with dist.gathered(list(student.parameters())):
         state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
+    gate_values = None
+    if gate is not None:
+        with dist.gathered(list(gate.parameters())):
+            gate_values = gate.exact_values()
     if not env.is_main:
         return
     save_model_and_representations(out, state, reps)
+    if gate_values is not None:
+        atomic_write_json(out / "feature_gate.json", gate_values)
     dtype = np.float16 if feature_dtype == "fp16" else np.float32
     for key in ("image", "text"):
         if key not in bank:       # backbone.modalities left it out: no stale file either

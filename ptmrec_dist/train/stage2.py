@@ -291,7 +291,7 @@ class Stage2Run:
                                      self.evaluator.cold_fn(reps))
         if improved:
             save_stage2_best(self.out, self.backbone, self.student, features, reps, self.meta,
-                             env, self.cfg.extract.feature_dtype)
+                             env, self.cfg.extract.feature_dtype, self.model.gate)
         if self.initial_trainable is not None:
             record["backbone_shift"], record["backbone_shift_tower"] = self.backbone_shift()
         if self.model.gate is not None:

@@ -49,7 +49,11 @@ class FeatureGate(nn.Module):
         return out
 
     def values(self) -> dict[str, float]:
-        return {m: round(float(getattr(self, f"gate_{m}").detach().float()), 6)
+        return {m: round(v, 6) for m, v in self.exact_values().items()}
+
+    def exact_values(self) -> dict[str, float]:
+        """``{modality: g}`` as Python floats (a float32 round-trips exactly)."""
+        return {m: float(getattr(self, f"gate_{m}").detach().float().cpu())
                 for m in self.modalities}
 
 
