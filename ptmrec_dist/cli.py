@@ -150,8 +150,8 @@ def _data_commands(sub) -> None:
     _common(p)
 
     p = sub.add_parser("extract", help="frozen-backbone image and text features of every item")
-    p.add_argument("--shards", help="shard folder (data.shards; with --adapter, default: the "
-                                     "run's)")
+    p.add_argument("--shards", help="shard folder, http(s) URL, brace list of tars or pipe: "
+                                     "command (data.shards; with --adapter, default: the run's)")
     p.add_argument("--backbone", help="CLIP: local folder or hub id (backbone.name_or_path)")
     p.add_argument("--out", required=True, help="features folder: image.npy, text.npy, meta.json")
     p.add_argument("--adapter", metavar="RUN",
@@ -180,7 +180,8 @@ def _training_commands(sub) -> None:
                                                 "metrics.json, log.jsonl)")
     p.add_argument("--teacher", help="stage-1 run folder (stage2.teacher)")
     p.add_argument("--data", help="interactions file or folder (data.path)")
-    p.add_argument("--shards", help="shard folder (data.shards)")
+    p.add_argument("--shards", help="shard folder, http(s) URL, brace list of tars or pipe: "
+                                     "command (data.shards)")
     p.add_argument("--features", help="frozen features folder (data.features)")
     p.add_argument("--backbone", help="CLIP: local folder or hub id (backbone.name_or_path)")
     p.add_argument("--method", help="prompt, lora, ia3, full, frozen (peft.method)")
@@ -252,7 +253,8 @@ def _training_commands(sub) -> None:
 def _tool_commands(sub) -> None:
     """verify, demo, plan, tune, config."""
     p = sub.add_parser("verify", help="check shards against their manifest (size, sha256, tar)")
-    p.add_argument("shards", help="folder with items-*.tar and manifest.json")
+    p.add_argument("shards", help="folder with items-*.tar and manifest.json (or an http(s) "
+                                  "URL, brace list of tars or pipe: command: read in full)")
     p.add_argument("--no-hash", action="store_true", help="check sizes only (fast)")
 
     p = sub.add_parser("demo", help="run the whole flow on built-in synthetic data")
@@ -385,7 +387,7 @@ def cmd_extract(args) -> int:
         raise ConfigError("data.shards is not set: pass --shards or set it in the config")
     env = dist.detect()
     with _one_writer(args.out, "ptmrec extract", env):
-        meta = run_extract(cfg, Path(cfg.data.shards), Path(args.out), env,
+        meta = run_extract(cfg, cfg.data.shards, Path(args.out), env,
                            adapter=args.adapter)
     if meta is not None:
         print(f"features of {meta['n_present']} items ({meta['image_dim']}-d image, "
@@ -499,14 +501,23 @@ def cmd_diagnose(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    import functools
+
     from ptmrec_dist.data.readers import iter_shard
     from ptmrec_dist.data.shards import load_manifest, verify_shards
+    from ptmrec_dist.data.sources import shard_source
 
-    manifest = load_manifest(args.shards)
-    good, bad = verify_shards(args.shards, manifest, on_bad_sample="skip",
+    source = shard_source(args.shards)
+    manifest = load_manifest(source)
+    good, bad = verify_shards(source, manifest, on_bad_sample="skip",
                               check_hash=not args.no_hash)
-    for entry in good:   # sizes and hashes match; also read every tar to the end
-        for _ in iter_shard(Path(args.shards) / entry["name"], "error", entry["n_items"]):
+    for entry in good:   # sizes and hashes match (remote: checked as read); read every tar
+        if source.remote:
+            where = source.location(entry["name"])
+            opener = functools.partial(source.open_checked, entry)
+        else:
+            where, opener = source.local_path(entry["name"]), None
+        for _ in iter_shard(where, "error", entry["n_items"], opener):
             pass
     items = sum(e["n_items"] for e in good)
     if bad.total:

@@ -33,6 +33,7 @@ from ptmrec_dist.clip.backbone import FrozenBackbone, load_backbone
 from ptmrec_dist.config import Config
 from ptmrec_dist.data.readers import ExactlyOnceItems
 from ptmrec_dist.data.shards import load_manifest
+from ptmrec_dist.data.sources import manifest_json, shard_source
 from ptmrec_dist.dist import DistEnv
 from ptmrec_dist.errors import Interrupted, PtmrecError, ShardError
 from ptmrec_dist.io import atomic_save_npy, atomic_write_json, sha256_file, temp_file_near
@@ -406,7 +407,7 @@ def _run(cfg: Config, shards: Path, out: Path, env: DistEnv, log, t0: float,
         meta = {"backbone": name_or_path, "text_tower": cfg.backbone.text_tower or None,
                 "weights_hash": weights, "dtype": cfg.extract.feature_dtype,
                 "backbone_dtype": precision, "adapter": adapted, **merged,
-                "shards": str(shards), "manifest_sha256": sha256_file(shards / "manifest.json"),
+                "shards": str(shards), "manifest_sha256": manifest_json(shard_source(shards))[1],
                 "world_size": env.world_size, "seconds": round(time.perf_counter() - t0, 2),
                 "rank0_items": n, "rank0_items_per_s": round(n / rank_seconds, 1) if n else None,
                 "created_by": f"ptmrec_dist {__version__}"}

@@ -12,10 +12,10 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import multiprocessing as mp
-from pathlib import Path
 from typing import Iterator, Literal
 
 import numpy as np
@@ -27,6 +27,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ptmrec_dist import seeds
 from ptmrec_dist.data.catalog import ImageTooLarge, open_image
 from ptmrec_dist.data.shards import item_key, load_manifest, verify_shards
+from ptmrec_dist.data.sources import shard_source
 from ptmrec_dist.errors import ShardError
 from ptmrec_dist.logs import get_logger
 
@@ -47,19 +48,32 @@ class SharedEpoch:
         return self._value.value
 
 
-def iter_shard(path: Path, on_bad_sample: str = "error",
-               n_items: int | None = None) -> Iterator[dict]:
+def iter_shard(path, on_bad_sample: str = "error", n_items: int | None = None,
+               opener=None) -> Iterator[dict]:
     """Raw samples of one shard; a truncated or corrupt tar raises ShardError naming it.
 
     ``n_items`` (from the manifest): a tar cut at a member boundary reads as a shorter valid tar,
-    so a shard yielding another number of samples is a truncated one too."""
+    so a shard yielding another number of samples is a truncated one too. ``opener``: a remote
+    shard's :class:`~ptmrec_dist.data.sources.CheckedStream` factory (``path`` then only names
+    it): its last sample is held back until the stream's size and sha256 were checked, so no
+    consumer sees a bad shard through to its end; a mismatch is an error whatever
+    ``on_bad_sample`` says (its other items were read already)."""
     n = 0
     try:
-        with open(path, "rb") as stream:   # ours to close, unlike webdataset's url opener
+        # ours to close, unlike webdataset's url opener
+        with (opener() if opener is not None else open(path, "rb")) as stream:
             files = tar_file_expander([{"url": str(path), "stream": stream}])
+            held = None
             for sample in group_by_keys(files):
+                if held is not None:
+                    n += 1
+                    yield held
+                held = sample
+            if opener is not None:
+                stream.finish()
+            if held is not None:
                 n += 1
-                yield sample
+                yield held
     except Exception as exc:   # tarfile.ReadError, EOFError, ValueError from webdataset
         if isinstance(exc, ShardError):
             raise
@@ -136,8 +150,9 @@ class _ShardReader(IterableDataset):
     def __init__(self, shard_dir, rank: int, world_size: int, num_workers: int,
                  decode: Decode, on_bad_sample: str, split: str, names=None):
         super().__init__()
-        self.shard_dir = Path(shard_dir)
-        self.manifest = load_manifest(self.shard_dir)
+        self.source = shard_source(shard_dir)
+        self.shard_dir = self.source.where       # names the shards in messages
+        self.manifest = load_manifest(self.source)
         if names is not None:   # read only these shards (e.g. the unfinished ones of a rank)
             self.manifest = {**self.manifest,
                              "shards": [e for e in self.manifest["shards"] if e["name"] in names]}
@@ -162,7 +177,7 @@ class _ShardReader(IterableDataset):
         return self.rank * self.num_workers + wid
 
     def _verify(self, names) -> list[dict]:
-        good, bad = verify_shards(self.shard_dir, self.manifest, names=names,
+        good, bad = verify_shards(self.source, self.manifest, names=names,
                                   on_bad_sample=self.on_bad_sample)
         self.skipped = bad
         if bad.total:
@@ -174,8 +189,12 @@ class _ShardReader(IterableDataset):
 
     def _samples(self, entries, slot: int | None) -> Iterator[dict]:
         for entry in entries:
-            for sample in iter_shard(self.shard_dir / entry["name"], self.on_bad_sample,
-                                     entry["n_items"]):
+            if self.source.remote:
+                where = self.source.location(entry["name"])
+                opener = functools.partial(self.source.open_checked, entry)
+            else:
+                where, opener = self.source.local_path(entry["name"]), None
+            for sample in iter_shard(where, self.on_bad_sample, entry["n_items"], opener):
                 if slot is not None and int(sample["__key__"]) % self.n_slots != slot:
                     continue
                 yield sample

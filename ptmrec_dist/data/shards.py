@@ -185,14 +185,14 @@ def write_shards(catalog_dir: str | Path, out_dir: str | Path, shard_size: int =
         return manifest
 
 
-def load_manifest(shard_dir: str | Path) -> dict:
-    path = Path(shard_dir) / MANIFEST
-    if not path.is_file():
-        raise ShardError(path, "no manifest.json: not a finished shard folder (run `ptmrec shard`)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ShardError(path, f"invalid JSON: {exc.msg}", line=exc.lineno) from None
+def load_manifest(shard_dir) -> dict:
+    """The manifest of a shard folder, URL, brace list or ``pipe:`` command
+    (:mod:`~ptmrec_dist.data.sources`), checked."""
+    from ptmrec_dist.data.sources import manifest_json, shard_source
+
+    source = shard_source(shard_dir)
+    manifest, _ = manifest_json(source)
+    path = source.manifest_location
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise ShardError(path, f"unknown format {found!r} (expected {FORMAT})")
@@ -208,24 +208,32 @@ def load_manifest(shard_dir: str | Path) -> dict:
             raise ShardError(path, f"entry {n}: {name!r} is not a file name in this folder "
                                    "(shards are read from the manifest's own folder only)",
                              field="shards")
+    source.check_names(manifest)
     return manifest
 
 
 def verify_shards(shard_dir: str | Path, manifest: dict | None = None, names=None,
                   on_bad_sample: str = "error", check_hash: bool = True) -> tuple[list[dict], SkipReport]:
-    """Check existence, size and sha256 of the shards (all, or those in ``names``).
+    """Check existence, size and sha256 of the shards (all, or those in ``names``). Remote
+    shards (URLs, ``pipe:``) are all "good" here: their size and sha256 are checked on the
+    stream (:class:`~ptmrec_dist.data.sources.CheckedStream`).
 
     Returns the good shard entries and a report of the bad ones (``skip``), or raises
     :class:`ShardError` naming the first bad shard (``error``).
     """
-    shard_dir = Path(shard_dir)
-    manifest = manifest or load_manifest(shard_dir)
+    from ptmrec_dist.data.sources import shard_source
+
+    source = shard_source(shard_dir)
+    manifest = manifest or load_manifest(source)
     bad = SkipReport()
     good = []
     for entry in manifest["shards"]:
         if names is not None and entry["name"] not in names:
             continue
-        path = shard_dir / entry["name"]
+        if source.remote:      # checked on the stream as it is read (data/sources.py)
+            good.append(entry)
+            continue
+        path = source.local_path(entry["name"])
         kind = detail = None
         if not path.is_file():
             kind, detail = "missing shard", "listed in manifest.json but not found"

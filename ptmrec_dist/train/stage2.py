@@ -89,7 +89,7 @@ class Stage2Run:
         self.student, frozen_features = build_student(cfg, self.inter, self.teacher, self.device)
         self.backbone, self.backbone_hash, self.knowledge_guided = build_backbone(
             cfg, frozen_features, self.teacher, self.device)
-        self.shards = Path(cfg.data.shards)
+        self.shards = cfg.data.shards          # a folder, URL, brace list or pipe:
         self.resume = Resume(out, cfg, env, resume, self.say, self.RESUMABLE_CHANGES,
                              stage.keep_checkpoints, self.backbone_hash)
         self.run_dir = self.resume.run_dir(out, cfg, env)

@@ -261,7 +261,8 @@ def check_stage2_data(cfg: Config, inter, teacher: dict | None) -> None:
     teacher's representations (one row per user and per item), the shards' item index
     (``manifest.json``'s ``n_items``), and a valid split to choose the epoch on."""
     from ptmrec_dist.data.interactions import check_valid_split
-    from ptmrec_dist.data.shards import MANIFEST, load_manifest
+    from ptmrec_dist.data.shards import load_manifest
+    from ptmrec_dist.data.sources import shard_source
 
     if teacher is not None:
         for key, n in (("users", inter.n_users), ("items", inter.n_items)):
@@ -278,7 +279,7 @@ def check_stage2_data(cfg: Config, inter, teacher: dict | None) -> None:
     recorded = manifest.get("interactions")
     if not isinstance(n_shards, int) or n_shards > inter.n_items \
             or (recorded and n_shards != inter.n_items):
-        raise InputError(Path(cfg.data.shards) / MANIFEST,
+        raise InputError(shard_source(cfg.data.shards).manifest_location,
                          f"the shards index {n_shards} items, but the interactions "
                          f"{inter.path} have {inter.n_items} items: data.shards must be "
                          "written (`ptmrec shard`) for the same item index"
