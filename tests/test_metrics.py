@@ -273,3 +273,50 @@ def test_per_user_rows_average_to_the_metrics():
     assert users == [0, 1, 2, 3, 5, 6]                      # user 4 has no positive
     for name, value in m.items():
         assert np.mean(rows[name]) == pytest.approx(value, abs=1e-12), name
+
+
+# ---------------------------------------------------------------- MMRec's protocol (reference)
+
+def continuous_problem(seed: int, n_users: int = 60, n_items: int = 80):
+    """Scores without ties (MMRec's topk does not break them), train and held-out items."""
+    rng = np.random.default_rng(seed)
+    scores = rng.standard_normal((n_users, n_items)).astype(np.float32)
+    train, target = [], []
+    for u in range(n_users):
+        perm = rng.permutation(n_items)
+        n_tr, n_te = rng.integers(1, 10), (0 if u % 9 == 4 else rng.integers(1, 25))
+        train.append(sorted(perm[:n_tr].tolist()))
+        target.append(sorted(perm[n_tr:n_tr + n_te].tolist()))
+    return scores, csr(train, n_items), csr(target, n_items), train, target
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mmrec_reference_equals_the_evaluator(seed):
+    """eval/reference.py (MMRec's protocol: batches, dense -1e10 masking, topk, per-user
+    membership, its NumPy metric formulas) gives what evaluate() gives, and both equal the
+    straightforward per-user reference; several users per target, some with more positives than
+    K (the capped ideal DCG and MAP denominators), one batch or many."""
+    from ptmrec_dist.eval.reference import mmrec_evaluate
+
+    scores, tr, te, train, target = continuous_problem(seed)
+    ks = [1, 5, 10, 20]
+    ours = evaluate(fixed_scores(scores), tr, te, ks)
+    hand, _ = reference(scores, train, target, ks)
+    for batch in (4096, 7):
+        ref = mmrec_evaluate(fixed_scores(scores), tr, te, ks, batch_users=batch)
+        assert set(ref) == {f"{m}@{k}" for m in ("recall", "precision", "ndcg", "map")
+                            for k in ks}
+        for key, value in ref.items():
+            assert value == pytest.approx(ours[key], abs=1e-9), (batch, key)
+            assert value == pytest.approx(hand[key], abs=1e-9), (batch, key)
+    assert ours["recall@20"] > 0.1                       # not trivially zero
+
+
+def test_mmrec_reference_detects_a_wrong_ranking():
+    """The comparison can fail: the reference on negated scores disagrees with the evaluator."""
+    from ptmrec_dist.eval.reference import mmrec_evaluate
+
+    scores, tr, te, *_ = continuous_problem(5)
+    ours = evaluate(fixed_scores(scores), tr, te, [10])
+    flipped = mmrec_evaluate(fixed_scores(-scores), tr, te, [10])
+    assert abs(flipped["ndcg@10"] - ours["ndcg@10"]) > 1e-3
