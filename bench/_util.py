@@ -56,11 +56,18 @@ def run_child(script: str, *args: str) -> dict:
 
 
 def write_result(out_dir: str | Path, name: str, result: dict) -> Path:
-    """``OUT/<name>.json`` (indented, written atomically), the file `make bench` collects."""
+    """``OUT/<name>.json`` (indented, written atomically), the file `make bench` collects, with
+    a ``_provenance`` block (date, command line, commit, cores, torch threads, versions) that
+    ``bench/_readme.py`` puts beside every figure."""
+    import datetime
+
     from ptmrec_dist.io import atomic_write_json
+    from ptmrec_dist.run import machine_provenance
 
     path = Path(out_dir) / f"{name}.json"
-    atomic_write_json(path, result)
+    prov = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "argv": [Path(sys.argv[0]).name, *sys.argv[1:]], **machine_provenance()}
+    atomic_write_json(path, {**result, "_provenance": prov})
     return path
 
 

@@ -11,6 +11,7 @@ flushed after every record.
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import time
@@ -148,8 +149,9 @@ def _commit() -> dict:
         return {"commit": None, "dirty": None}
 
 
-def provenance(cfg: Config) -> dict:
-    """What a figure needs to be reproduced: commit, seeds, torch threads, library versions."""
+def machine_provenance() -> dict:
+    """Commit, torch threads, CPUs and library versions: what any figure records (runs through
+    :func:`provenance`, benchmarks through ``bench/_util.write_result``)."""
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
@@ -160,8 +162,15 @@ def provenance(cfg: Config) -> dict:
             versions[name] = version(name)
         except PackageNotFoundError:
             versions[name] = None
-    d = cfg.data
-    return {**_commit(), "torch_threads": torch.get_num_threads(),
-            "seeds": {"seed": cfg.seed, "data.split_seed": d.split_seed,
-                      "data.subsample_seed": d.subsample_seed if d.subsample < 1 else None},
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {**_commit(), "torch_threads": torch.get_num_threads(), "cpus": cpus,
             "versions": versions}
+
+
+def provenance(cfg: Config) -> dict:
+    """What a figure needs to be reproduced: commit, seeds, torch threads, library versions."""
+    d = cfg.data
+    m = machine_provenance()
+    m.pop("cpus")
+    return {**m, "seeds": {"seed": cfg.seed, "data.split_seed": d.split_seed,
+                           "data.subsample_seed": d.subsample_seed if d.subsample < 1 else None}}

@@ -96,7 +96,9 @@ def test_stage2_run_report_of_the_demo(demo, tmp_path, capsys):
     assert "terms logged: loss, bpr, reg, kt" in page
     table = rows(page)
     assert ["kept (best) epoch", str(metrics["best_epoch"])] in table
-    assert "the kept epoch -1" in page
+    # the kept epoch, whichever it is (the small demo's best epoch differs between CPUs of this
+    # machine kind: -1 on one, 1 on another, from last-bit differences on a 60-user valid set)
+    assert f"the kept epoch {metrics['best_epoch']}" in page
     t20, s20 = teacher["test"]["recall@20"], metrics["test"]["recall@20"]
     assert ["recall@20", f"{t20:.4f}", f"{s20:.4f}", f"{s20 - t20:.4f}"] in table
     assert len([r for r in table if re.fullmatch(r"(recall|ndcg|precision|map|hit)@\d+",

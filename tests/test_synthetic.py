@@ -206,3 +206,20 @@ def test_stale_images_of_a_larger_run_are_removed(tmp_path):
     synthetic.generate(SyntheticConfig(n_items=20, n_users=5, image_size=16), out)
     names = sorted(p.name for p in (out / "images").iterdir())
     assert names == [f"{i:09d}.jpg" for i in range(20)] + ["notes.txt"]
+
+
+def test_catalog_owns_the_item_index_when_few_users(tmp_path):
+    """Ten users cannot touch 400 items: the last items have no interaction, yet the catalog
+    (catalog.json) keeps every item in the index, so every item is sharded and has a row."""
+    from ptmrec_dist.data.interactions import load_interactions
+    from ptmrec_dist.data.shards import write_shards
+
+    cfg = SyntheticConfig(n_items=400, n_users=10, seed=0, image_size=16)
+    synthetic.generate(cfg, tmp_path / "d", workers=1)
+    rows = _read_inter(tmp_path / "d" / "interactions.inter")
+    assert rows[:, 1].max() < 399                          # the last item has no interaction
+    assert json.loads((tmp_path / "d" / "catalog.json").read_text())["items"] == 400
+    inter = load_interactions(tmp_path / "d" / "interactions.inter", warn=lambda m: None)
+    assert inter.n_items == 400
+    manifest = write_shards(tmp_path / "d", tmp_path / "s", shard_size=100, log=lambda m: None)
+    assert manifest["n_items"] == manifest["n_written"] == 400

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from ptmrec_dist import logs, seeds
 from ptmrec_dist.config import Config, SyntheticConfig
 from ptmrec_dist.data.splits import SPLIT_NAMES, random_split_labels
-from ptmrec_dist.io import atomic_write_bytes, atomic_write_text, dumps_json
+from ptmrec_dist.io import atomic_write_bytes, atomic_write_json, atomic_write_text, dumps_json
 
 # --------------------------------------------------------------------------- vocabularies
 ATTRIBUTES = ("category", "colour", "shape", "pattern", "material")
@@ -381,6 +381,11 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path, split_seed: int = 2026,
         "user_interaction_target": k.tolist(),
         "user_preferences": {a: np.round(prefs[a], 4).tolist() for a in ATTRIBUTES},
     }
+    # the catalog owns the item index (as `ptmrec catalog`'s does): items that no user
+    # happened to interact with, the last index included, are still items of every stage
+    atomic_write_json(out / "catalog.json", {"items": cfg.n_items, "users": cfg.n_users,
+                                             "interactions": int(len(users)),
+                                             "source": "ptmrec make-data synthetic"})
     atomic_write_text(out / "truth.json", _compact_json(truth))
     return {"n_items": cfg.n_items, "n_users": cfg.n_users, "n_interactions": int(len(users)),
             "seconds": round(time.perf_counter() - t0, 3), "out_dir": str(out), "splits": splits}

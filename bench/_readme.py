@@ -1,0 +1,269 @@
+"""Write ``bench/README.md`` from ``bench/results/*.json``: one table of every figure with its
+goal (where an issue set one), the measured value, the machine (cores, torch threads, versions),
+the commit and the date of the run that measured it; plots found beside the results are linked.
+
+    .venv/bin/python bench/_readme.py [--results bench/results] [--out bench/README.md]
+
+`make bench` calls it last. Each benchmark's figures are read by a function below; a result
+without one is summarised by its numeric leaves, so a new benchmark still appears.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+HERE = Path(__file__).resolve().parent
+Row = tuple[str, str, str]          # figure, goal, measured
+
+
+def _g(d: dict, *keys, default=None):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return default
+        d = d[k]
+    return d
+
+
+def _eval_reference(r: dict) -> Iterable[Row]:
+    for run in r.get("runs", []):
+        shape = f"{run['users']:,} users x {run['items']:,} items"
+        yield (f"evaluator vs MMRec protocol, {shape}: speed-up", ">= 3x",
+               f"{run['speedup']}x ({run['ours_s']} s vs {run['mmrec_s']} s)")
+        yield (f"evaluator vs MMRec protocol, {shape}: largest metric difference", "<= 1e-6",
+               f"{run['max_abs_metric_diff']:.1e}")
+
+
+def _eval_scale(r: dict) -> Iterable[Row]:
+    for run in r.get("runs", []):
+        yield (f"evaluation, {run['users']:,} users x {run['items']:,} items: time, memory", "",
+               f"{run['seconds']} s ({run['users_per_s']} users/s), "
+               f"+{run['eval_peak_increase_mb']} MB peak")
+
+
+def _graph_scale(r: dict) -> Iterable[Row]:
+    for run in r.get("runs", []):
+        yield (f"kNN item graph, {run['items']:,} items x {run['dim']}-d", "",
+               f"{run['knn_seconds']} s, peak RSS {run['knn_peak_rss_mb']} MB")
+        yield (f"degree-sensitive pruning, {run['edges']:,} edges", "",
+               f"{run['prune_seconds']} s")
+
+
+def _extract(r: dict) -> Iterable[Row]:
+    gemm = r.get("gemm_fp32_gflops")
+    yield ("fp32 GEMM rate (the machine's ceiling)", "", f"{gemm} GFLOP/s")
+    for key, name in (("demo_shape", "demo backbone"), ("vit_b16", "ViT-B/16")):
+        if key in r:
+            d = r[key]
+            yield (f"`ptmrec extract` vs naive per-item loop, {name}", ">= 3x (never < 1x)",
+                   f"{d['speedup']}x ({d['extract_items_per_s']} vs {d['naive_items_per_s']} "
+                   "items/s)")
+    e2e = _g(r, "vit_b16", "extract_fraction_of_gemm_lower_bound")
+    if e2e is not None:
+        yield ("`ptmrec extract` end to end, ViT-B/16: share of the GEMM rate (image FLOPs only)",
+               ">= 0.70", f"{e2e} ({r['vit_b16']['extract_image_gflops']} GFLOP/s)")
+    tower = r.get("vit_b16_image_tower")
+    if tower:
+        yield ("ViT-B/16 image tower alone: share of the GEMM rate", "",
+               f"{tower['fraction_of_gemm']} ({tower['achieved_gflops']} GFLOP/s)")
+
+
+def _stage2_cost(r: dict) -> Iterable[Row]:
+    yield ("stage-2 cost preset", "", f"{r.get('preset')} (batch {r.get('batch')}, "
+           f"{r.get('threads')} threads)")
+    # the goals are set for OpenAI's ViT-B/16 shape; the tiny preset (`make bench`) is a model so
+    # small that the process's fixed memory dominates: its ratios say nothing about the goals
+    at_size = r.get("preset") == "vit-b16"
+    for g in r.get("goals", []):
+        for key in ("peak_ratio", "step_time_ratio", "trainable_pct"):
+            if isinstance(g.get(key), dict):
+                v = g[key]
+                if at_size:
+                    yield (f"{g['row']} vs {g['vs']}: {key}", v["goal"],
+                           f"{v['value']} ({v['result']})")
+                else:
+                    yield (f"{g['row']} vs {g['vs']}: {key} (tiny preset; the goal {v['goal']} "
+                           "is for vit-b16)", "", str(v["value"]))
+
+
+def _data(r: dict) -> Iterable[Row]:
+    syn = r.get("synthetic", {})
+    if syn:
+        yield (f"make-data synthetic, {syn['items']:,} items", "",
+               f"{syn['seconds']} s ({round(syn['items'] / syn['seconds'])} items/s)")
+    for w in (1, 2):
+        d = r.get(f"shard_workers{w}")
+        if d:
+            yield (f"shard, {w} worker(s)", "", f"{d['items_per_s']} items/s")
+    p = r.get("parse")
+    if p:
+        yield (f"parse interactions ({p['rows']:,} rows)", "", f"{p['rows_per_s']:,} rows/s")
+
+
+def _stage1(r: dict) -> Iterable[Row]:
+    for where in ("baby", "synthetic"):
+        for model, d in (r.get(where) or {}).items():
+            yield (f"stage-1 epoch, {model} on {where}", "",
+                   f"{d.get('epoch_s_mean')} s/epoch, eval {d.get('eval_s_mean')} s, "
+                   f"peak {d.get('peak_rss_mb')} MB")
+    q = r.get("quality_baby")
+    if isinstance(q, dict):
+        for k, v in q.items():
+            if isinstance(v, dict) and "test_recall@20" in v:
+                yield (f"Amazon Baby {k}: test Recall@20", "", str(v["test_recall@20"]))
+
+
+def _scaling(r: dict) -> Iterable[Row]:
+    for step, fit in (r.get("exponents") or {}).items():
+        yield (f"growth exponent of {step} (time vs items)", fit.get("goal", ""),
+               f"{fit['exponent']:.2f} over {fit['sizes']}")
+    for row in r.get("runs", []):
+        yield (f"{row['step']} at {row['items']:,} items", "",
+               f"{row['seconds']:.3g} s, peak RSS {row['peak_rss_mb']} MB")
+
+
+def _ms(d: dict) -> str:
+    """``mean ± std (n)`` of a ``{"mean", "std", "runs"}`` summary."""
+    n = len(d.get("runs", [])) or d.get("n", "?")
+    return f"{d['mean']:.4f} ± {d.get('std', 0):.4f} (n={n})"
+
+
+def _ci(d: dict) -> str:
+    lo, hi = d.get("lo"), d.get("hi")
+    interval = f" [{lo:+.4f}, {hi:+.4f}]" if lo is not None and hi is not None else ""
+    return f"{d['mean']:+.4f}{interval} (n={d.get('n', '?')})"
+
+
+def _ablation(r: dict) -> Iterable[Row]:
+    size = f"{r['items']} items x {r['users']} users, seeds {r['seeds']}"
+    for arm, d in r.get("table", {}).items():
+        yield (f"{arm}: test Recall@20 ({size})", "", _ms(d["recall@20"]))
+
+
+def _claims(r: dict) -> Iterable[Row]:
+    for arm, d in r.get("arms", {}).items():
+        yield (f"{arm}: test Recall@20, epoch -1 kept in {d['epoch_minus1_kept']}", "",
+               f"{d['mean']:.4f} ± {d['std']:.4f} (n={d['n']})")
+    for c in r.get("claims", []):
+        if c.get("n_runs"):
+            lo, hi = c["ci95"]
+            yield (f"claim {c['claim']} ({c['model']}): {c['statement']}", "",
+                   f"{c['mean_diff']:+.4f} [{lo:+.4f}, {hi:+.4f}], p(Holm) {c['p_holm']:.3g}: "
+                   f"{c['verdict']}")
+
+
+def _cold_start(r: dict) -> Iterable[Row]:
+    for arm, d in r.get("rows", {}).items():
+        yield (f"{arm}: cold-item Recall@20", "", _ms(d["cold/recall@20"]))
+        for other in [k for k in d if k.startswith("minus ")]:
+            yield (f"{arm} {other}: cold-item Recall@20", "", _ci(d[other]["cold/recall@20"]))
+
+
+def _ml100k(r: dict) -> Iterable[Row]:
+    for stage, rows in (r.get("summary") or {}).items():
+        for name, d in rows.items():
+            if isinstance(d, dict) and "recall@20" in d:
+                yield (f"{stage} {name}: test Recall@20", "", _ms(d["recall@20"]))
+
+
+def _tune_demo(r: dict) -> Iterable[Row]:
+    yield ("sweep: trials (completed / stopped early / errors), wall time", "",
+           f"{r['trials']} ({r['completed']} / {r['stopped_early']} / {r['errors']}), "
+           f"{r['wall_s']} s (Ray start-up {r.get('ray_start_s')} s)")
+    b = r.get("best") or {}
+    if b:
+        yield ("best trial, chosen on valid Recall@20", "",
+               f"{b['params']}: valid {b['valid/recall@20']}, test {b['test/recall@20']}")
+
+
+def _leaves(d, prefix="") -> Iterable[tuple[str, float]]:
+    if isinstance(d, dict):
+        for k, v in d.items():
+            if not str(k).startswith("_"):
+                yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(d, (int, float)) and not isinstance(d, bool):
+        yield prefix, d
+
+
+def _generic(r: dict, limit: int = 8) -> Iterable[Row]:
+    leaves = list(_leaves(r))
+    for key, value in leaves[:limit]:
+        yield (key, "", f"{value:g}")
+    if len(leaves) > limit:
+        yield (f"... {len(leaves) - limit} more numbers in the JSON", "", "")
+
+
+READERS: dict[str, Callable[[dict], Iterable[Row]]] = {
+    "eval_reference": _eval_reference, "eval_scale": _eval_scale,
+    "graph_scale": _graph_scale, "extract": _extract, "stage2_cost": _stage2_cost,
+    "data": _data, "stage1": _stage1, "scaling": _scaling, "ablation": _ablation,
+    "claims": _claims, "cold_start": _cold_start, "ml100k": _ml100k, "tune_demo": _tune_demo}
+
+
+def _machine(p: dict) -> str:
+    v = p.get("versions") or {}
+    return (f"{p.get('cpus', '?')} cores, {p.get('torch_threads', '?')} threads, "
+            f"torch {v.get('torch', '?')}")
+
+
+def render(results: Path, readme: Path) -> str:
+    lines = ["# Benchmark figures",
+             "",
+             "Generated by `bench/_readme.py` from `bench/results/*.json` (`make bench` runs "
+             "every benchmark at its `make bench` size, then this); do not edit by hand. "
+             "Benchmarks report figures, tests assert behaviour: nothing here is a pass/fail "
+             "gate. Sizes, commands and what each figure means are in each script's docstring "
+             "and in the docs it names. At `make bench` size the quality benchmarks (ablation, "
+             "claims, cold_start, ml100k, tune_demo) run one or two seeds on a few hundred "
+             "users: their metrics show the benchmark runs, they are not results (the docs "
+             "quote the full runs, `make bench-full`).",
+             ""]
+    files = sorted(results.glob("*.json"))
+    if not files:
+        return "\n".join(lines + ["No results yet: run `make bench`.", ""])
+    lines += ["| benchmark | figure | goal | measured | machine | commit | date |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for path in files:
+        try:
+            r = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            lines.append(f"| {path.stem} | unreadable: {exc} | | | | | |")
+            continue
+        prov = r.get("_provenance") or {}
+        commit = (prov.get("commit") or "?")[:7] + ("+" if prov.get("dirty") else "")
+        date = (prov.get("date") or "?")[:10]
+        reader = READERS.get(path.stem, _generic)
+        try:
+            rows = list(reader(r))
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+            rows = [(f"(could not read: {type(exc).__name__} {exc})", "", "")]
+        for fig, goal, value in rows:
+            lines.append(f"| {path.stem} | {fig} | {goal} | {value} | {_machine(prov)} | "
+                         f"{commit} | {date} |")
+    plots = sorted(results.glob("*.png"))
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"- [{p.name}]({os.path.relpath(p, readme.parent)})" for p in plots]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--results", default=str(HERE / "results"))
+    ap.add_argument("--out", default=None,
+                    help="default: bench/README.md for bench/results, else RESULTS/README.md")
+    args = ap.parse_args()
+    if args.out is None:
+        default = Path(args.results).resolve() == (HERE / "results").resolve()
+        args.out = str(HERE / "README.md" if default else Path(args.results) / "README.md")
+    Path(args.out).write_text(render(Path(args.results), Path(args.out)))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
