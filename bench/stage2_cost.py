@@ -54,12 +54,18 @@ from _util import reset_peak, status_mb, write_result  # noqa: E402
 
 METHODS = ("prompt", "lora", "ia3", "full")
 SWITCHES = {   # switch name -> config overrides (compile is applied by this script)
+    # the defaults: sdpa attention, stage2.activation_checkpointing=auto (decided as stage 2
+    # decides it: plan.activations.resolve_checkpointing); every other row sets one switch with
+    # checkpointing off, so that each switch's own effect shows
     "sdpa": [],
-    "eager": ["backbone.attn_implementation=eager"],
+    "no-ckpt": ["stage2.activation_checkpointing=false"],
+    "eager": ["backbone.attn_implementation=eager", "stage2.activation_checkpointing=false"],
     "ckpt": ["stage2.activation_checkpointing=true"],
-    "compile": [],
-    "cpuadam": [],     # DeepSpeedCPUAdam (what ZeRO-Offload steps with), JIT-built on first use
-    "fusedadam": [],   # DeepSpeed's FusedAdam (its CPU op here; CUDA kernel on GPUs)
+    "compile": ["stage2.activation_checkpointing=false"],
+    # DeepSpeedCPUAdam (what ZeRO-Offload steps with), JIT-built on first use
+    "cpuadam": ["stage2.activation_checkpointing=false"],
+    # DeepSpeed's FusedAdam (its CPU op here; CUDA kernel on GPUs)
+    "fusedadam": ["stage2.activation_checkpointing=false"],
 }
 ADAMS = {"torch": "torch.optim.AdamW (foreach)", "cpuadam": "deepspeed.ops.adam.DeepSpeedCPUAdam",
          "fusedadam": "deepspeed.ops.adam.FusedAdam"}
@@ -156,14 +162,21 @@ def child(args) -> dict:
     from ptmrec_dist.clip.compile import compile_layers
     from ptmrec_dist.clip.methods import apply_method, param_counts
     from ptmrec_dist.config import load_config
+    from ptmrec_dist.plan.activations import resolve_checkpointing
 
     overrides = [f"backbone.name_or_path={args.model_dir}", f"peft.method={args.method}",
-                 "peft.prompt_init=random", *SWITCHES[args.switch]]
+                 "peft.prompt_init=random", f"stage2.batch_size={args.batch}",
+                 *SWITCHES[args.switch]]
     cfg = load_config(None, overrides)
     row: dict = {"method": args.method, "switch": args.switch, "overrides": overrides[1:]}
     t0 = time.perf_counter()
     torch.manual_seed(0)
     backbone = apply_method(load_backbone(cfg.backbone), cfg)
+    # stage 2's decision for stage2.activation_checkpointing=auto (the default), one rank
+    why = resolve_checkpointing(backbone, cfg, 1)
+    row["activation_checkpointing"] = bool(backbone.use_checkpoint)
+    if why:
+        row["checkpointing_auto"] = why
     backbone.train()
     row["load_s"] = round(time.perf_counter() - t0, 2)
     row.update(param_counts(backbone))
@@ -353,8 +366,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--switches", default="eager,ckpt,compile,cpuadam,fusedadam",
-                    help="extra rows for --switch-methods: eager, ckpt, compile, cpuadam, "
+    ap.add_argument("--switches", default="no-ckpt,eager,ckpt,compile,cpuadam,fusedadam",
+                    help="extra rows for --switch-methods: no-ckpt, eager, ckpt, compile, cpuadam, "
                          "fusedadam, or none")
     ap.add_argument("--switch-methods", default="prompt,full")
     ap.add_argument("--compile-backend", default="inductor")

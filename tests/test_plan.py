@@ -387,3 +387,41 @@ def test_cli_plan_bad_config_exits_2(clips, capsys, args, message):
 
 if __name__ == "__main__":
     _worker(json.loads(sys.argv[1]))
+
+
+def test_auto_checkpointing_is_on_where_it_pays(clips, monkeypatch):
+    """stage2.activation_checkpointing=auto: the planner turns it on when a micro batch's
+    activations reach 1 GiB (on a GPU also a quarter of its memory) and checkpointing saves at
+    least a third; stage 2's backbone gets the
+    same decision (plan.activations.resolve_checkpointing); true/false are kept as given."""
+    from ptmrec_dist.clip.backbone import load_backbone
+    from ptmrec_dist.clip.methods import apply_method
+    from ptmrec_dist.plan import Planner, activations
+
+    small = Planner(plan_config(clips["w384"], "prompt", "auto", 16), world_size=1)
+    off = small.activations(16)["total"]
+    assert off < activations.AUTO_CKPT_MIN_BYTES and small.checkpointing is False
+    assert any("auto: off" in n for n in small.notes)
+    # a batch large enough to pass 1 GiB of activations: on, and the plan counts it so
+    big_batch = int(16 * (2 * activations.AUTO_CKPT_MIN_BYTES) / off) // 16 * 16
+    big = Planner(plan_config(clips["w384"], "prompt", "auto", big_batch), world_size=1)
+    assert big.checkpointing is True and any("auto: on" in n for n in big.notes)
+    # on a GPU the activations must also reach a quarter of its memory: 2 GiB of 80 do not
+    roomy = Planner(plan_config(clips["w384"], "prompt", "auto", big_batch), world_size=1,
+                    device_memory_gib=80)
+    assert roomy.checkpointing is False and any("from 20.00 GiB" in n for n in roomy.notes)
+    never = Planner(plan_config(clips["w384"], "prompt", False, big_batch), world_size=1)
+    assert never.checkpointing is False
+    assert big.activations(big_batch)["total"] * 3 <= never.activations(big_batch)["total"] * 2
+
+    # stage 2's real backbone: the same rule, decided where the micro batch is known
+    cfg = plan_config(clips["w384"], "prompt", "auto", 16)
+    backbone = apply_method(load_backbone(cfg.backbone), cfg)
+    assert backbone.use_checkpoint is False                  # undecided auto: nothing recomputed
+    why = activations.resolve_checkpointing(backbone, cfg, 1)
+    assert "auto: off" in why and backbone.use_checkpoint is False
+    monkeypatch.setattr(activations, "AUTO_CKPT_MIN_BYTES", 1)
+    why = activations.resolve_checkpointing(backbone, cfg, 1)
+    assert "auto: on" in why and backbone.use_checkpoint is True
+    cfg.stage2.activation_checkpointing = False
+    assert activations.resolve_checkpointing(backbone, cfg, 1) is None

@@ -256,7 +256,9 @@ def apply_method(frozen: FrozenBackbone, cfg) -> AdaptedBackbone:
     if name not in METHODS:
         raise ConfigError(f"config key 'peft.method': unknown method {name!r}; available: "
                           f"{', '.join(names())}")
-    backbone = AdaptedBackbone(frozen, use_checkpoint=cfg.stage2.activation_checkpointing)
+    # `auto` is decided by the training caller, which knows the micro batch and precision
+    # (plan.activations.resolve_checkpointing); until then nothing is recomputed
+    backbone = AdaptedBackbone(frozen, use_checkpoint=cfg.stage2.activation_checkpointing is True)
     METHODS[name]().apply(backbone, cfg)
     backbone.method = name
     return backbone

@@ -197,3 +197,54 @@ def activation_bytes(towers: list[TowerSpec], micro: int, checkpointing: bool, a
     total = inputs + saved + recompute + workspace
     return {"inputs": inputs, "saved": saved, "recompute": recompute, "workspace": workspace,
             "total": total, "towers": detail}
+
+
+# --------------------------------------------------------------------------- auto checkpointing
+
+AUTO_CKPT_MIN_BYTES = 1 << 30           # below 1 GiB of activations recomputation is not worth it
+AUTO_CKPT_DEVICE_SHARE = 0.25           # on a GPU: activations above a quarter of its memory
+GIB_F = float(1 << 30)
+
+
+def auto_checkpointing(towers: list[TowerSpec], micro: int, attn: str, act_bytes: int,
+                       device_bytes: int = 0) -> tuple[bool, str]:
+    """``stage2.activation_checkpointing: auto``: on when one micro batch's activations without
+    checkpointing reach :data:`AUTO_CKPT_MIN_BYTES` (and, with ``device_bytes`` of GPU memory,
+    :data:`AUTO_CKPT_DEVICE_SHARE` of it) and checkpointing saves at least a third of them.
+    Recomputation costs 40-50 % more step time on CPU (``bench/stage2_cost.py``), so it is only
+    chosen where memory is the constraint; the reason, with both estimates, as text."""
+    off = activation_bytes(towers, micro, False, attn, act_bytes)["total"]
+    on = activation_bytes(towers, micro, True, attn, act_bytes)["total"]
+    threshold = max(AUTO_CKPT_MIN_BYTES, AUTO_CKPT_DEVICE_SHARE * device_bytes)
+    pays = off >= threshold and on <= off * 2 / 3
+    return pays, (f"activation checkpointing auto: {'on' if pays else 'off'} (activations of "
+                  f"a micro batch of {micro}: {off / GIB_F:.2f} GiB without, "
+                  f"{on / GIB_F:.2f} GiB with; on from {threshold / GIB_F:.2f} GiB when it "
+                  "saves a third)")
+
+
+def resolve_checkpointing(backbone, cfg: Config, world_size: int) -> str | None:
+    """Decide ``auto`` for a training run's backbone (``apply_method`` output) and set its
+    ``use_checkpoint``; returns the reason (None when the config said true or false). The GPU's
+    memory counts where CUDA is; a backbone the planner cannot read (a non-CLIP text tower)
+    stays without checkpointing."""
+    if cfg.stage2.activation_checkpointing != "auto":
+        return None
+    import torch
+
+    from ptmrec_dist.plan.zero import DTYPE_BYTES, precision_of, resolve_stage2_ds
+
+    ds = resolve_stage2_ds(cfg, world_size)
+    mixed = precision_of(ds) != "fp32"
+    act_bytes = 2 if mixed else DTYPE_BYTES[cfg.backbone.dtype]
+    device_bytes = (torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+                    if torch.cuda.is_available() else 0)
+    try:
+        towers = tower_specs(backbone, cfg)
+    except (AttributeError, KeyError, TypeError) as exc:
+        backbone.use_checkpoint = False
+        return f"activation checkpointing auto: off (the planner cannot read this backbone: {exc})"
+    pays, why = auto_checkpointing(towers, int(ds["train_micro_batch_size_per_gpu"]),
+                                   cfg.backbone.attn_implementation, act_bytes, device_bytes)
+    backbone.use_checkpoint = pays
+    return why

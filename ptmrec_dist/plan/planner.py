@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ptmrec_dist.config import Config
 from ptmrec_dist.errors import ConfigError, InputError
-from ptmrec_dist.plan.activations import activation_bytes, tower_specs
+from ptmrec_dist.plan.activations import activation_bytes, auto_checkpointing, tower_specs
 from ptmrec_dist.plan.meta import build_meta_backbone
 from ptmrec_dist.plan.recommender import (data_sizes, recommender_activation_elems,
                                           recommender_sizes)
@@ -23,7 +23,7 @@ class Planner:
     plan for a micro batch."""
 
     def __init__(self, cfg: Config, world_size: int | None = None, users: int | None = None,
-                 items: int | None = None):
+                 items: int | None = None, device_memory_gib: float = 0.0):
         from ptmrec_dist import dist
         self.cfg = cfg
         self.world = world_size if world_size is not None else dist.detect().world_size
@@ -37,6 +37,12 @@ class Planner:
         self.act_bytes = self.param_bytes
         self.backbone = build_meta_backbone(cfg)
         self.towers = tower_specs(self.backbone, cfg)
+        self.checkpointing = cfg.stage2.activation_checkpointing is True
+        if cfg.stage2.activation_checkpointing == "auto":
+            self.checkpointing, why = auto_checkpointing(self.towers, self.micro, self.attn,
+                                                         self.act_bytes,
+                                                         int(device_memory_gib * GIB))
+            self.notes.append(why)
         self.groups = self._backbone_groups() + self._recommender_groups(users, items)
         self._partition()
         self._closing_notes()
@@ -119,8 +125,8 @@ class Planner:
 
     # ------------------------------------------------------------------ per micro batch
     def activations(self, micro: int) -> dict:
-        act = activation_bytes(self.towers, micro, self.cfg.stage2.activation_checkpointing,
-                               self.attn, self.act_bytes)
+        act = activation_bytes(self.towers, micro, self.checkpointing, self.attn,
+                               self.act_bytes)
         if self.rec is not None:
             act["recommender"] = recommender_activation_elems(self.rec, micro) * self.rec_bytes
             act["total"] += act["recommender"]
@@ -176,7 +182,7 @@ def estimate(cfg: Config, world_size: int | None = None, device_memory_gib: floa
     if device_memory_gib <= 0:
         raise ConfigError(f"--device-memory must be > 0 GiB (got {device_memory_gib})")
     try:
-        planner = Planner(cfg, world_size, users, items)
+        planner = Planner(cfg, world_size, users, items, device_memory_gib)
     except InputError as exc:
         raise ConfigError(str(exc)) from None
     plan = planner.at(planner.micro)
@@ -185,7 +191,8 @@ def estimate(cfg: Config, world_size: int | None = None, device_memory_gib: floa
         "world_size": planner.world, "method": cfg.peft.method,
         "backbone": cfg.backbone.name_or_path, "precision": planner.precision,
         "attn_implementation": planner.attn,
-        "activation_checkpointing": stage2.activation_checkpointing,
+        "activation_checkpointing": planner.checkpointing,
+        "activation_checkpointing_setting": stage2.activation_checkpointing,
         "ds_config": stage2.ds_config, "zero": planner.zero,
         "counts": {"backbone": planner.counts,
                    "recommender": None if rec is None else

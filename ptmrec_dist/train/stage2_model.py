@@ -13,13 +13,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ptmrec_dist import dist
 from ptmrec_dist.clip.backbone import load_backbone
 from ptmrec_dist.clip.methods import apply_method, tower_of
 from ptmrec_dist.config import Config, load_config
 from ptmrec_dist.errors import ConfigError, InputError
+from ptmrec_dist.logs import get_logger
+from ptmrec_dist.plan.activations import resolve_checkpointing
 from ptmrec_dist.rec.base import terms
 from ptmrec_dist.rec.features import read_representations
 from ptmrec_dist.train.losses import in_batch_bpr, kt_loss
+
+_log = get_logger(__name__)
 
 
 class FeatureGate(nn.Module):
@@ -326,6 +331,9 @@ def build_backbone(cfg: Config, frozen_features, teacher: dict | None, device):
     frozen = load_backbone(cfg.backbone)
     weights_hash = frozen.weights_hash()
     backbone = apply_method(frozen, cfg)
+    why = resolve_checkpointing(backbone, cfg, dist.detect().world_size)
+    if why:
+        _log.info(why)
     if cfg.stage2.compile:
         compile_layers(backbone)
     guided = False
