@@ -65,7 +65,7 @@ def child(size: str, which: str, ref_batch: int, threads: int) -> dict:
     import torch
 
     from ptmrec_dist.eval.evaluate import score_function
-    from ptmrec_dist.eval.metrics import chunk_size, evaluate
+    from ptmrec_dist.eval.metrics import chunk_size, evaluate, item_block
     from ptmrec_dist.eval.reference import mmrec_evaluate
 
     torch.set_num_threads(threads)
@@ -73,9 +73,9 @@ def child(size: str, which: str, ref_batch: int, threads: int) -> dict:
     (u_rep, i_rep), train, target = problem(users, items)
     before = peak_rss_mb()
     if which == "ours":      # the product's scoring (eval.evaluate.score_function)
-        metrics, seconds = timed(evaluate, score_function((u_rep, i_rep)), train, target, KS,
-                                 memory_mb=512)
-        batch = chunk_size(items, 0, 512)
+        fn = score_function((u_rep, i_rep))
+        metrics, seconds = timed(evaluate, fn, train, target, KS, memory_mb=512)
+        batch = chunk_size(item_block(fn, items) or items, 0, 512)
     else:
         # MMRec's full_sort_predict: a fresh score matrix per batch
         metrics, seconds = timed(mmrec_evaluate, lambda u: u_rep[u] @ i_rep.T, train, target,

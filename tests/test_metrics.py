@@ -320,3 +320,51 @@ def test_mmrec_reference_detects_a_wrong_ranking():
     ours = evaluate(fixed_scores(scores), tr, te, [10])
     flipped = mmrec_evaluate(fixed_scores(-scores), tr, te, [10])
     assert abs(flipped["ndcg@10"] - ours["ndcg@10"]) > 1e-3
+
+
+# ---------------------------------------------------------------- item blocks (large catalogs)
+
+def blocked_scores(matrix):
+    """fixed_scores with the ``.block`` of eval.evaluate.score_function."""
+    s = torch.tensor(matrix, dtype=torch.float32)
+    fn = lambda u: s[u].clone()                                        # noqa: E731
+    fn.block = lambda u, start, stop: s[u, start:stop].clone()
+    return fn
+
+
+@pytest.mark.parametrize("block", [1, 4, 7, 29, 30])
+def test_item_blocks_give_the_same_lists_ties_included(monkeypatch, block):
+    """Scoring a block of items at a time (catalogs above metrics.ITEM_BLOCK) gives exactly the
+    unblocked top-k lists, ties by the lower index across block borders, masked places -1."""
+    import ptmrec_dist.eval.metrics as metrics
+
+    scores, tr, te, train, target = random_problem(seed=11)        # integer scores: many ties
+    want, ranked = reference(scores, train, target, KS)
+    monkeypatch.setattr(metrics, "ITEM_BLOCK", block)
+    fn = blocked_scores(scores)
+    assert metrics.item_block(fn, scores.shape[1]) == (block if block < 30 else 0)
+    sink = {}
+    got = evaluate(fn, tr, te, KS, chunk=3,
+                   topk_sink=lambda u, t: sink.update(zip(u.tolist(), t.tolist())))
+    assert sink == ranked
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+
+
+def test_score_function_blocks_and_exclusions():
+    """eval.evaluate.score_function: .block scores items start:stop (excluded ones -inf) from
+    the same reused buffer; whole rows and blocks agree."""
+    from ptmrec_dist.eval.evaluate import score_function
+
+    g = torch.Generator().manual_seed(0)
+    users_r, items_r = torch.randn(5, 4, generator=g), torch.randn(9, 4, generator=g)
+    exclude = torch.zeros(9, dtype=torch.bool)
+    exclude[[2, 7]] = True
+    fn = score_function((users_r, items_r), exclude)
+    u = torch.tensor([4, 0, 2])
+    full = fn(u).clone()
+    want = (users_r[u] @ items_r.T).masked_fill(exclude, -torch.inf)
+    assert torch.allclose(full, want)
+    blocks = torch.cat([fn.block(u, 0, 4).clone(), fn.block(u, 4, 9).clone()], 1)
+    assert torch.equal(torch.isinf(blocks), torch.isinf(full))
+    assert torch.allclose(blocks[~torch.isinf(full)], full[~torch.isinf(full)], rtol=1e-6)

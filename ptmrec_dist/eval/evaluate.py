@@ -87,13 +87,19 @@ def score_function(reps: tuple[torch.Tensor, torch.Tensor], exclude: torch.Tenso
     dtype = torch.promote_types(users_r.dtype, items_r.dtype)
     buf: list[torch.Tensor] = []
 
+    def into(u, start: int, stop: int):
+        n, m = len(u), stop - start
+        if not buf or buf[0].numel() < n * m:
+            buf[:] = [torch.empty(n * m, dtype=dtype, device=items_r.device)]
+        out = buf[0][:n * m].view(n, m)
+        torch.mm(users_r[u.to(users_r.device)], items_r[start:stop].T, out=out)
+        return out if exclude is None else out.masked_fill_(exclude[start:stop], -torch.inf)
+
     def scores(u):
-        n = len(u)
-        if not buf or buf[0].shape[0] < n:
-            buf[:] = [torch.empty(n, items_r.shape[0], dtype=dtype, device=items_r.device)]
-        out = buf[0][:n]
-        torch.mm(users_r[u.to(users_r.device)], items_r.T, out=out)
-        return out if exclude is None else out.masked_fill_(exclude, -torch.inf)
+        return into(u, 0, items_r.shape[0])
+
+    # items start:stop only (metrics.item_block: large catalogs are ranked a block at a time)
+    scores.block = into
     return scores
 
 

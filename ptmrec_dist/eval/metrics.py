@@ -12,7 +12,8 @@ depend on the chunking or the kernel. With ``hits`` the 0/1 relevance of the ran
 - MAP@K = sum_i Precision@i x hits_i over the top K, divided by min(P, K).
 
 Each metric is averaged over the evaluated users. Memory is O(chunk x items): the score matrix of
-one chunk of users, never users x items.
+one chunk of users, never users x items; above :data:`ITEM_BLOCK` items, with a score function
+that offers ``.block``, O(chunk x ITEM_BLOCK) (items are ranked a block at a time).
 """
 
 from __future__ import annotations
@@ -108,6 +109,17 @@ def metric_rows(hits: np.ndarray, n_pos: np.ndarray, ks: list[int]) -> dict[str,
     return out
 
 
+ITEM_BLOCK = 65536          # items scored at a time where the catalog is larger (score_fn.block)
+
+
+def item_block(score_fn, n_items: int) -> int:
+    """Items per block for ``score_fn`` (0: whole rows): catalogs above :data:`ITEM_BLOCK`
+    items are scored in blocks when the score function offers ``.block`` (larger chunks of
+    users then fit the same memory, and each block of item representations is read once per
+    chunk: 1.4-1.6x faster at 1M items, ``bench/eval_reference.py``)."""
+    return ITEM_BLOCK if n_items > ITEM_BLOCK and hasattr(score_fn, "block") else 0
+
+
 def chunk_size(n_items: int, chunk_users: int = 0, memory_mb: int = 512) -> int:
     """Users per chunk: ``chunk_users`` if set, else what fits ``memory_mb`` of score matrix
     (8 bytes per score: the fp32 matrix plus top-k and tie-handling temporaries, measured)."""
@@ -130,14 +142,60 @@ def chunk_topk(score_fn: Callable[[torch.Tensor], torch.Tensor], users: np.ndarr
     return topk_items(scores, k)
 
 
+def _merge_topk(vals: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor,
+                                                                          torch.Tensor]:
+    """The first ``k`` of each row's candidates by (score desc, item index asc)."""
+    by_index = torch.argsort(idx, dim=1)
+    idx, vals = torch.gather(idx, 1, by_index), torch.gather(vals, 1, by_index)
+    by_score = torch.sort(vals, dim=1, descending=True, stable=True)
+    return by_score.values[:, :k], torch.gather(idx, 1, by_score.indices)[:, :k]
+
+
+def chunk_topk_blocked(block_fn: Callable[[torch.Tensor, int, int], torch.Tensor],
+                       users: np.ndarray, mask: sp.csr_matrix, k: int, n_items: int,
+                       block: int) -> torch.Tensor:
+    """:func:`chunk_topk` scoring ``block`` items at a time (``block_fn(users, start, stop)``
+    scores items ``start:stop``): each block's top k (ties by the lower index, as
+    :func:`topk_items`) merged into a running top k, so a chunk of users holds
+    ``users x block`` scores, not ``users x n_items``. The same lists as the unblocked one:
+    every item of the overall top k is in its own block's top k."""
+    u = torch.from_numpy(users.astype(np.int64))
+    sub = mask[users]
+    rows_all = np.repeat(np.arange(len(users)), np.diff(sub.indptr))
+    cols_all = sub.indices.astype(np.int64)
+    best_v = best_i = None
+    with torch.no_grad():
+        for start in range(0, n_items, block):
+            stop = min(start + block, n_items)
+            scores = block_fn(u, start, stop).float()
+            sel = (cols_all >= start) & (cols_all < stop)
+            if sel.any():
+                dev = scores.device
+                scores[torch.from_numpy(rows_all[sel]).to(dev),
+                       torch.from_numpy(cols_all[sel] - start).to(dev)] = -torch.inf
+            top = topk_items(scores, min(k, stop - start))
+            vals = torch.gather(scores, 1, top.clamp_min(0)).masked_fill(top < 0, -torch.inf)
+            idx = torch.where(top >= 0, top + start, torch.full_like(top, n_items))
+            if best_v is None:
+                best_v, best_i = vals, idx
+            else:
+                best_v, best_i = _merge_topk(torch.cat([best_v, vals], 1),
+                                             torch.cat([best_i, idx], 1), k)
+    return best_i.masked_fill(best_v == -torch.inf, -1)
+
+
 def ranked_chunks(score_fn: Callable[[torch.Tensor], torch.Tensor], users: np.ndarray,
-                  mask: sp.csr_matrix, k: int, chunk: int) -> Iterator[tuple[np.ndarray,
-                                                                               np.ndarray]]:
-    """``(users_chunk, topk [n, k])`` per chunk; ``mask`` entries are excluded from ranking."""
+                  mask: sp.csr_matrix, k: int, chunk: int,
+                  block: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(users_chunk, topk [n, k])`` per chunk; ``mask`` entries are excluded from ranking.
+    ``block`` > 0 (with a ``score_fn.block``): items are scored that many at a time."""
     mask = mask.tocsr()
+    n_items = mask.shape[1]
     for start in range(0, len(users), chunk):
         u = users[start:start + chunk]
-        yield u, chunk_topk(score_fn, u, mask, k).cpu().numpy()
+        top = (chunk_topk_blocked(score_fn.block, u, mask, k, n_items, block) if block
+               else chunk_topk(score_fn, u, mask, k))
+        yield u, top.cpu().numpy()
 
 
 def evaluate(score_fn, train: sp.csr_matrix, target: sp.csr_matrix, ks: list[int],
@@ -160,9 +218,10 @@ def evaluate(score_fn, train: sp.csr_matrix, target: sp.csr_matrix, ks: list[int
     keys = _keys(target)
     kmax = max(max(ks), sink_k if topk_sink is not None else 0)
     totals = {f"{m}@{k}": 0.0 for k in ks for m in METRICS}
+    block = item_block(score_fn, n_items)
     with progress(total=len(users), desc="evaluate", unit="user", leave=False) as bar:
         for u, top in ranked_chunks(score_fn, users, mask, kmax,
-                                    chunk_size(n_items, chunk, memory_mb)):
+                                    chunk_size(block or n_items, chunk, memory_mb), block):
             if topk_sink is not None:
                 topk_sink(u, top)
             rows = metric_rows(hits_matrix(u, top, keys, n_items), n_pos_all[u], ks)
