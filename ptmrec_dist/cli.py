@@ -501,8 +501,6 @@ def cmd_diagnose(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    import functools
-
     from ptmrec_dist.data.readers import iter_shard
     from ptmrec_dist.data.shards import load_manifest, verify_shards
     from ptmrec_dist.data.sources import shard_source
@@ -512,11 +510,7 @@ def cmd_verify(args) -> int:
     good, bad = verify_shards(source, manifest, on_bad_sample="skip",
                               check_hash=not args.no_hash)
     for entry in good:   # sizes and hashes match (remote: checked as read); read every tar
-        if source.remote:
-            where = source.location(entry["name"])
-            opener = functools.partial(source.open_checked, entry)
-        else:
-            where, opener = source.local_path(entry["name"]), None
+        where, opener = source.reader_args(entry)
         for _ in iter_shard(where, "error", entry["n_items"], opener):
             pass
     items = sum(e["n_items"] for e in good)

@@ -172,16 +172,22 @@ def test_users_without_positive_excluded():
 
 # ---------------------------------------------------------------- random vs reference
 
-def random_problem(seed=7, n_users=40, n_items=30):
+def random_problem(seed=7, n_users=40, n_items=30, ties=True, train=(0, 6), target_max=6,
+                   no_target_every=7):
+    """Scores (integers with many ties, or standard normal without), each user's train items
+    (``train`` range) and held-out items (1 to ``target_max - 1``; none for one user in
+    ``no_target_every``)."""
     rng = np.random.default_rng(seed)
-    scores = rng.integers(0, 5, size=(n_users, n_items)).astype(np.float32)   # many ties
-    train, target = [], []
+    scores = (rng.integers(0, 5, size=(n_users, n_items)) if ties
+              else rng.standard_normal((n_users, n_items))).astype(np.float32)
+    train_items, target = [], []
     for u in range(n_users):
         perm = rng.permutation(n_items)
-        n_tr, n_te = rng.integers(0, 6), (0 if u % 7 == 3 else rng.integers(1, 6))
-        train.append(sorted(perm[:n_tr].tolist()))
+        n_tr = rng.integers(*train)
+        n_te = 0 if u % no_target_every == no_target_every // 2 else rng.integers(1, target_max)
+        train_items.append(sorted(perm[:n_tr].tolist()))
         target.append(sorted(perm[n_tr:n_tr + n_te].tolist()))
-    return scores, csr(train, n_items), csr(target, n_items), train, target
+    return scores, csr(train_items, n_items), csr(target, n_items), train_items, target
 
 
 def reference(scores, train, target, ks):
@@ -277,17 +283,10 @@ def test_per_user_rows_average_to_the_metrics():
 
 # ---------------------------------------------------------------- MMRec's protocol (reference)
 
-def continuous_problem(seed: int, n_users: int = 60, n_items: int = 80):
+def continuous_problem(seed: int):
     """Scores without ties (MMRec's topk does not break them), train and held-out items."""
-    rng = np.random.default_rng(seed)
-    scores = rng.standard_normal((n_users, n_items)).astype(np.float32)
-    train, target = [], []
-    for u in range(n_users):
-        perm = rng.permutation(n_items)
-        n_tr, n_te = rng.integers(1, 10), (0 if u % 9 == 4 else rng.integers(1, 25))
-        train.append(sorted(perm[:n_tr].tolist()))
-        target.append(sorted(perm[n_tr:n_tr + n_te].tolist()))
-    return scores, csr(train, n_items), csr(target, n_items), train, target
+    return random_problem(seed, 60, 80, ties=False, train=(1, 10), target_max=25,
+                          no_target_every=9)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -138,7 +138,7 @@ def _discard_stale_parts(out: Path, manifest: dict, mine: list[dict], states: di
                 f"manifest.json: {', '.join(p.name for p in orphans)}")
 
 
-def extract_rank(backbone: FrozenBackbone, weights: str, shards: Path, out: Path,
+def extract_rank(backbone: FrozenBackbone, weights: str, shards: str | Path, out: Path,
                  entries: list[dict], cfg: Config, device: torch.device,
                  show_progress: bool) -> int:
     """Features of the shards in ``entries`` (this rank's unfinished ones); returns items done.
@@ -189,7 +189,7 @@ def extract_rank(backbone: FrozenBackbone, weights: str, shards: Path, out: Path
     return done
 
 
-def _extract_parts(backbone, weights: str, shards: Path, out: Path, manifest: dict,
+def _extract_parts(backbone, weights: str, shards: str | Path, out: Path, manifest: dict,
                    cfg: Config, env: DistEnv, device, log) -> tuple[int, float]:
     """This rank's share of the shards into ``OUT/parts``, skipping parts already done (and
     saying so); returns ``(items encoded, seconds)``."""
@@ -217,7 +217,7 @@ def _gate_part(part: dict, ref_part: dict, gate: dict[str, float], ref_dtype: st
     return out
 
 
-def merge_parts(shards: Path, out: Path, manifest: dict, weights: str, dtype: str,
+def merge_parts(shards: str | Path, out: Path, manifest: dict, weights: str, dtype: str,
                 gated: tuple | None = None) -> dict:
     """Rank 0: parts -> image.npy / text.npy in item-index order; every item exactly once.
     ``gated``: ``(reference folder, its weights hash, {modality: g}, reference dtype)`` of a
@@ -255,7 +255,7 @@ def merge_parts(shards: Path, out: Path, manifest: dict, weights: str, dtype: st
             "image_dim": int(image.shape[1]), "text_dim": int(text.shape[1])}
 
 
-def run_extract(cfg: Config, shards: Path, out: Path, env: DistEnv, log=None,
+def run_extract(cfg: Config, shards: str | Path, out: Path, env: DistEnv, log=None,
                 adapter: str | Path | None = None) -> dict | None:
     """The whole command on one rank of ``env``; rank 0 returns the meta, others None.
     ``adapter``: a finished stage-2 run folder whose tuned encoders encode the items (see
@@ -370,7 +370,7 @@ def _stop_on_signal(out: Path):
             signal.signal(sig, handler)
 
 
-def _run(cfg: Config, shards: Path, out: Path, env: DistEnv, log, t0: float,
+def _run(cfg: Config, shards: str | Path, out: Path, env: DistEnv, log, t0: float,
          adapter=None) -> dict | None:
     from ptmrec_dist import dist
     from ptmrec_dist.run import RunDir
@@ -447,7 +447,7 @@ def in_step(loader, backbone, env: DistEnv, encode):
         yield batch
 
 
-def extract_all(backbone, shards: Path, cfg: Config, env: DistEnv, device: torch.device,
+def extract_all(backbone, shards: str | Path, cfg: Config, env: DistEnv, device: torch.device,
                 verify: bool = True, show_progress: bool = False,
                 modalities: tuple[str, ...] = ("image", "text")) -> dict[str, np.ndarray]:
     """Features of every item in memory, on every rank: each rank encodes its share of the

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import multiprocessing as mp
@@ -189,11 +188,7 @@ class _ShardReader(IterableDataset):
 
     def _samples(self, entries, slot: int | None) -> Iterator[dict]:
         for entry in entries:
-            if self.source.remote:
-                where = self.source.location(entry["name"])
-                opener = functools.partial(self.source.open_checked, entry)
-            else:
-                where, opener = self.source.local_path(entry["name"]), None
+            where, opener = self.source.reader_args(entry)
             for sample in iter_shard(where, self.on_bad_sample, entry["n_items"], opener):
                 if slot is not None and int(sample["__key__"]) % self.n_slots != slot:
                     continue

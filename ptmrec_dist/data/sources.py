@@ -25,6 +25,7 @@ support sends the shard again and the bytes already read are skipped), up to
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import json
@@ -198,6 +199,13 @@ class ShardSource:
         where = self.location(entry["name"])
         return CheckedStream(self.open_raw(where), where, entry)
 
+    def reader_args(self, entry: dict) -> tuple:
+        """``(where, opener)`` for :func:`~ptmrec_dist.data.readers.iter_shard`: a local
+        shard's path (checked before reading) or a remote one's name and checked opener."""
+        if not self.remote:
+            return self.local_path(entry["name"]), None
+        return self.location(entry["name"]), functools.partial(self.open_checked, entry)
+
 
 def shard_source(spec: str | Path | ShardSource) -> ShardSource:
     return spec if isinstance(spec, ShardSource) else ShardSource(spec)
@@ -211,7 +219,17 @@ def is_local_folder(spec) -> bool:
 
 # ---------------------------------------------------------------------- streams
 
-class CheckedStream:
+class _Stream:
+    """A readable binary stream closed by ``with`` (each kind defines ``read`` and ``close``)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class CheckedStream(_Stream):
     """Counts and hashes what is read; :meth:`finish` reads the rest and compares size and
     sha256 with the manifest entry (a ShardError naming the shard when they differ)."""
 
@@ -226,7 +244,7 @@ class CheckedStream:
         return data
 
     def finish(self) -> None:
-        while chunk := self.read(1 << 20):
+        while self.read(1 << 20):
             pass
         if self.n != self.entry["bytes"]:
             raise ShardError(self.where, f"truncated shard: {self.n} bytes read, manifest.json "
@@ -238,14 +256,8 @@ class CheckedStream:
     def close(self) -> None:
         self.raw.close()
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class HttpStream:
+class HttpStream(_Stream):
     """An http(s) GET as a stream that survives dropped connections: a failed or short read
     reconnects with ``Range: bytes=<read so far>-`` (a 200 answer is read past that many bytes)
     up to :data:`HTTP_RETRIES` times, waiting :data:`HTTP_BACKOFF_S`, twice that, ... between."""
@@ -310,14 +322,8 @@ class HttpStream:
     def close(self) -> None:
         self.resp.close()
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class PipeStream:
+class PipeStream(_Stream):
     """A shell command's standard output; a non-zero exit is a ShardError with its stderr."""
 
     def __init__(self, command: str):
@@ -346,12 +352,6 @@ class PipeStream:
         self.proc.wait()
         self.proc.stdout.close()
         self.err.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def manifest_json(source: ShardSource) -> tuple[dict, str]:
