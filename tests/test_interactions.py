@@ -318,3 +318,24 @@ def test_subsample_in_the_loader_redraws_the_split(tmp_path):
     assert auto.split_rule == "random" and np.array_equal(auto.labels, inter.labels)
     with pytest.raises(InputError, match="data.subsample < 1 draws a new split"):
         load_interactions(path, DataConfig(subsample=0.5, split="x_label"), warn=quiet)
+
+
+def test_non_ascii_rows_never_reach_numpys_reader(tmp_path, monkeypatch):
+    """numpy 2.4's C reader crashed the process (a segmentation fault, about 2 runs in 3) on
+    this row, found by tests/test_fuzz.py: non-ASCII files go to the validating parser, which
+    names the line; the fast path still takes numeric files with a byte-order mark."""
+    import ptmrec_dist.data.interactions as interactions
+
+    path = tmp_path / "f.inter"
+    path.write_bytes("userID\titemID\tx_label\n\U0008b153\U000ce0da\U0005bd6f\u00ff\t-4568\t0\n"
+                     "1\t2\t0\n".encode("utf-8"))
+    calls = []
+    real = interactions.np.loadtxt
+    monkeypatch.setattr(interactions.np, "loadtxt",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    with pytest.raises(InputError, match=r"f\.inter:2: user"):
+        load_interactions(path, DataConfig(), warn=lambda _m: None)
+    assert not calls
+    ok = tmp_path / "ok.inter"
+    ok.write_bytes(b"\xef\xbb\xbfuserID\titemID\tx_label\r\n0\t1\t0\r\n0\t2\t1\r\n0\t3\t2\r\n")
+    assert interactions.parse_interactions(ok).line_no is None and calls      # fast path ran

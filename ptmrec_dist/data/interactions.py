@@ -14,6 +14,7 @@ without training rows is refused when loading; one without valid rows where vali
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import warnings
@@ -226,14 +227,22 @@ def _parse_fast(path: Path) -> _Parsed | None:
         return None
     ints = [k for k, n in enumerate(names) if n in ("user", "item", "x_label")]
     floats = [k for k, n in enumerate(names) if n in ("timestamp", "rating")]
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    if not raw.isascii():
+        # numpy 2.4's C reader can crash the process (a segmentation fault, intermittently) on
+        # some rows of non-ASCII text; a numeric file is ASCII, anything else goes to the
+        # validating parser, which names the line
+        return None
+    text = raw.decode("ascii")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)   # "input contained no data"
-            cols = np.loadtxt(path, delimiter="\t", skiprows=header_lines, dtype=np.int64,
-                              comments=None, usecols=ints, ndmin=2, encoding="utf-8-sig")
-            fcols = np.loadtxt(path, delimiter="\t", skiprows=header_lines, dtype=np.float64,
-                               comments=None, usecols=floats, ndmin=2, encoding="utf-8-sig") \
-                if floats else None
+            cols = np.loadtxt(io.StringIO(text, newline=None), delimiter="\t",
+                              skiprows=header_lines, dtype=np.int64, comments=None,
+                              usecols=ints, ndmin=2)
+            fcols = np.loadtxt(io.StringIO(text, newline=None), delimiter="\t",
+                               skiprows=header_lines, dtype=np.float64, comments=None,
+                               usecols=floats, ndmin=2) if floats else None
     except (ValueError, OverflowError, UnicodeDecodeError):
         return None
     if not len(cols) or cols.min() < 0 or cols.max() > MAX_INDEX \
