@@ -20,7 +20,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,text]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,text,scale]"
 	touch $(STAMP)
 
 demo: $(STAMP)

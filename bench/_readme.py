@@ -46,8 +46,12 @@ def _eval_scale(r: dict) -> Iterable[Row]:
 
 def _graph_scale(r: dict) -> Iterable[Row]:
     for run in r.get("runs", []):
-        yield (f"kNN item graph, {run['items']:,} items x {run['dim']}-d", "",
-               f"{run['knn_seconds']} s, peak RSS {run['knn_peak_rss_mb']} MB")
+        how = f", {run['knn_method']}" if "knn_method" in run else ""
+        feats = "" if "clusters" not in run else \
+            (", clustered" if run["clusters"] else ", Gaussian")
+        recall = f", recall@10 {run['knn_recall_at_10']}" if "knn_recall_at_10" in run else ""
+        yield (f"kNN item graph, {run['items']:,} items x {run['dim']}-d{feats}{how}", "",
+               f"{run['knn_seconds']} s, peak RSS {run['knn_peak_rss_mb']} MB{recall}")
         yield (f"degree-sensitive pruning, {run['edges']:,} edges", "",
                f"{run['prune_seconds']} s")
 
@@ -55,6 +59,12 @@ def _graph_scale(r: dict) -> Iterable[Row]:
 def _extract(r: dict) -> Iterable[Row]:
     gemm = r.get("gemm_fp32_gflops")
     yield ("fp32 GEMM rate (the machine's ceiling)", "", f"{gemm} GFLOP/s")
+    for key, name in (("demo_profile", "demo backbone"), ("vit_b16_profile", "ViT-B/16")):
+        for row in r.get(key, []):
+            yield (f"extract profile, {name}, {row['workers']} loader worker(s), "
+                   f"{row['torch_threads']} torch thread(s)", "",
+                   f"{row['items_per_s']} items/s; waiting for data "
+                   f"{row['loader_wait_share']:.0%}, towers {row['encode_share']:.0%}")
     for key, name in (("demo_shape", "demo backbone"), ("vit_b16", "ViT-B/16")):
         if key in r:
             d = r[key]
@@ -121,8 +131,19 @@ def _scaling(r: dict) -> Iterable[Row]:
         yield (f"growth exponent of {step} (time vs items)", fit.get("goal", ""),
                f"{fit['exponent']:.2f} over {fit['sizes']}")
     for row in r.get("runs", []):
+        note = "".join(f", {k} {row[k]}" for k in ("sampler", "knn_method", "knn_recall_at_10")
+                       if k in row)
         yield (f"{row['step']} at {row['items']:,} items", "",
-               f"{row['seconds']:.3g} s, peak RSS {row['peak_rss_mb']} MB")
+               f"{row['seconds']:.3g} s, peak RSS {row['peak_rss_mb']} MB{note}")
+
+
+def _sparse_embeddings(r: dict) -> Iterable[Row]:
+    for arm, d in r.get("table", {}).items():
+        yield (f"{r['model']} on {r['data']}, {arm} Adam: test Recall@20, epoch time", "",
+               f"{sum(d['recall@20']) / len(d['recall@20']):.4f} (n={len(d['recall@20'])}), "
+               f"{d['epoch_s_mean']} s/epoch")
+    for k, d in r.get("sparse_minus_dense", {}).items():
+        yield (f"sparse minus dense Adam, test {k}", "", _ci(d))
 
 
 def _ms(d: dict) -> str:
@@ -199,7 +220,8 @@ def _generic(r: dict, limit: int = 8) -> Iterable[Row]:
 READERS: dict[str, Callable[[dict], Iterable[Row]]] = {
     "eval_reference": _eval_reference, "eval_scale": _eval_scale,
     "graph_scale": _graph_scale, "extract": _extract, "stage2_cost": _stage2_cost,
-    "data": _data, "stage1": _stage1, "scaling": _scaling, "ablation": _ablation,
+    "data": _data, "stage1": _stage1, "scaling": _scaling,
+    "sparse_embeddings": _sparse_embeddings, "ablation": _ablation,
     "claims": _claims, "cold_start": _cold_start, "ml100k": _ml100k, "tune_demo": _tune_demo}
 
 

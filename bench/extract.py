@@ -1,7 +1,9 @@
 """Extraction figures: `ptmrec extract` against a naive per-item loop, and the achieved FLOP/s
 of the image tower alone and of the whole command (its image FLOPs per item times its items/s,
 a lower bound: the text tower's FLOPs are not counted) against this machine's measured fp32
-GEMM rate.
+GEMM rate; and a profile of the command (``demo_profile``, ``vit_b16_profile``): for several
+data-loader worker and torch thread counts, items/s and the shares of the time rank 0 waits for
+the loader and spends in the towers (``meta.json``'s ``rank0_loader_wait_s``/``rank0_encode_s``).
 
     .venv/bin/python bench/extract.py [--items 512] [--vitb-items 48] [--out bench/results]
 
@@ -85,12 +87,38 @@ def naive_rate(model_dir: Path, data: Path, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def pipeline_rate(model_dir: Path, shards: Path, out: Path, batch: int, workers: int) -> float:
+def pipeline_meta(model_dir: Path, shards: Path, out: Path, batch: int, workers: int) -> dict:
     cfg = Config()
     cfg.backbone.name_or_path = str(model_dir)
     cfg.extract.batch_size, cfg.extract.num_workers = batch, workers
-    meta = run_extract(cfg, shards, out, DistEnv(), log=lambda m: None)
-    return meta["rank0_items_per_s"]
+    return run_extract(cfg, shards, out, DistEnv(), log=lambda m: None)
+
+
+def pipeline_rate(model_dir: Path, shards: Path, out: Path, batch: int, workers: int) -> float:
+    return pipeline_meta(model_dir, shards, out, batch, workers)["rank0_items_per_s"]
+
+
+def profile(model_dir: Path, shards: Path, tmp: Path, batch: int, grid) -> list[dict]:
+    """Where ``ptmrec extract``'s time goes: for each (loader workers, torch threads) of
+    ``grid``, items/s and the shares of rank 0's time spent waiting for the data loader
+    (reading, decoding, preprocessing, tokenising not hidden behind the towers) and in the
+    towers. Each run extracts afresh into its own folder."""
+    threads0 = torch.get_num_threads()
+    rows = []
+    for workers, threads in grid:
+        torch.set_num_threads(threads)
+        try:
+            meta = pipeline_meta(model_dir, shards, tmp / f"prof-{model_dir.name}-{workers}-"
+                                 f"{threads}", batch, workers)
+        finally:
+            torch.set_num_threads(threads0)
+        total = meta["rank0_items"] / meta["rank0_items_per_s"]
+        rows.append({"workers": workers, "torch_threads": threads,
+                     "items_per_s": meta["rank0_items_per_s"],
+                     "loader_wait_share": round(meta["rank0_loader_wait_s"] / total, 3),
+                     "encode_share": round(meta["rank0_encode_s"] / total, 3)})
+        print("profile", model_dir.name, json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def compare(name, model, tokenizer, image_size, tmp, data, shards, n_naive, batch) -> dict:
@@ -125,6 +153,8 @@ def main() -> None:
         demo = CLIPModel(demo_clip_config(dcfg, tok)).eval()
         res["demo_shape"] = compare("demo", demo, tok, dcfg.image_size, tmp, data, shards,
                                     min(args.items, 64), batch=64)
+        res["demo_profile"] = profile(tmp / "model-demo", shards, tmp, 64,
+                                      [(0, 2), (1, 1), (1, 2), (2, 1), (2, 2)])
 
         # ViT-B/16 at 224 px: pipeline vs naive on a small catalog, then the tower's FLOP/s
         data_b = tmp / "data224"
@@ -134,6 +164,8 @@ def main() -> None:
         vit = CLIPModel(clip_config("vit-b16", tokenizer=tok)).eval()
         res["vit_b16"] = compare("vitb16", vit, tok, 224, tmp, data_b, shards_b,
                                  min(args.vitb_items, 16), batch=16)
+        res["vit_b16_profile"] = profile(tmp / "model-vitb16", shards_b, tmp, 16,
+                                         [(0, 2), (2, 2)])
         flops = image_tower_flops(vit.config.vision_config, vit.config.projection_dim)
         rate = tower_rate(vit, 224, batch=16, batches=3)
         res["vit_b16_image_tower"] = {

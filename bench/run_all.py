@@ -37,6 +37,8 @@ QUICK: dict[str, list[str]] = {
     "stage2_cost.py": ["--preset", "tiny", "--steps", "2"],
     "stage1.py": ["--epochs", "1", "--skip-quality"],
     "scaling.py": ["--sizes", "2000,20000", "--work", f"{SMOKE}/scaling"],
+    "sparse_embeddings.py": ["--seeds", "0", "--work", f"{SMOKE}/sparse_embeddings",
+                             "stage1.epochs=3"],
     "ablation.py": ["--items", "200", "--users", "200", "--seeds", "0", "--models", "vbpr",
                     "--ablations", "frozen", "ptmrec", "--work", f"{SMOKE}/ablation",
                     "stage2.epochs=1"],
@@ -53,7 +55,8 @@ QUICK: dict[str, list[str]] = {
 }
 NEEDS_DEMO = ("cold_start.py", "tune_demo.py")
 # data sets beside the checkout (not in a user's clone): the script is skipped without them
-NEEDS_DATA = {"ml100k.py": ROOT.parent / "shared" / "data" / "ml100k-posters"}
+NEEDS_DATA = {"ml100k.py": ROOT.parent / "shared" / "data" / "ml100k-posters",
+              "sparse_embeddings.py": ROOT.parent / "shared" / "data" / "amazon-baby"}
 
 
 def scripts() -> list[Path]:

@@ -6,27 +6,33 @@ exponent of each step's time against the item count, and a log-log plot.
 
 Steps, each in a fresh process (its own peak RSS), each size's outputs feeding the next step:
 
-* ``make-data``: ``make-data synthetic`` (64 px images, item files, interactions);
-* ``shard``: ``ptmrec shard`` of that catalog (1,000 items per shard);
+* ``make-data``: ``make-data synthetic`` (64 px images, item files, interactions), and
+  ``shard``: ``ptmrec shard`` of that catalog (1,000 items per shard): the path of item files,
+  run up to ``--file-steps-max`` items (100k);
+* ``make-shards``: ``make-data synthetic --shards`` (the items straight into shards from
+  parallel processes, no image files; the grouped interaction sampler above 100k items): at
+  every size, and what feeds the later steps above ``--file-steps-max``;
 * ``extract``: ``ptmrec extract`` with a demo-shaped CLIP (random weights: the speed is the
   shape's) over the shards; stage 2's per-epoch feature-bank refresh runs this same
   ``extract_all`` over the same shards, so its growth is this step's;
-* ``knn-graph``: FREEDOM's item-item kNN graph (``rec.graph.knn_graph``, chunked, k 10) on the
-  extracted image features;
+* ``knn-graph``: FREEDOM's item-item kNN graph (``rec.graph.knn_graph``, k 10, its default
+  ``auto``: exact and chunked up to 100k items, faiss above) on the extracted image features,
+  with its recall@10 against the exact neighbours of 2,000 random items;
 * ``stage1-epoch``: one vbpr epoch (``ptmrec stage1``, the extracted features; the time of the
-  epoch as the run records it, not the process);
-* ``evaluate-per-user``: that run's valid evaluation time divided by its evaluated users (full
-  ranking: every user scores every item, so this grows with the catalog; the evaluation's
-  memory stays bounded by ``eval.memory_mb``).
+  epoch as the run records it, not the process); ``stage1-epoch-sparse`` the same with
+  ``stage1.sparse_embeddings=true`` (sparse gradients for the ID tables, lazy row-wise Adam);
+* ``evaluate-per-user``: the dense run's valid evaluation time divided by its evaluated users
+  (full ranking: every user scores every item, so this grows with the catalog; the
+  evaluation's memory stays bounded by ``eval.memory_mb``).
 
 The exponent is the least-squares slope of log(seconds) on log(items) (two sizes: the slope
-between them). Goal (issue 21): at most 1.1 for shard, extract, the stage-1 epoch and evaluation
-per user. ``make-data`` samples each user's interactions from a utility over **every** item
-(users x items work: quadratic when users grow with items) and the exact kNN graph compares
-every pair of items (quadratic, chunked to bound memory): both are reported as measured. Sizes
-below ~10k items carry fixed costs (process start-up, first-call overheads) that flatten the
-slope. Resumable: a size and step whose result exists in ``WORK/<items>/<step>.json`` is not
-rerun. Writes OUT/scaling.json and OUT/scaling.png.
+between them). Goal (issue 21): at most 1.1 for shard, make-shards, extract, the stage-1 epoch
+and evaluation per user. The exact sampler of ``make-data`` (up to 100k items) scores every item
+for every user (users x items: quadratic when users grow with items) and the exact kNN graph
+compares every pair of items: both are reported as measured. Sizes below ~10k items carry fixed
+costs (process start-up, first-call overheads) that flatten the slope. Resumable: a size and
+step whose result exists in ``WORK/<items>/<step>.json`` is not rerun. Writes OUT/scaling.json
+and OUT/scaling.png.
 """
 
 from __future__ import annotations
@@ -44,8 +50,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _util import peak_rss_mb, run_child, write_result  # noqa: E402
 
-STEPS = ("make-data", "shard", "extract", "knn-graph", "stage1-epoch", "evaluate-per-user")
-LINEAR_GOAL = ("shard", "extract", "stage1-epoch", "evaluate-per-user")
+STEPS = ("make-data", "shard", "make-shards", "extract", "knn-graph", "stage1-epoch",
+         "stage1-epoch-sparse", "evaluate-per-user")
+LINEAR_GOAL = ("shard", "make-shards", "extract", "stage1-epoch", "stage1-epoch-sparse",
+               "evaluate-per-user")
+FILE_STEPS = ("make-data", "shard")     # item files, then shards: up to --file-steps-max items
 USERS_PER_ITEM = 0.1
 
 
@@ -61,18 +70,32 @@ def child(step: str, items: int, work: Path) -> dict:
     from ptmrec_dist.config import Config, DemoBackboneConfig, SyntheticConfig
     from ptmrec_dist.dist import DistEnv
 
-    data, shards, feats = work / "data", work / "shards", work / "features"
+    # the shards and interactions of the file path where it ran, else those written straight
+    # by make-shards (the same bytes: tests/test_synthetic.py)
+    files = (work / "shard.json").is_file()
+    data = work / ("data" if files else "data-direct")
+    shards = work / ("shards" if files else "shards-direct")
+    feats = work / "features"
     extra: dict = {}
-    if step == "make-data":
+    if step == "make-shards":
         from ptmrec_dist.data.synthetic import generate
         t0 = time.perf_counter()
-        generate(SyntheticConfig(n_items=items, n_users=_users(items), seed=0,
-                                 image_size=DemoBackboneConfig().image_size), data)
+        out = generate(SyntheticConfig(n_items=items, n_users=_users(items), seed=0,
+                                       image_size=DemoBackboneConfig().image_size),
+                       work / "data-direct", shards=work / "shards-direct", shard_size=1000)
         seconds = time.perf_counter() - t0
+        extra["sampler"] = out["sampler"]
+    elif step == "make-data":
+        from ptmrec_dist.data.synthetic import generate
+        t0 = time.perf_counter()
+        out = generate(SyntheticConfig(n_items=items, n_users=_users(items), seed=0,
+                                       image_size=DemoBackboneConfig().image_size), work / "data")
+        seconds = time.perf_counter() - t0
+        extra["sampler"] = out["sampler"]
     elif step == "shard":
         from ptmrec_dist.data.shards import write_shards
         t0 = time.perf_counter()
-        write_shards(data, shards, shard_size=1000, log=lambda m: None)
+        write_shards(work / "data", work / "shards", shard_size=1000, log=lambda m: None)
         seconds = time.perf_counter() - t0
     elif step == "extract":
         from transformers import CLIPModel
@@ -97,19 +120,28 @@ def child(step: str, items: int, work: Path) -> dict:
         extra["items_per_s"] = round(items / seconds, 1)
         extra["rank0_items_per_s"] = meta["rank0_items_per_s"]
     elif step == "knn-graph":
-        from ptmrec_dist.rec.graph import knn_graph
+        from graph_scale import recall
+        from ptmrec_dist.rec.graph import knn_adjacency, knn_indices, knn_method
         f = torch.from_numpy(np.load(feats / "image.npy").astype(np.float32))
-        t0 = time.perf_counter()
-        knn_graph(f, k=10)
+        t0 = time.perf_counter()       # knn_graph's two halves, FREEDOM's default method
+        idx = knn_indices(f, 10, method="auto")        # (auto: faiss above 100k items)
+        knn_adjacency(idx)
         seconds = time.perf_counter() - t0
-    elif step in ("stage1-epoch", "evaluate-per-user"):
-        m = work / "stage1" / "metrics.json"
+        extra["knn_method"] = knn_method("auto", items)
+        # the graph's neighbours against the exact ones on 2,000 random items
+        extra["knn_recall_at_10"] = round(recall(f, idx, 10, torch.Generator().manual_seed(0)),
+                                          4)
+    elif step in ("stage1-epoch", "stage1-epoch-sparse", "evaluate-per-user"):
+        sparse = step == "stage1-epoch-sparse"
+        run = work / ("stage1-sparse" if sparse else "stage1")
+        m = run / "metrics.json"
         if not m.is_file():
             from stage1 import stage1
-            stage1(work / "stage1", str(data), "vbpr", str(feats), "stage1.epochs=1",
-                   "stage1.patience=1000", "stage1.batch_size=2048")
+            stage1(run, str(data), "vbpr", str(feats), "stage1.epochs=1",
+                   "stage1.patience=1000", "stage1.batch_size=2048",
+                   *(["stage1.sparse_embeddings=true"] if sparse else []))
         metrics = json.loads(m.read_text())
-        if step == "stage1-epoch":
+        if step.startswith("stage1-epoch"):
             seconds = metrics["epoch_s_mean"]
         else:
             n_eval = _valid_users(data)
@@ -174,6 +206,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="10000,100000", help="item counts, comma-separated")
     ap.add_argument("--work", default=str(ROOT / "out" / "scaling"))
+    ap.add_argument("--file-steps-max", type=int, default=100_000,
+                    help="largest catalog for make-data with image files + shard (above it, "
+                         "make-shards alone feeds the later steps)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--child", nargs=3, metavar=("STEP", "ITEMS", "WORK"),
                     help=argparse.SUPPRESS)
@@ -187,6 +222,8 @@ def main() -> int:
         work = Path(args.work) / str(items)
         work.mkdir(parents=True, exist_ok=True)
         for step in STEPS:
+            if step in FILE_STEPS and items > args.file_steps_max:
+                continue
             done = work / f"{step}.json"
             if done.is_file():
                 runs.append(json.loads(done.read_text()))

@@ -116,6 +116,12 @@ def _data_commands(sub) -> None:
     p.add_argument("--users", type=int, help="number of users (synthetic.n_users)")
     p.add_argument("--seed", type=int, help="generator seed (synthetic.seed)")
     p.add_argument("--image-size", type=int, help="image side in pixels (synthetic.image_size)")
+    p.add_argument("--shards", metavar="DIR",
+                   help="write the items straight into WebDataset shards in DIR (what `ptmrec "
+                        "shard` would make; no image files): the fast path for big catalogs")
+    p.add_argument("--shard-size", type=int, default=1000, help="items per shard (with --shards)")
+    p.add_argument("--workers", type=int,
+                   help="rendering processes (default: min(2, CPU cores))")
     _common(p)
 
     p = sub.add_parser("stats", help="users, items, interactions and split sizes of a data set")
@@ -316,7 +322,8 @@ def cmd_make_data(args) -> int:
 
     cfg = resolve_config(args, {"items": "synthetic.n_items", "users": "synthetic.n_users",
                                 "seed": "synthetic.seed", "image_size": "synthetic.image_size"})
-    summary = generate(cfg.synthetic, args.out, split_seed=cfg.data.split_seed, progress=True)
+    summary = generate(cfg.synthetic, args.out, split_seed=cfg.data.split_seed, progress=True,
+                       workers=args.workers, shards=args.shards, shard_size=args.shard_size)
     save_config(cfg, args.out)
     print(dumps_json(summary))
     return 0

@@ -17,6 +17,8 @@ data/synthetic.py           ``[seed, SYN_ITEMS]``                          items
                             ``[seed, SYN_USERS]``                          users' tastes
                             ``[seed, SYN_INTERACTIONS, chunk]``            a chunk of users'
                                                                            interactions
+                            ``[seed, SYN_GROUPED, chunk]``                 the same, grouped
+                                                                           sampler (> 100k items)
 clip/demo_backbone.py       ``[seed, BACKBONE_HOLDOUT]``                   held-out captions
 diagnose.py                 ``[seed, DIAG_PAIRS]``                         co-interacted pairs
                             ``[seed, DIAG_PAIRS, 1]``                      random item pairs
@@ -52,6 +54,7 @@ SYN_ITEM_IMAGE = 1
 SYN_ITEM_TEXT = 2
 SYN_USERS = 3
 SYN_INTERACTIONS = 5
+SYN_GROUPED = 6
 # clip/demo_backbone.py
 BACKBONE_HOLDOUT = 7
 # diagnose.py

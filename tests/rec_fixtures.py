@@ -68,3 +68,21 @@ def in_process():
     torch.set_num_threads(threads)
     os.environ.clear()
     os.environ.update(saved)
+
+
+def signal_during_epoch(monkeypatch, epoch: int):
+    """SIGUSR1 to this process as stage 1's sampler starts ``epoch`` (the run then checkpoints
+    after that epoch and raises Interrupted); returns the function that undoes it."""
+    import signal
+
+    from ptmrec_dist.train.sampler import BPRSampler
+
+    epoch_of = BPRSampler.epoch
+
+    def signalled(self, e):
+        if e == epoch:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return epoch_of(self, e)
+
+    monkeypatch.setattr(BPRSampler, "epoch", signalled)
+    return lambda: monkeypatch.setattr(BPRSampler, "epoch", epoch_of)

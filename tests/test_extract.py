@@ -74,6 +74,9 @@ def test_features_match_a_by_hand_forward_in_item_order(world, tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     assert image.shape == (60, 16) and text.shape == (60, 16) and image.dtype == np.float16
     assert meta["n_present"] == 60 and meta["dtype"] == "fp16"
+    # where rank 0's time went: waiting for the loader's batches, and in the two towers
+    assert meta["rank0_loader_wait_s"] > 0 and meta["rank0_encode_s"] > 0
+    assert meta["rank0_loader_wait_s"] + meta["rank0_encode_s"] <= meta["seconds"] + 0.02
     assert np.load(out / "present.npy").all()
     bb = load_backbone(BackboneConfig(name_or_path=str(world / "clip")))
     assert meta["weights_hash"] == bb.weights_hash()

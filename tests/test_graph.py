@@ -171,3 +171,61 @@ def test_spmm_matches_dense_forward_and_backward():
     sym = graph.csr(adj)                     # symmetric: the transpose defaults to itself
     x = torch.randn(7, 2, generator=g)
     torch.testing.assert_close(graph.lightgcn(sym, x, 2), graph.lightgcn(adj, x, 2))
+
+
+# --------------------------------------------------------------------------- approximate kNN
+def _clustered(n: int, dim: int = 16, clusters: int = 40, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(clusters, dim, generator=g)
+    return centres[torch.randint(0, clusters, (n,), generator=g)] + \
+        0.3 * torch.randn(n, dim, generator=g)
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.unsqueeze(2) == b.unsqueeze(1)).any(2).float().mean())
+
+
+def test_faiss_knn_finds_the_exact_neighbours_of_structured_features():
+    pytest.importorskip("faiss")
+    feats = _clustered(3000)
+    exact = knn_indices(feats, 10)
+    # 11 inverted lists of ~256 items; probing all is exhaustive, probing 3 is approximate
+    full = knn_indices(feats, 10, method="faiss", nprobe=1000)
+    assert _overlap(full, exact) > 0.999
+    approx = knn_indices(feats, 10, method="faiss", nprobe=3)
+    assert approx.shape == (3000, 10) and approx.dtype == torch.long
+    assert (approx[:, 0] == torch.arange(3000)).all()        # itself first, as the exact graph
+    assert _overlap(approx, exact) > 0.95
+    assert torch.equal(approx, knn_indices(feats, 10, method="faiss", nprobe=3))   # repeatable
+    adj = knn_graph(feats, 10, method="faiss", nprobe=3)
+    assert adj._nnz() == 3000 * 10
+
+
+def test_knn_method_auto_switches_above_the_exact_limit(monkeypatch, caplog):
+    pytest.importorskip("faiss")
+    assert graph.knn_method("auto", graph.KNN_EXACT_MAX) == "exact"
+    assert graph.knn_method("auto", graph.KNN_EXACT_MAX + 1) == "faiss"
+    assert graph.knn_method("exact", 10**7) == "exact"
+    monkeypatch.setattr(graph, "KNN_EXACT_MAX", 100)
+    feats = _clustered(300)
+    assert _overlap(knn_indices(feats, 5, method="auto"), knn_indices(feats, 5)) > 0.95
+    monkeypatch.setattr(graph, "faiss_available", lambda: False)
+    with caplog.at_level("WARNING", logger="ptmrec_dist.rec.graph"):
+        assert graph.knn_method("auto", 1000) == "exact"
+    assert "faiss-cpu" in caplog.text
+    from ptmrec_dist.errors import ConfigError
+    with pytest.raises(ConfigError, match="faiss is not installed"):
+        graph.knn_method("faiss", 10)
+
+
+def test_freedom_knn_settings_are_checked():
+    from ptmrec_dist.config import Config
+    from ptmrec_dist.errors import ConfigError
+    cfg = Config()
+    cfg.recommender.freedom.knn = "hnsw"
+    with pytest.raises(ConfigError, match="recommender.freedom.knn"):
+        cfg.validate()
+    cfg.recommender.freedom.knn = "faiss"
+    cfg.recommender.freedom.knn_nprobe = 0
+    with pytest.raises(ConfigError, match="knn_nprobe"):
+        cfg.validate()

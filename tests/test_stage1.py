@@ -5,7 +5,6 @@ the CLI (with top-k dumps recomputed here), and a 2-rank torchrun run equal to a
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from rec_fixtures import in_process  # noqa: F401  (a fixture)
-from rec_fixtures import make_tiny_dataset
+from rec_fixtures import make_tiny_dataset, signal_during_epoch
 from run_fixtures import ptmrec, read_log
 from safetensors.torch import load_file
 
@@ -180,26 +179,16 @@ def test_signal_checkpoint_then_resume_is_exact(data, trained, monkeypatch, tmp_
     """SIGUSR1 during epoch 6 -> the epoch ends, a checkpoint is written, Interrupted (exit 3);
     --resume finishes the 15 epochs with the uninterrupted run's models and metrics. Another
     configuration is refused, naming the key."""
-    import signal
-
     from ptmrec_dist.errors import Interrupted
     from ptmrec_dist.train.checkpoint import checkpoint_dirs
-    from ptmrec_dist.train.sampler import BPRSampler
 
     ref_out, ref = trained("vbpr")
     out = tmp_path / "r"
-    epoch_of = BPRSampler.epoch
-
-    def signalled(self, epoch):
-        if epoch == 6:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return epoch_of(self, epoch)
-
-    monkeypatch.setattr(BPRSampler, "epoch", signalled)
+    undo = signal_during_epoch(monkeypatch, 6)
     with pytest.raises(Interrupted, match="SIGUSR1 after epoch 6") as err:
         train(data, out, "vbpr")
     assert err.value.exit_code == 3
-    monkeypatch.setattr(BPRSampler, "epoch", epoch_of)
+    undo()
     saved = [json.loads((p / "state.json").read_text())["epoch"]
              for p in checkpoint_dirs(out / "checkpoints")]
     assert saved == [4, 6]                    # stage1.checkpoint_every=5, then the signal's

@@ -223,3 +223,114 @@ def test_catalog_owns_the_item_index_when_few_users(tmp_path):
     assert inter.n_items == 400
     manifest = write_shards(tmp_path / "d", tmp_path / "s", shard_size=100, log=lambda m: None)
     assert manifest["n_items"] == manifest["n_written"] == 400
+
+
+# --------------------------------------------------------------------------- the 1M-item path
+def _same_taste(cfg: SyntheticConfig, k: int):
+    """Every user with user 0's preferences and K interactions: one choice model for all."""
+    prefs, _ = synthetic.sample_users(cfg)
+    prefs = {a: np.repeat(p[:1], cfg.n_users, axis=0) for a, p in prefs.items()}
+    return prefs, np.full(cfg.n_users, k, np.int64)
+
+
+def _inclusion_of_two(cfg: SyntheticConfig, prefs, item_attrs, pop) -> np.ndarray:
+    """P(item among the 2 drawn without replacement from softmax(utility / T)), exactly."""
+    u = synthetic.utility(prefs, item_attrs, np.log(pop), cfg.popularity_weight,
+                          np.array([0]))[0] / cfg.temperature
+    p = np.exp(u - u.max())
+    p /= p.sum()
+    return p + p * ((p / (1 - p)).sum() - p / (1 - p))
+
+
+@pytest.mark.parametrize("types", [None, 3])
+@pytest.mark.parametrize("sampler", ["exact", "grouped"])
+def test_both_samplers_draw_from_the_choice_model(sampler, types):
+    """Inclusion frequencies against the exact probabilities: with the generator's items (about
+    one item per attribute type) and with 30 items of only 3 types (the grouped sampler then
+    picks within a type by popularity)."""
+    cfg = SyntheticConfig(n_items=30, n_users=20000, seed=3, temperature=0.7, sampler=sampler)
+    item_attrs, pop = synthetic.sample_items(cfg)
+    if types:
+        item_attrs = {a: v[np.arange(cfg.n_items) % types] for a, v in item_attrs.items()}
+    prefs, k = _same_taste(cfg, 2)
+    draw = synthetic.sample_interactions if sampler == "exact" else \
+        synthetic.sample_interactions_grouped
+    users, items = draw(cfg, prefs, k, item_attrs, pop)
+    assert np.array_equal(np.bincount(users, minlength=cfg.n_users), k)
+    freq = np.bincount(items, minlength=cfg.n_items) / cfg.n_users
+    want = _inclusion_of_two(cfg, prefs, item_attrs, pop)
+    se = np.sqrt(want * (1 - want) / cfg.n_users)
+    z = np.abs(freq - want) / se
+    assert z.max() < 5, (sampler, z.max(), int(z.argmax()))
+
+
+def test_grouped_sampler_takes_k_distinct_items_even_when_k_is_half_the_catalog():
+    cfg = SyntheticConfig(n_items=24, n_users=700, seed=1, popularity_weight=3.0,
+                          min_interactions=12, mean_interactions=12, sampler="grouped")
+    item_attrs, pop = synthetic.sample_items(cfg)
+    prefs, k = synthetic.sample_users(cfg)
+    assert (k == 12).all()
+    users, items = synthetic.sample_interactions_grouped(cfg, prefs, k, item_attrs, pop)
+    assert np.array_equal(np.bincount(users, minlength=cfg.n_users), k)
+    assert len(np.unique(users * cfg.n_items + items)) == len(users)      # no repeats
+    assert items.min() >= 0 and items.max() < cfg.n_items
+
+
+def test_sampler_auto_is_exact_up_to_100k_items(tmp_path):
+    assert synthetic.sampler_kind(SyntheticConfig(n_items=100_000)) == "exact"
+    assert synthetic.sampler_kind(SyntheticConfig(n_items=100_001)) == "grouped"
+    assert synthetic.sampler_kind(SyntheticConfig(n_items=50, sampler="grouped")) == "grouped"
+    with pytest.raises(ConfigError, match="synthetic.sampler"):
+        synthetic.generate(SyntheticConfig(n_items=50, n_users=5, sampler="fast"), tmp_path)
+    out = synthetic.generate(SyntheticConfig(n_items=60, n_users=40, sampler="grouped"),
+                             tmp_path / "g")
+    truth = json.loads((tmp_path / "g" / "truth.json").read_text())
+    assert out["sampler"] == truth["sampler"] == "grouped"
+    inter = _read_inter(tmp_path / "g" / "interactions.inter")
+    assert len(inter) == out["n_interactions"] == sum(truth["user_interaction_target"])
+
+
+def test_shards_straight_from_the_generator_equal_make_data_then_shard(tmp_path):
+    from ptmrec_dist.data.shards import verify_shards, write_shards
+
+    cfg = SyntheticConfig(n_items=450, n_users=120, seed=0)
+    synthetic.generate(cfg, tmp_path / "files")
+    ref = write_shards(tmp_path / "files", tmp_path / "two_step", shard_size=200,
+                       log=lambda m: None)
+    (tmp_path / "direct" / "shards").mkdir(parents=True)
+    (tmp_path / "direct" / "shards" / "items-000009.tar").write_bytes(b"stale")
+    out = synthetic.generate(cfg, tmp_path / "direct", shards=tmp_path / "direct" / "shards",
+                             shard_size=200, workers=2)
+    assert out["shards"] == str(tmp_path / "direct" / "shards")
+    assert not (tmp_path / "direct" / "images").exists()        # no image files at all
+    man = json.loads((tmp_path / "direct" / "shards" / "manifest.json").read_text())
+    assert [e["sha256"] for e in man["shards"]] == [e["sha256"] for e in ref["shards"]]
+    assert man["shards"] == ref["shards"] and man["n_items"] == ref["n_items"] == 450
+    assert sorted(p.name for p in (tmp_path / "direct" / "shards").glob("*.tar")) == \
+        [e["name"] for e in ref["shards"]]                       # the stale shard is gone
+    good, bad = verify_shards(tmp_path / "direct" / "shards")
+    assert len(good) == 3 and not bad.total
+    for name in ("interactions.inter", "captions.jsonl", "truth.json", "catalog.json"):
+        assert (tmp_path / "direct" / name).read_bytes() == \
+            (tmp_path / "files" / name).read_bytes(), name
+    a = [json.loads(x) for x in (tmp_path / "files" / "items.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "direct" / "items.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in x.items() if k != "image"} for x in a] == b
+
+
+def test_cli_make_data_straight_to_shards(tmp_path):
+    from run_fixtures import ptmrec
+
+    proc = ptmrec("make-data", "synthetic", "--out", tmp_path / "d", "--items", "120",
+                  "--users", "30", "--shards", tmp_path / "s", "--shard-size", "50",
+                  "--workers", "1", "-q")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert summary["shards"] == str(tmp_path / "s") and summary["sampler"] == "exact"
+    man = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert [e["n_items"] for e in man["shards"]] == [50, 50, 20]
+    proc = ptmrec("verify", tmp_path / "s")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = ptmrec("make-data", "synthetic", "--out", tmp_path / "e", "--items", "120",
+                  "--shards", tmp_path / "t", "--shard-size", "0")
+    assert proc.returncode == 2 and "shard size" in proc.stderr

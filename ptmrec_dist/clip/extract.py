@@ -140,10 +140,12 @@ def _discard_stale_parts(out: Path, manifest: dict, mine: list[dict], states: di
 
 def extract_rank(backbone: FrozenBackbone, weights: str, shards: str | Path, out: Path,
                  entries: list[dict], cfg: Config, device: torch.device,
-                 show_progress: bool) -> int:
+                 show_progress: bool, times: dict | None = None) -> int:
     """Features of the shards in ``entries`` (this rank's unfinished ones); returns items done.
     ``show_progress``: this rank may show a bar (the main rank; :func:`~ptmrec_dist.logs.progress`
-    decides)."""
+    decides). ``times`` (a dict) receives ``loader_wait_s`` (waiting for the data loader's next
+    batch: reading, decoding, preprocessing and tokenising not hidden behind the towers) and
+    ``encode_s`` (the two towers)."""
     if not entries:
         return 0
     from torch.utils.data import DataLoader
@@ -162,11 +164,20 @@ def extract_rank(backbone: FrozenBackbone, weights: str, shards: str | Path, out
     shard_sha = {e["name"]: e["sha256"] for e in entries}
     done = 0
     bar = progress(total=sum(expected.values()), unit="item", desc="extract", main=show_progress)
+    wait = encode = 0.0
+    batches = iter(loader)
     with torch.inference_mode():
-        for batch in loader:
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            t1 = time.perf_counter()
+            wait += t1 - t0
+            if batch is None:
+                break
             img = backbone.encode_images(batch["pixel_values"].to(device)).float().cpu().numpy()
             txt = backbone.encode_texts(batch["input_ids"].to(device),
                                         batch["attention_mask"].to(device)).float().cpu().numpy()
+            encode += time.perf_counter() - t1
             idx = batch["index"].numpy()
             # which shard each item came from: shards hold disjoint, sorted index ranges
             which = order[np.searchsorted(first[order], idx, side="right") - 1]
@@ -183,6 +194,9 @@ def extract_rank(backbone: FrozenBackbone, weights: str, shards: str | Path, out
             done += len(idx)
             bar.update(len(idx))
     bar.close()
+    if times is not None:
+        times["loader_wait_s"] = times.get("loader_wait_s", 0.0) + wait
+        times["encode_s"] = times.get("encode_s", 0.0) + encode
     if pending:   # a shard yielded fewer items than its manifest says (skipped bad samples)
         names = ", ".join(sorted(pending))
         raise ShardError(shards, f"incomplete shards after extraction: {names}")
@@ -190,7 +204,8 @@ def extract_rank(backbone: FrozenBackbone, weights: str, shards: str | Path, out
 
 
 def _extract_parts(backbone, weights: str, shards: str | Path, out: Path, manifest: dict,
-                   cfg: Config, env: DistEnv, device, log) -> tuple[int, float]:
+                   cfg: Config, env: DistEnv, device, log,
+                   times: dict | None = None) -> tuple[int, float]:
     """This rank's share of the shards into ``OUT/parts``, skipping parts already done (and
     saying so); returns ``(items encoded, seconds)``."""
     mine = [e for k, e in enumerate(manifest["shards"]) if k % env.world_size == env.rank]
@@ -201,7 +216,7 @@ def _extract_parts(backbone, weights: str, shards: str | Path, out: Path, manife
         log(f"resume: {len(mine) - len(todo)} of {len(mine)} shards of rank 0 already done")
     t1 = time.perf_counter()
     n = extract_rank(backbone, weights, shards, out, todo, cfg, device,
-                     show_progress=env.is_main)
+                     show_progress=env.is_main, times=times)
     return n, time.perf_counter() - t1
 
 
@@ -384,8 +399,13 @@ def _run(cfg: Config, shards: str | Path, out: Path, env: DistEnv, log, t0: floa
     run = RunDir(out, cfg, is_main=env.is_main).start()
     weights = backbone.weights_hash()     # an adapter's weights included: parts stay its own
     name_or_path = backbone.name_or_path
+    times: dict = {}
     n, rank_seconds = _extract_parts(backbone, weights, shards, out, manifest, cfg, env,
-                                     device, log)
+                                     device, log, times)
+    if env.is_main and n and times.get("loader_wait_s", 0) > 0.3 * rank_seconds:
+        log(f"extract: rank 0 waited {times['loader_wait_s']:.1f} s of {rank_seconds:.1f} s for "
+            f"the data loader (reading, decoding, preprocessing): more extract.num_workers "
+            f"(now {cfg.extract.num_workers}) may help where cores are free")
     gated = None
     if adapted and isinstance(adapted.get("feature_gate"), dict):
         # ref + g (adapted - ref): the reference is the frozen backbone's features of the same
@@ -410,6 +430,7 @@ def _run(cfg: Config, shards: str | Path, out: Path, env: DistEnv, log, t0: floa
                 "shards": str(shards), "manifest_sha256": manifest_json(shard_source(shards))[1],
                 "world_size": env.world_size, "seconds": round(time.perf_counter() - t0, 2),
                 "rank0_items": n, "rank0_items_per_s": round(n / rank_seconds, 1) if n else None,
+                **{f"rank0_{k}": round(v, 2) for k, v in times.items()},
                 "created_by": f"ptmrec_dist {__version__}"}
         atomic_write_json(out / "meta.json", meta)
         run.log(step="extract", **{k: meta[k] for k in ("n_present", "seconds",

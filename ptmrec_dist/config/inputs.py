@@ -60,6 +60,8 @@ class SyntheticConfig:
     mean_interactions: float = 12.0     # mean interactions per user (>= min_interactions)
     temperature: float = 1.0            # softmax choice-model temperature
     popularity_weight: float = 0.5      # weight of log-popularity in the user utility
+    sampler: str = "auto"               # interactions: exact (every user x every item), grouped
+                                        # (users x attribute types), auto: exact to 100k items
 
     def checks(self) -> list[tuple[str, bool, str]]:
         return [
@@ -72,6 +74,8 @@ class SyntheticConfig:
             ("min_interactions", self.min_interactions <= self.n_items // 2,
              "must be <= synthetic.n_items / 2"),
             ("temperature", self.temperature > 0, "must be > 0"),
+            ("sampler", self.sampler in ("auto", "exact", "grouped"),
+             "must be auto, exact or grouped"),
         ]
 
 

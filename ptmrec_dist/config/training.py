@@ -32,6 +32,9 @@ class VBPRConfig:
 @dataclass
 class FreedomConfig:
     knn_k: int = 10                     # neighbours per item in the frozen item-item graph
+    knn: str = "auto"                   # exact | faiss (approximate, IVF) | auto: exact up to
+                                        # 100k items, faiss above where it is installed
+    knn_nprobe: int = 16                # faiss: inverted lists searched per item
     mm_image_weight: float = 0.1        # image graph weight; text gets 1 - this
     n_mm_layers: int = 1                # propagation layers on the item-item graph
     n_ui_layers: int = 2                # LightGCN layers on the user-item graph
@@ -41,6 +44,8 @@ class FreedomConfig:
     def checks(self) -> list[tuple[str, bool, str]]:
         return [
             ("knn_k", self.knn_k >= 1, "must be >= 1"),
+            ("knn", self.knn in ("auto", "exact", "faiss"), "must be auto, exact or faiss"),
+            ("knn_nprobe", self.knn_nprobe >= 1, "must be >= 1"),
             ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
             ("mm_image_weight", 0 <= self.mm_image_weight <= 1, "must be in [0, 1]"),
         ]
@@ -116,6 +121,9 @@ class Stage1Config:
     #                                     with offload on GPUs; deepspeed: FusedAdam / CPUAdam
     checkpoint_every: int = 5           # epochs between resumable checkpoints (0: only on a stop
                                         # signal); `stage1 --resume` continues from the newest
+    sparse_embeddings: bool = False     # bpr/vbpr: sparse gradients for the ID tables and a lazy
+                                        # row-wise Adam (train/sparse_adam.py): per step, work of
+                                        # the batch, not the catalog; not MMRec's dense Adam
 
     def checks(self) -> list[tuple[str, bool, str]]:
         return [

@@ -170,19 +170,29 @@ def write_shards(catalog_dir: str | Path, out_dir: str | Path, shard_size: int =
         if skips.total:
             warn(f"{catalog_file}: {skips.message()}")
         missing = n_space - n_written   # indices are unique (resolve_indices checks it)
-        names = {s["name"] for s in shards}
-        for stale in out_dir.glob("items-*.tar"):
-            if stale.name not in names:
-                stale.unlink()
-        manifest = {
-            "format": FORMAT, "created_by": f"ptmrec_dist {__version__}",
-            "catalog": str(catalog_dir), "interactions": str(inter_path) if inter_path else None,
-            "n_items": n_space, "n_written": n_written, "n_missing": missing,
-            "image_size": image_size, "key_digits": KEY_DIGITS, "shard_size": shard_size,
-            "skipped": skips.to_dict(), "shards": shards,
-        }
-        atomic_write_json(out_dir / MANIFEST, manifest)
-        return manifest
+        return finish_shards(out_dir, shards, catalog=catalog_dir, interactions=inter_path,
+                             n_items=n_space, n_written=n_written, n_missing=missing,
+                             image_size=image_size, shard_size=shard_size, skipped=skips)
+
+
+def finish_shards(out_dir: Path, shards: list[dict], *, catalog, interactions, n_items: int,
+                  n_written: int, n_missing: int, image_size: int, shard_size: int,
+                  skipped: SkipReport) -> dict:
+    """Remove the tars of ``out_dir`` that ``shards`` (the written entries) does not name (a
+    larger earlier run's) and write the manifest, last: the folder is finished."""
+    names = {s["name"] for s in shards}
+    for stale in out_dir.glob("items-*.tar"):
+        if stale.name not in names:
+            stale.unlink()
+    manifest = {
+        "format": FORMAT, "created_by": f"ptmrec_dist {__version__}",
+        "catalog": str(catalog), "interactions": str(interactions) if interactions else None,
+        "n_items": n_items, "n_written": n_written, "n_missing": n_missing,
+        "image_size": image_size, "key_digits": KEY_DIGITS, "shard_size": shard_size,
+        "skipped": skipped.to_dict(), "shards": shards,
+    }
+    atomic_write_json(out_dir / MANIFEST, manifest)
+    return manifest
 
 
 def load_manifest(shard_dir) -> dict:

@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 from ptmrec_dist import logs, seeds
 from ptmrec_dist.config import Config, SyntheticConfig
 from ptmrec_dist.data.splits import SPLIT_NAMES, random_split_labels
+from ptmrec_dist.errors import ConfigError, SkipReport
 from ptmrec_dist.io import atomic_write_bytes, atomic_write_json, atomic_write_text, dumps_json
 
 # --------------------------------------------------------------------------- vocabularies
@@ -238,6 +239,74 @@ def _render_all(out_dir: Path, cfg: SyntheticConfig, item_attrs: dict[str, np.nd
             pool.join()
 
 
+def _shard_task(args) -> tuple[dict, str, str]:
+    """Render, describe and write one shard (``ptmrec shard``'s tar layout and bytes); returns
+    its manifest entry and its items' items.jsonl and captions.jsonl lines."""
+    from ptmrec_dist.data.catalog import CatalogItem
+    from ptmrec_dist.data.shards import _write_one, shard_name
+
+    shard_dir, k, seed, size, start, attrs = args
+    items, images, item_lines, cap_lines = [], [], [], []
+    for j in range(len(attrs["colour"])):
+        i = start + j
+        one = {a: int(attrs[a][j]) for a in ATTRIBUTES}
+        title, text, caption = item_texts(seed, i, one)
+        items.append(CatalogItem(item_id=str(i), title=title, text=text, image="", line=i + 1,
+                                 index=i))
+        images.append(render_image(seed, i, size, one["colour"], one["shape"], one["pattern"]))
+        item_lines.append(json.dumps({"item_id": i, "title": title, "text": text}) + "\n")
+        cap_lines.append(json.dumps({"item_id": i, "caption": caption}) + "\n")
+    entry = _write_one(Path(shard_dir) / shard_name(k), items, images)
+    return entry, "".join(item_lines), "".join(cap_lines)
+
+
+def _write_shards_direct(out: Path, shard_dir: Path, cfg: SyntheticConfig,
+                         item_attrs: dict[str, np.ndarray], shard_size: int, workers: int,
+                         progress: bool, interactions: Path) -> dict:
+    """Shards straight from the generator, one shard per task in parallel processes, no image
+    files; the tars are byte for byte what ``ptmrec shard OUT --shard-size N`` makes of the
+    folder the generator writes without ``shards``. items.jsonl and captions.jsonl are written
+    from the tasks' lines (items.jsonl has no ``image``: the images live in the shards only)."""
+    from ptmrec_dist.data.shards import MANIFEST, finish_shards
+    from ptmrec_dist.io import run_lock
+
+    n = cfg.n_items
+    tasks = [(str(shard_dir), k, cfg.seed, cfg.image_size, s,
+              {a: item_attrs[a][s:s + shard_size] for a in ATTRIBUTES})
+             for k, s in enumerate(range(0, n, shard_size))]
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(shard_dir, "ptmrec make-data synthetic"):
+        (shard_dir / MANIFEST).unlink(missing_ok=True)
+        pool = None
+        if workers > 1 and len(tasks) > 1:
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            pool = mp.get_context(method).Pool(min(workers, len(tasks)))
+        bar = logs.progress(total=n, desc="shards", unit="item", enabled=progress)
+        entries = []
+        try:
+            with open(out / ".items.jsonl.tmp", "w", encoding="utf-8") as items_f, \
+                    open(out / ".captions.jsonl.tmp", "w", encoding="utf-8") as caps_f:
+                # ordered: the text files are written in item order as the shards complete
+                results = pool.imap(_shard_task, tasks) if pool else map(_shard_task, tasks)
+                for entry, item_lines, cap_lines in results:
+                    entries.append(entry)
+                    items_f.write(item_lines)
+                    caps_f.write(cap_lines)
+                    bar.update(entry["n_items"])
+            if pool is not None:
+                pool.close()
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+        os.replace(out / ".items.jsonl.tmp", out / "items.jsonl")
+        os.replace(out / ".captions.jsonl.tmp", out / "captions.jsonl")
+        return finish_shards(shard_dir, entries, catalog=out, interactions=interactions,
+                             n_items=n, n_written=n, n_missing=0, image_size=0,
+                             shard_size=shard_size, skipped=SkipReport())
+
+
 # --------------------------------------------------------------------------- model
 def sample_items(cfg: SyntheticConfig) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Per-item attribute value indices and popularity (lognormal)."""
@@ -270,6 +339,15 @@ def sample_users(cfg: SyntheticConfig) -> tuple[dict[str, np.ndarray], np.ndarra
     return prefs, k.astype(np.int64)
 
 
+def _type_codes(item_attrs) -> tuple[np.ndarray, np.ndarray]:
+    """Per item the two joint codes of :func:`utility`: (category, colour, shape) and (pattern,
+    material). Items with both codes equal differ in utility only by popularity."""
+    c1 = (item_attrs["category"] * len(COLOURS) + item_attrs["colour"]) * len(SHAPES) \
+        + item_attrs["shape"]
+    c2 = item_attrs["pattern"] * len(MATERIALS) + item_attrs["material"]
+    return c1, c2
+
+
 def utility(prefs, item_attrs, log_pop, popularity_weight: float, users: np.ndarray) -> np.ndarray:
     """u(user, item) for the given users, all items: (len(users), n_items)."""
     w = {a: IMPORTANCE[a] * prefs[a][users] for a in ATTRIBUTES}     # (len(users), n_values)
@@ -278,9 +356,7 @@ def utility(prefs, item_attrs, log_pop, popularity_weight: float, users: np.ndar
     t1 = (w["category"][:, :, None, None] + w["colour"][:, None, :, None]
           + w["shape"][:, None, None, :]).reshape(len(users), -1)
     t2 = (w["pattern"][:, :, None] + w["material"][:, None, :]).reshape(len(users), -1)
-    c1 = (item_attrs["category"] * len(COLOURS) + item_attrs["colour"]) * len(SHAPES) \
-        + item_attrs["shape"]
-    c2 = item_attrs["pattern"] * len(MATERIALS) + item_attrs["material"]
+    c1, c2 = _type_codes(item_attrs)
     out = t1[:, c1]
     out += t2[:, c2]
     out += popularity_weight * log_pop
@@ -308,6 +384,101 @@ def sample_interactions(cfg: SyntheticConfig, prefs, k: np.ndarray, item_attrs, 
     return np.concatenate(all_u).astype(np.int64), np.concatenate(all_i).astype(np.int64)
 
 
+# --------------------------------------------------------------------------- grouped sampler
+GROUPED_AUTO_ITEMS = 100_000          # sampler "auto": exact up to this many items
+GROUPED_USER_CHUNK = 512              # users per block of (users x attribute types) logits
+
+
+def sampler_kind(cfg: SyntheticConfig) -> str:
+    """``exact`` or ``grouped`` (``auto``: exact up to GROUPED_AUTO_ITEMS items, so every data set
+    of that size keeps its bytes)."""
+    if cfg.sampler != "auto":
+        return cfg.sampler
+    return "exact" if cfg.n_items <= GROUPED_AUTO_ITEMS else "grouped"
+
+
+def _distinct_first(cand: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of CAND (draws in order), a mask of the first K[row] distinct values and how many
+    distinct values the row holds (drawing with replacement and skipping repeats is sampling
+    without replacement)."""
+    order = np.argsort(cand, axis=1, kind="stable")
+    srt = np.take_along_axis(cand, order, 1)
+    first_sorted = np.ones(cand.shape, bool)
+    first_sorted[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    first = np.zeros(cand.shape, bool)
+    np.put_along_axis(first, order, first_sorted, 1)
+    rank = np.cumsum(first, axis=1)
+    return first & (rank <= k[:, None]), rank[:, -1]
+
+
+def sample_interactions_grouped(cfg: SyntheticConfig, prefs, k: np.ndarray, item_attrs,
+                                pop) -> tuple:
+    """The choice model of :func:`sample_interactions` (k_u items without replacement from
+    softmax(utility / temperature)) without scoring every item for every user. An item's weight
+    factors into its attribute type's (the same for all its items) and its popularity's:
+    ``exp(u_type / T) * pop ** (w / T)``. Each draw picks a type from the user's softmax over
+    types (weighted by the type's popularity mass), then an item of that type by popularity;
+    repeats are skipped. Work is users x types (at most 18,432) plus users x k_u x log(items),
+    not users x items. Same distribution as the exact sampler, other random numbers."""
+    n_items, temp = cfg.n_items, cfg.temperature
+    c1, c2 = _type_codes(item_attrs)
+    code = c1 * (len(PATTERNS) * len(MATERIALS)) + c2
+    order = np.argsort(code, kind="stable")             # items grouped by type
+    types, start = np.unique(code[order], return_index=True)
+    sizes = np.diff(np.append(start, n_items))
+    lw = cfg.popularity_weight * np.log(pop[order]) / temp
+    top = np.maximum.reduceat(lw, start)                # per type, for exp without overflow
+    w = np.exp(lw - np.repeat(top, sizes))
+    cum = np.cumsum(w)                                  # within a type: cum - cum before it
+    before = np.append(0.0, cum)[start]
+    mass = cum[start + sizes - 1] - before
+    log_mass = top + np.log(mass)
+    t_c1, t_c2 = types // (len(PATTERNS) * len(MATERIALS)), types % (len(PATTERNS) * len(MATERIALS))
+    all_u, all_i = [], []
+    for c, s in enumerate(range(0, cfg.n_users, GROUPED_USER_CHUNK)):
+        users = np.arange(s, min(s + GROUPED_USER_CHUNK, cfg.n_users))
+        rng = np.random.default_rng([cfg.seed, seeds.SYN_GROUPED, c])
+        wt = {a: IMPORTANCE[a] * prefs[a][users] for a in ATTRIBUTES}
+        t1 = (wt["category"][:, :, None, None] + wt["colour"][:, None, :, None]
+              + wt["shape"][:, None, None, :]).reshape(len(users), -1)
+        t2 = (wt["pattern"][:, :, None] + wt["material"][:, None, :]).reshape(len(users), -1)
+        logit = (t1[:, t_c1] + t2[:, t_c2]) / temp + log_mass
+        logit -= logit.max(axis=1, keepdims=True)
+        cdf = np.cumsum(np.exp(logit), axis=1)
+        cdf /= cdf[:, -1:]
+        # one sorted array for all rows: row r's cdf lives in (r, r + 1]
+        flat = (cdf + np.arange(len(users))[:, None]).ravel()
+        kc = k[users]
+        rows = np.arange(len(users))
+        cand = np.empty((len(users), 0), np.int64)
+        while True:
+            m = 2 * int(kc[rows].max()) + 8
+            u = rng.random((len(rows), m)) + rows[:, None]
+            t = np.minimum(np.searchsorted(flat, u, side="right") - rows[:, None] * len(types),
+                           len(types) - 1)
+            v = before[t] + rng.random(t.shape) * mass[t]
+            pos = np.clip(np.searchsorted(cum, v, side="right"), start[t], start[t] + sizes[t] - 1)
+            new = order[pos]
+            if cand.shape[1] == 0:
+                cand = new
+            else:     # rows still short: their earlier draws, then these
+                grown = np.full((len(users), cand.shape[1] + m), -1, np.int64)
+                grown[:, :cand.shape[1]] = cand
+                grown[rows, cand.shape[1]:] = new
+                cand = grown
+            keep, distinct = _distinct_first(cand, kc)
+            short = np.flatnonzero(distinct - (cand < 0).any(axis=1) < kc)
+            if not len(short):
+                break
+            rows = short
+        keep &= cand >= 0
+        items = np.sort(np.where(keep, cand, n_items), axis=1)
+        valid = items < n_items
+        all_u.append(np.broadcast_to(users[:, None], items.shape)[valid])
+        all_i.append(items[valid])
+    return np.concatenate(all_u).astype(np.int64), np.concatenate(all_i).astype(np.int64)
+
+
 def variance_share(prefs, item_attrs, log_pop, popularity_weight: float) -> dict[str, float]:
     """Share of the average per-user utility variance over items due to each term."""
     var = {}
@@ -328,44 +499,58 @@ def _compact_json(obj: dict) -> str:
 
 
 def generate(cfg: SyntheticConfig, out_dir: str | Path, split_seed: int = 2026,
-             progress: bool = False, workers: int | None = None) -> dict:
-    """Write the synthetic benchmark into ``out_dir``; returns a summary dict."""
+             progress: bool = False, workers: int | None = None,
+             shards: str | Path | None = None, shard_size: int = 1000) -> dict:
+    """Write the synthetic benchmark into ``out_dir``; returns a summary dict. With ``shards``
+    (a folder), the items go straight into WebDataset shards there (``shard_size`` items each,
+    written by ``workers`` processes) and no image files are written."""
     t0 = time.perf_counter()
     Config(synthetic=cfg).validate()                    # ConfigError naming the synthetic.* key
     workers = min(2, os.cpu_count() or 1) if workers is None else max(1, int(workers))
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    if shard_size < 1:
+        raise ConfigError(f"shard size (--shard-size) must be >= 1, got {shard_size}")
+    out.mkdir(parents=True, exist_ok=True)
     (out / "truth.json").unlink(missing_ok=True)        # written last: present = complete
-    for stale in (out / "images").glob("*.jpg"):        # a previous, larger run into the same dir
-        if re.fullmatch(r"\d{9}\.jpg", stale.name) and int(stale.stem) >= cfg.n_items:
-            stale.unlink()
+    if shards is None:
+        (out / "images").mkdir(exist_ok=True)
+        for stale in (out / "images").glob("*.jpg"):    # a previous, larger run into the same dir
+            if re.fullmatch(r"\d{9}\.jpg", stale.name) and int(stale.stem) >= cfg.n_items:
+                stale.unlink()
 
     item_attrs, pop = sample_items(cfg)
     prefs, k = sample_users(cfg)
-    users, items = sample_interactions(cfg, prefs, k, item_attrs, pop)
+    sampler = sampler_kind(cfg)
+    draw = sample_interactions if sampler == "exact" else sample_interactions_grouped
+    users, items = draw(cfg, prefs, k, item_attrs, pop)
     labels = random_split_labels(users, split_seed)
-
-    _render_all(out, cfg, item_attrs, workers, progress)
-
-    item_lines, cap_lines = [], []
-    for i in range(cfg.n_items):
-        attrs = {a: int(item_attrs[a][i]) for a in ATTRIBUTES}
-        title, text, caption = item_texts(cfg.seed, i, attrs)
-        item_lines.append(json.dumps({"item_id": i, "title": title, "text": text,
-                                      "image": image_name(i)}) + "\n")
-        cap_lines.append(json.dumps({"item_id": i, "caption": caption}) + "\n")
-    atomic_write_text(out / "items.jsonl", "".join(item_lines))
-    atomic_write_text(out / "captions.jsonl", "".join(cap_lines))
     rows = np.stack([users, items, labels.astype(np.int64)], axis=1)
     buf = io.StringIO()
     np.savetxt(buf, rows, fmt="%d", delimiter="\t")
     atomic_write_text(out / "interactions.inter", "userID\titemID\tx_label\n" + buf.getvalue())
+    del buf, rows
+
+    if shards is not None:
+        _write_shards_direct(out, Path(shards), cfg, item_attrs, shard_size, workers, progress,
+                             out / "interactions.inter")
+    else:
+        _render_all(out, cfg, item_attrs, workers, progress)
+        item_lines, cap_lines = [], []
+        for i in range(cfg.n_items):
+            attrs = {a: int(item_attrs[a][i]) for a in ATTRIBUTES}
+            title, text, caption = item_texts(cfg.seed, i, attrs)
+            item_lines.append(json.dumps({"item_id": i, "title": title, "text": text,
+                                          "image": image_name(i)}) + "\n")
+            cap_lines.append(json.dumps({"item_id": i, "caption": caption}) + "\n")
+        atomic_write_text(out / "items.jsonl", "".join(item_lines))
+        atomic_write_text(out / "captions.jsonl", "".join(cap_lines))
 
     splits = {name: int(np.sum(labels == j)) for j, name in enumerate(SPLIT_NAMES)}
     counts = {"items": cfg.n_items, "users": cfg.n_users, "interactions": int(len(users)), **splits}
     truth = {
         "version": 1, "seed": cfg.seed, "split_seed": split_seed, "image_size": cfg.image_size,
         "temperature": cfg.temperature, "popularity_weight": cfg.popularity_weight,
+        **({} if sampler == "exact" else {"sampler": sampler}),
         "min_interactions": cfg.min_interactions, "mean_interactions": cfg.mean_interactions,
         "counts": counts, "attributes": list(ATTRIBUTES),
         "vocab": {a: list(v) for a, v in VOCAB.items()}, "synonyms": SYNONYMS,
@@ -388,4 +573,5 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path, split_seed: int = 2026,
                                              "source": "ptmrec make-data synthetic"})
     atomic_write_text(out / "truth.json", _compact_json(truth))
     return {"n_items": cfg.n_items, "n_users": cfg.n_users, "n_interactions": int(len(users)),
-            "seconds": round(time.perf_counter() - t0, 3), "out_dir": str(out), "splits": splits}
+            "seconds": round(time.perf_counter() - t0, 3), "out_dir": str(out), "splits": splits,
+            "sampler": sampler, **({"shards": str(shards)} if shards is not None else {})}

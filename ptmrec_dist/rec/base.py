@@ -29,10 +29,23 @@ class Recommender(nn.Module):
     needs_features = False      # requires image and/or text features
     uses_negatives = True       # the sampler draws one negative per (user, positive)
     trainable = True            # False: nothing to learn (pop)
+    # the ID tables a batch reads row by row (stage1.sparse_embeddings: sparse gradients for
+    # these, train/sparse_adam.py); empty: the model reads its tables whole (graph models)
+    row_tables: tuple[str, ...] = ()
+    sparse_rows = False         # set by stage 1: rows() gives sparse gradients
 
     def __init__(self, n_users: int, n_items: int, features, config, train: sp.csr_matrix):
         super().__init__()
         self.n_users, self.n_items = n_users, n_items
+
+    def rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` of the table ``name`` (one of :attr:`row_tables`): with
+        :attr:`sparse_rows`, through ``F.embedding(sparse=True)`` so that the table's gradient
+        holds the touched rows only; else plain indexing (the same values and dense gradient)."""
+        table = getattr(self, name)
+        if self.sparse_rows and self.training and torch.is_grad_enabled():
+            return F.embedding(index, table, sparse=True)
+        return table[index]
 
     # ------------------------------------------------------------------ the interface
     def pre_epoch(self, epoch: int, generator: torch.Generator) -> None:

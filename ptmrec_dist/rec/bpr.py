@@ -7,6 +7,7 @@ from ptmrec_dist.rec.base import Recommender, bpr_loss, l2_reg, terms, xavier_em
 
 class BPR(Recommender):
     name = "bpr"
+    row_tables = ("user_embedding", "item_embedding")
 
     def __init__(self, n_users, n_items, features, config, train):
         super().__init__(n_users, n_items, features, config, train)
@@ -18,9 +19,9 @@ class BPR(Recommender):
         return self.user_embedding, self.item_embedding
 
     def loss(self, batch):
-        u = self.user_embedding[batch["users"]]
-        p = self.item_embedding[batch["pos"]]
-        n = self.item_embedding[batch["neg"]]
+        u = self.rows("user_embedding", batch["users"])
+        p = self.rows("item_embedding", batch["pos"])
+        n = self.rows("item_embedding", batch["neg"])
         mf = bpr_loss((u * p).sum(-1), (u * n).sum(-1), batch)
         reg = l2_reg(batch, u, p, n)
         return terms(loss=mf + self.reg_weight * reg, bpr=mf, reg=reg)

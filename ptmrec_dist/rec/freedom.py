@@ -40,7 +40,8 @@ class FREEDOM(Recommender):
 
     def _mm_graph(self, tables):
         c = self.c
-        adjs = {m: graph.knn_graph(t, c.knn_k) for m, t in tables.items()}
+        adjs = {m: graph.knn_graph(t, c.knn_k, method=c.knn, nprobe=c.knn_nprobe)
+                for m, t in tables.items()}
         if len(adjs) == 2:
             mm = c.mm_image_weight * adjs["image"] + (1 - c.mm_image_weight) * adjs["text"]
         else:

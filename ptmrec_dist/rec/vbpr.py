@@ -13,6 +13,7 @@ from ptmrec_dist.rec.base import (Recommender, bpr_loss, l2_reg, modal_tensor, t
 class VBPR(Recommender):
     name = "vbpr"
     needs_features = True
+    row_tables = ("user_embedding", "item_embedding")
 
     def __init__(self, n_users, n_items, features, config, train):
         super().__init__(n_users, n_items, features, config, train)
@@ -47,7 +48,7 @@ class VBPR(Recommender):
         feats = [getattr(self, f"{m}_features") for m in self.modalities]
         ids = self.item_embedding
         if index is not None:
-            feats, ids = [f[index] for f in feats], ids[index]
+            feats, ids = [f[index] for f in feats], self.rows("item_embedding", index)
         content = self.item_linear(torch.cat(feats, dim=1).to(self.item_linear.weight.dtype))
         return torch.cat([ids, content], dim=1)
 
@@ -79,7 +80,7 @@ class VBPR(Recommender):
         return {"bpr": [(1.0, scores)], "student": student, "reg": self.reg_weight * reg}
 
     def loss(self, batch):
-        u = self.user_embedding[batch["users"]]
+        u = self.rows("user_embedding", batch["users"])
         p, n = self._items(batch["pos"]), self._items(batch["neg"])
         mf = bpr_loss((u * p).sum(-1), (u * n).sum(-1), batch)
         reg = l2_reg(batch, u, p, n)

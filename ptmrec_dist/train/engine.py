@@ -254,18 +254,23 @@ def set_group_lr(engine, index: int, lr: float) -> None:
 
 
 def build_engine(module: torch.nn.Module, ds_config: dict, param_groups: list | None = None,
-                 lr_scheduler=None):
+                 lr_scheduler=None, optimizer=None):
     """``deepspeed.initialize`` over the trainable parameters, or over ``param_groups``
     (``[{"params": [...], "lr": ...}, ...]``); torch.distributed must already be initialised,
-    by :func:`ptmrec_dist.dist.init`."""
+    by :func:`ptmrec_dist.dist.init`. ``optimizer``: a client optimizer over those parameters
+    (the config's ``optimizer`` block is then dropped)."""
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
     params = param_groups if param_groups is not None else \
         [p for p in module.parameters() if p.requires_grad]
+    if optimizer is not None:
+        ds_config = {k: v for k, v in ds_config.items() if k != "optimizer"}
+        params = None
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params,
-                                           config=ds_config, lr_scheduler=lr_scheduler)
+                                           optimizer=optimizer, config=ds_config,
+                                           lr_scheduler=lr_scheduler)
     check_cast(engine, ds_config)
     return engine
 

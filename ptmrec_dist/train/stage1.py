@@ -21,7 +21,7 @@ from torch import nn
 from ptmrec_dist import dist, rec, seeds
 from ptmrec_dist.config import Config, to_dict
 from ptmrec_dist.data.interactions import load_interactions
-from ptmrec_dist.errors import TrainingError
+from ptmrec_dist.errors import ConfigError, TrainingError
 from ptmrec_dist.eval.evaluate import Evaluator
 from ptmrec_dist.io import atomic_write_json
 from ptmrec_dist.logs import get_logger, progress
@@ -47,6 +47,37 @@ class _LossModule(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         return self.model.loss(batch)
+
+
+def sparse_optimizer(model: rec.base.Recommender, stage, ds_cfg: dict):
+    """With ``stage1.sparse_embeddings``: the model reads its ID tables through sparse rows and
+    trains with :class:`~ptmrec_dist.train.sparse_adam.RowSparseAdam` (the config's Adam betas
+    and eps); None without. Only where it is exact to DeepSpeed's handling: models that read
+    their tables row by row, ZeRO stage 0 (ZeRO 1-3 flatten gradients: no sparse ones), fp32
+    (DeepSpeed's bf16 / fp16 optimizers wrap theirs), no gradient clipping (DeepSpeed's norm
+    reads dense gradients)."""
+    if not stage.sparse_embeddings:
+        return None
+    from ptmrec_dist.train.engine import zero_stage
+    from ptmrec_dist.train.sparse_adam import RowSparseAdam
+
+    problems = []
+    if not model.row_tables:
+        problems.append(f"{model.name} reads its tables whole every step (works for bpr, vbpr)")
+    if zero_stage(ds_cfg) != 0:
+        problems.append(f"stage1.ds_config {stage.ds_config!r} is ZeRO stage "
+                        f"{zero_stage(ds_cfg)} (needs zero0)")
+    if (ds_cfg.get("bf16") or {}).get("enabled") or (ds_cfg.get("fp16") or {}).get("enabled"):
+        problems.append(f"stage1.precision is {stage.precision} (needs fp32)")
+    if stage.grad_clip:
+        problems.append(f"stage1.grad_clip is {stage.grad_clip} (needs 0)")
+    if problems:
+        raise ConfigError("stage1.sparse_embeddings: " + "; ".join(problems))
+    params = (ds_cfg.get("optimizer") or {}).get("params") or {}
+    model.sparse_rows = True
+    return RowSparseAdam([p for p in model.parameters() if p.requires_grad], lr=stage.lr,
+                         betas=tuple(params.get("betas", (0.9, 0.999))),
+                         eps=float(params.get("eps", 1e-8)), weight_decay=stage.weight_decay)
 
 
 def build_model(cfg: Config, inter, feats: ItemFeatures | None = None) -> rec.base.Recommender:
@@ -88,9 +119,15 @@ class Stage1Run:
                  f"{self.model.features_info}; {env.world_size} rank(s)")
         ds_cfg = stage_ds_config(stage, env.world_size, "stage1", trainable=self.n_params) \
             if self.model.trainable else None
-        self.engine = None if ds_cfg is None else build_engine(_LossModule(self.model), ds_cfg)
+        optimizer = sparse_optimizer(self.model, stage, ds_cfg) if ds_cfg is not None else None
+        self.engine = None if ds_cfg is None else \
+            build_engine(_LossModule(self.model), ds_cfg, optimizer=optimizer)
+        precision, adam = describe_engine(ds_cfg)
+        if optimizer is not None:
+            adam = (f"RowSparseAdam (lazy rows of {', '.join(self.model.row_tables)}; "
+                    "stage1.sparse_embeddings)")
         self.say(dist.runtime_line(self.engine.device if self.engine else dist.device(env),
-                                   *describe_engine(ds_cfg)))
+                                   precision, adam))
         # one micro batch per sampler step; DeepSpeed steps the optimizer every grad_accum of them
         self.sampler = BPRSampler(self.inter.csr("train"),
                                   stage.batch_size // max(1, stage.grad_accum), cfg.seed,
