@@ -46,12 +46,11 @@ def _eval_scale(r: dict) -> Iterable[Row]:
 
 def _graph_scale(r: dict) -> Iterable[Row]:
     for run in r.get("runs", []):
-        how = f", {run['knn_method']}" if "knn_method" in run else ""
-        feats = "" if "clusters" not in run else \
-            (", clustered" if run["clusters"] else ", Gaussian")
-        recall = f", recall@10 {run['knn_recall_at_10']}" if "knn_recall_at_10" in run else ""
-        yield (f"kNN item graph, {run['items']:,} items x {run['dim']}-d{feats}{how}", "",
-               f"{run['knn_seconds']} s, peak RSS {run['knn_peak_rss_mb']} MB{recall}")
+        feats = "clustered" if run["clusters"] else "Gaussian"
+        yield (f"kNN item graph, {run['items']:,} items x {run['dim']}-d, {feats}, "
+               f"{run['knn_method']}", "",
+               f"{run['knn_seconds']} s, peak RSS {run['knn_peak_rss_mb']} MB, "
+               f"recall@10 {run['knn_recall_at_10']}")
         yield (f"degree-sensitive pruning, {run['edges']:,} edges", "",
                f"{run['prune_seconds']} s")
 

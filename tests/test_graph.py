@@ -199,6 +199,9 @@ def test_faiss_knn_finds_the_exact_neighbours_of_structured_features():
     assert torch.equal(approx, knn_indices(feats, 10, method="faiss", nprobe=3))   # repeatable
     adj = knn_graph(feats, 10, method="faiss", nprobe=3)
     assert adj._nnz() == 3000 * 10
+    # FREEDOM's tables may require grad (and live on a GPU): faiss gets a detached CPU copy
+    again = knn_indices(feats.clone().requires_grad_(), 10, method="faiss", nprobe=3)
+    assert torch.equal(again, approx) and again.device == feats.device
 
 
 def test_knn_method_auto_switches_above_the_exact_limit(monkeypatch, caplog):

@@ -24,12 +24,12 @@ QUICK = ["stage1.epochs=6", "stage1.batch_size=64", "stage1.lr=0.01", "stage1.pa
 RANDOM_RECALL20 = 20 / 52     # as tests/test_stage1.py: the tiny data's random ranking
 
 
-def _steps(opt_cls, sparse: bool, wd: float = 0.0, steps: int = 5, **kw):
+def _steps(opt_cls, sparse: bool, wd: float = 0.0, steps: int = 5):
     """Train a 30 x 4 table and a dense 4-vector for a few steps of a fixed loss; returns both."""
     torch.manual_seed(0)
     table = torch.nn.Parameter(torch.randn(30, 4))
     vec = torch.nn.Parameter(torch.randn(4))
-    opt = opt_cls([table, vec], lr=0.05, **({"weight_decay": wd} if wd else {}), **kw)
+    opt = opt_cls([table, vec], lr=0.05, **({"weight_decay": wd} if wd else {}))
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         rows = torch.randint(0, 12, (7,), generator=g)        # rows 12..29 never touched

@@ -195,8 +195,7 @@ def extract_rank(backbone: FrozenBackbone, weights: str, shards: str | Path, out
             bar.update(len(idx))
     bar.close()
     if times is not None:
-        times["loader_wait_s"] = times.get("loader_wait_s", 0.0) + wait
-        times["encode_s"] = times.get("encode_s", 0.0) + encode
+        times.update(loader_wait_s=wait, encode_s=encode)
     if pending:   # a shard yielded fewer items than its manifest says (skipped bad samples)
         names = ", ".join(sorted(pending))
         raise ShardError(shards, f"incomplete shards after extraction: {names}")

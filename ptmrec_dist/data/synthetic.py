@@ -11,6 +11,7 @@ output independent of the number of worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -219,24 +220,34 @@ def _render_all(out_dir: Path, cfg: SyntheticConfig, item_attrs: dict[str, np.nd
     tasks = [(str(out_dir), cfg.seed, cfg.image_size, s, item_attrs["colour"][s:s + IMAGE_CHUNK],
               item_attrs["shape"][s:s + IMAGE_CHUNK], item_attrs["pattern"][s:s + IMAGE_CHUNK])
              for s in range(0, n, IMAGE_CHUNK)]
-    pool = None
-    if workers > 1 and n >= POOL_MIN_ITEMS:
-        # fork where there is one: no `if __name__ == "__main__"` guard needed in the caller's
-        # script; workers touch only numpy/PIL. The bar (logs.progress) starts no thread.
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        pool = mp.get_context(method).Pool(min(workers, len(tasks)))
     bar = logs.progress(total=n, desc="images", unit="img", enabled=progress)
     try:
-        done_iter = pool.imap_unordered(_render_chunk, tasks) if pool else map(_render_chunk, tasks)
-        for done in done_iter:
-            bar.update(done)
-        if pool is not None:
-            pool.close()
+        with _mapped(_render_chunk, tasks, workers if n >= POOL_MIN_ITEMS else 1,
+                     ordered=False) as done_iter:
+            for done in done_iter:
+                bar.update(done)
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()                            # no-op after close(); kills on error
-            pool.join()
+
+
+@contextlib.contextmanager
+def _mapped(fn, tasks: list, workers: int, ordered: bool):
+    """``fn`` over ``tasks``: in a pool of ``min(workers, len(tasks))`` processes where
+    ``workers`` > 1 and there is more than one task, else in this process; results in task order
+    with ``ordered``, else as they come. The pool is closed at the end, killed on an error."""
+    if workers <= 1 or len(tasks) <= 1:
+        yield map(fn, tasks)
+        return
+    # fork where there is one: no `if __name__ == "__main__"` guard needed in the caller's
+    # script; workers touch only numpy/PIL. The bar (logs.progress) starts no thread.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    pool = mp.get_context(method).Pool(min(workers, len(tasks)))
+    try:
+        yield (pool.imap if ordered else pool.imap_unordered)(fn, tasks)
+        pool.close()
+    finally:
+        pool.terminate()                                # no-op after close(); kills on error
+        pool.join()
 
 
 def _shard_task(args) -> tuple[dict, str, str]:
@@ -277,29 +288,20 @@ def _write_shards_direct(out: Path, shard_dir: Path, cfg: SyntheticConfig,
     shard_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(shard_dir, "ptmrec make-data synthetic"):
         (shard_dir / MANIFEST).unlink(missing_ok=True)
-        pool = None
-        if workers > 1 and len(tasks) > 1:
-            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            pool = mp.get_context(method).Pool(min(workers, len(tasks)))
         bar = logs.progress(total=n, desc="shards", unit="item", enabled=progress)
         entries = []
         try:
             with open(out / ".items.jsonl.tmp", "w", encoding="utf-8") as items_f, \
-                    open(out / ".captions.jsonl.tmp", "w", encoding="utf-8") as caps_f:
+                    open(out / ".captions.jsonl.tmp", "w", encoding="utf-8") as caps_f, \
+                    _mapped(_shard_task, tasks, workers, ordered=True) as results:
                 # ordered: the text files are written in item order as the shards complete
-                results = pool.imap(_shard_task, tasks) if pool else map(_shard_task, tasks)
                 for entry, item_lines, cap_lines in results:
                     entries.append(entry)
                     items_f.write(item_lines)
                     caps_f.write(cap_lines)
                     bar.update(entry["n_items"])
-            if pool is not None:
-                pool.close()
         finally:
             bar.close()
-            if pool is not None:
-                pool.terminate()
-                pool.join()
         os.replace(out / ".items.jsonl.tmp", out / "items.jsonl")
         os.replace(out / ".captions.jsonl.tmp", out / "captions.jsonl")
         return finish_shards(shard_dir, entries, catalog=out, interactions=interactions,

@@ -58,7 +58,7 @@ def knn_indices_faiss(normed: torch.Tensor, k: int, nprobe: int) -> torch.Tensor
     at the same thread count."""
     import faiss
 
-    x = np.ascontiguousarray(normed.numpy(), dtype=np.float32)
+    x = np.ascontiguousarray(normed.detach().cpu().numpy(), dtype=np.float32)   # faiss-cpu
     n, d = x.shape
     nlist = max(1, n // FAISS_LIST_SIZE)
     quantizer = faiss.IndexFlatIP(d)
@@ -76,7 +76,7 @@ def knn_indices_faiss(normed: torch.Tensor, k: int, nprobe: int) -> torch.Tensor
     missing = out < 0
     if missing.any():
         out[missing] = np.broadcast_to(np.arange(n)[:, None], out.shape)[missing]
-    return torch.from_numpy(out)
+    return torch.from_numpy(out).to(normed.device)     # where the exact graph would be
 
 
 def knn_indices(features: torch.Tensor, k: int, chunk: int | None = None,
