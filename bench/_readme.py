@@ -167,12 +167,30 @@ def _claims(r: dict) -> Iterable[Row]:
     for arm, d in r.get("arms", {}).items():
         yield (f"{arm}: test Recall@20, epoch -1 kept in {d['epoch_minus1_kept']}", "",
                f"{d['mean']:.4f} ± {d['std']:.4f} (n={d['n']})")
+        if "se_rel_pct" in d:
+            yield (f"{arm}: standard error of one run's test Recall@20 / its value",
+                   "<= 3 %", f"{d['se_rel_pct']:.1f} % ({d['test_users']} test users)")
+    for h in r.get("headroom", []):
+        if "mean_diff" in h:
+            lo, hi = h["ci95"]
+            share = f", {100 * h['share_of_gap']:.0f} % of the gap" if "share_of_gap" in h else ""
+            yield (f"headroom ({h['model']}): {h['a']} - {h['b']}, test Recall@20", "",
+                   f"{h['mean_diff']:+.4f} ({h['relative_pct']:+.1f} %) [{lo:+.4f}, {hi:+.4f}]"
+                   f"{share}")
     for c in r.get("claims", []):
-        if c.get("n_runs"):
+        if "mean_diff" in c:
             lo, hi = c["ci95"]
             yield (f"claim {c['claim']} ({c['model']}): {c['statement']}", "",
                    f"{c['mean_diff']:+.4f} [{lo:+.4f}, {hi:+.4f}], p(Holm) {c['p_holm']:.3g}: "
                    f"{c['verdict']}")
+
+
+def _probe_adapt(r: dict) -> Iterable[Row]:
+    for key, methods in r.get("summary", {}).items():
+        for method, d in methods.items():
+            yield (f"probe {key}, {method}: test accuracy (chance "
+                   f"{d['runs'][0]['chance']:.3f})", "",
+                   f"{d['test_mean']:.3f} ± {d['test_std']:.3f} (n={len(d['runs'])})")
 
 
 def _cold_start(r: dict) -> Iterable[Row]:
@@ -221,7 +239,8 @@ READERS: dict[str, Callable[[dict], Iterable[Row]]] = {
     "graph_scale": _graph_scale, "extract": _extract, "stage2_cost": _stage2_cost,
     "data": _data, "stage1": _stage1, "scaling": _scaling,
     "sparse_embeddings": _sparse_embeddings, "ablation": _ablation,
-    "claims": _claims, "cold_start": _cold_start, "ml100k": _ml100k, "tune_demo": _tune_demo}
+    "claims": _claims, "probe_adapt": _probe_adapt, "cold_start": _cold_start,
+    "ml100k": _ml100k, "tune_demo": _tune_demo}
 
 
 def _machine(p: dict) -> str:
@@ -238,8 +257,8 @@ def render(results: Path, readme: Path) -> str:
              "Benchmarks report figures, tests assert behaviour: nothing here is a pass/fail "
              "gate. Sizes, commands and what each figure means are in each script's docstring "
              "and in the docs it names. At `make bench` size the quality benchmarks (ablation, "
-             "claims, cold_start, ml100k, tune_demo) run one or two seeds on a few hundred "
-             "users: their metrics show the benchmark runs, they are not results (the docs "
+             "claims, probe_adapt, cold_start, ml100k, tune_demo) run one or two seeds on a few "
+             "hundred users: their metrics show the benchmark runs, they are not results (the docs "
              "quote the full runs, `make bench-full`).",
              ""]
     files = sorted(results.glob("*.json"))

@@ -113,3 +113,58 @@ def t_interval(diffs: list[float]) -> dict:
         return {"mean": mean, "lo": None, "hi": None, "n": len(d)}
     half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(d)}
+
+
+# headroom arms of the synthetic benchmark: stage 1 on features that encode exactly some of the
+# true item attributes (truth.json), instead of the backbone's
+HEADROOM = {
+    "oracle": "visible",            # every attribute the modality shows ("visibility")
+    "caption-visible": "caption",   # only those the backbone's pretraining captions also name
+}
+
+
+def attribute_features(data_dir: Path, frozen: Path, out: Path, rule: str) -> Path:
+    """Item features of the synthetic set at ``DATA_DIR`` that encode exactly some of its true
+    attributes: per modality of the FROZEN features folder, the one-hot codes of the attributes
+    truth.json says the modality shows (RULE ``visible``), or of those among them that the
+    backbone's pretraining captions name (``caption``), concatenated and scaled to the frozen
+    features' mean row norm (only the content differs). Rows in the catalog's item order;
+    ``meta.json`` (the attributes per modality) is written last, and a complete folder is
+    reused."""
+    import numpy as np
+
+    from ptmrec_dist.clip.demo_eval import read_truth
+    from ptmrec_dist.data.interactions import load_interactions
+    from ptmrec_dist.io import atomic_write_json
+    from ptmrec_dist.rec.features import NAMES
+
+    if rule not in HEADROOM.values():
+        raise ValueError(f"rule {rule!r}: expected one of {sorted(set(HEADROOM.values()))}")
+    out = Path(out)
+    if (out / "meta.json").is_file():
+        return out
+    inter = load_interactions(data_dir, warn=lambda _m: None)
+    ids = [str(i) for i in (inter.item_ids if inter.item_ids is not None
+                            else range(inter.n_items))]
+    truth_path = Path(data_dir) / "truth.json"
+    truth = read_truth(Path(data_dir), ids)
+    if truth is None:
+        raise FileNotFoundError(f"{truth_path}: headroom features need the synthetic set's truth")
+    raw = json.loads(truth_path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"rule": rule, "attributes": {}, "source": str(truth_path)}
+    for modality, (name, _) in NAMES.items():
+        if not (Path(frozen) / name).is_file():
+            continue
+        attrs = [a for a in raw["attributes"] if modality in raw["visibility"][a]
+                 and (rule == "visible" or a in raw["caption_attributes"])]
+        if not attrs:
+            raise ValueError(f"no attribute of {truth_path} is {rule} in the {modality} modality")
+        codes = np.concatenate([np.eye(len(truth["vocab"][a]), dtype=np.float32)[truth["attrs"][a]]
+                                for a in attrs], axis=1)
+        ref = np.load(Path(frozen) / name, mmap_mode="r")
+        norm = float(np.linalg.norm(np.asarray(ref, dtype=np.float32), axis=1).mean())
+        np.save(out / name, codes * (norm / np.sqrt(len(attrs))))
+        meta["attributes"][modality] = attrs
+    atomic_write_json(out / "meta.json", meta)
+    return out

@@ -8,7 +8,13 @@ paired bootstrap intervals, a paired test per claim with Holm's correction.
 
 * **Arms** are ``configs/ablations/<arm>.yaml`` (``frozen`` is stage 1 and every two-stage arm's
   teacher), plus ``stage1-on-adapted``: stage 1 retrained from scratch on the ``ptmrec`` run's
-  exported features (are the features themselves better?).
+  exported features (are the features themselves better?), and the **headroom** arms, stage 1
+  on features that encode exactly some true attributes (``_util.attribute_features``):
+  ``oracle`` (every attribute each modality shows) and ``caption-visible`` (only those the
+  backbone's pretraining captions name). oracle - frozen is the gap an encoder could close;
+  the headroom table puts ptmrec - frozen next to it (share of the gap closed). Each arm's
+  row has the standard error of one run's test Recall@20 over its users, relative to the
+  value (``se_rel_pct``; the power target is at most 3 %).
 * **Seeds.** Data seed ``d`` generates the synthetic set (``synthetic.seed=d``; its own split,
   ``data.split_seed=2026+d``), shards it and pretrains its demo backbone; init seed ``s`` is the
   run's ``seed`` (initialisation, sampling). The headline pair (``frozen``, ``ptmrec``) runs
@@ -44,7 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from _util import ABLATIONS, ablation_kind, quiet, resumable, write_result  # noqa: E402
+from _util import (ABLATIONS, HEADROOM, ablation_kind, attribute_features, quiet,  # noqa: E402
+                   resumable, write_result)
 
 HEADLINE = ("frozen", "ptmrec")
 CONTROLS = ("frozen-backbone-kt", "ptmrec-no-kt", "joint-prompt", "joint-full", "prompts-only",
@@ -64,6 +71,8 @@ BOOTSTRAP = 2000
 def kind(arm: str) -> str:
     if arm == "stage1-on-adapted":
         return "retrain"
+    if arm in HEADROOM:
+        return "headroom"
     return ablation_kind(arm)
 
 
@@ -109,6 +118,12 @@ def run_one(base, work: Path, data_seed: int, model: str, seed: int, arm: str) -
             cfg = copy.deepcopy(base)
             cfg.data.features = str(run_dir(work, data_seed, model, seed, "ptmrec") / "features")
             arm_cfg = ABLATIONS / "frozen.yaml"
+        elif arm in HEADROOM:      # stage 1 on features that encode chosen true attributes
+            cfg = copy.deepcopy(base)
+            cfg.data.features = str(attribute_features(
+                Path(base.data.path), Path(base.data.features),
+                work / f"data{data_seed}" / "inputs" / f"features-{arm}", HEADROOM[arm]))
+            arm_cfg = ABLATIONS / "frozen.yaml"
         else:
             cfg, arm_cfg = copy.deepcopy(base), ABLATIONS / f"{arm}.yaml"
         cfg.seed, cfg.recommender.name = seed, model
@@ -117,7 +132,7 @@ def run_one(base, work: Path, data_seed: int, model: str, seed: int, arm: str) -
             run_one(base, work, data_seed, model, seed, "frozen")
             extra.append(f"stage2.teacher={run_dir(work, data_seed, model, seed, 'frozen')}")
         cfg = load_config(arm_cfg, extra, base=cfg)
-        stage1 = kind(arm) in ("stage1", "retrain")
+        stage1 = kind(arm) in ("stage1", "retrain", "headroom")
         m = (run_stage1 if stage1 else run_stage2)(cfg, out, log=quiet)
         np.savez(out / "per_user.npz", **per_user(out))
         return dict(m, epoch_minus1_kept=m["best_epoch"] == -1)
@@ -191,6 +206,29 @@ def evaluate_claims(runs: dict, models: list[str]) -> list[dict]:
     return rows
 
 
+HEADROOM_ROWS = [  # (A, B, what A - B measures); reported, not claims: no correction
+    ("oracle", "frozen", "the gap: a perfect encoder of what each modality shows vs frozen"),
+    ("frozen", "caption-visible", "what frozen features carry beyond the caption attributes"),
+    ("ptmrec", "frozen", "PTMRec's gain (claim 1), as a share of the gap"),
+]
+
+
+def evaluate_headroom(runs: dict, models: list[str]) -> list[dict]:
+    """The headroom rows: paired differences as for the claims, and for ptmrec the share of the
+    oracle gap closed (mean gain / mean gap over the same runs' data seeds)."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for model in models:
+        for a, b, text in HEADROOM_ROWS:
+            res = paired(runs, (model, a), (model, b), rng)
+            rows.append({"model": model, "a": a, "b": b, "measures": text,
+                         **(res or {"n_runs": 0})})
+        gap, gain = rows[-3], rows[-1]
+        if "mean_diff" in gap and "mean_diff" in gain and gap["mean_diff"] > 0:
+            gain["share_of_gap"] = gain["mean_diff"] / gap["mean_diff"]
+    return rows
+
+
 def difference_of_differences(runs: dict, rng) -> dict:
     """Claim 6: ptmrec's gain over frozen, vbpr minus freedom, per matched (data, init) seed."""
     from scipy import stats
@@ -222,16 +260,35 @@ def arm_table(runs: dict) -> dict:
             "n": len(ms), "mean": float(np.mean(v)), "std": float(np.std(v)),
             "best_epochs": [m["best_epoch"] for m in ms],
             "epoch_minus1_kept": sum(bool(m.get("epoch_minus1_kept")) for m in ms),
+            # standard error of one run's test Recall@20 over its users, relative to its value
+            # (issue 18's power target: at most 3 %)
+            "se_rel_pct": float(np.mean([100 * pu[METRIC].std(ddof=1) / np.sqrt(len(pu[METRIC]))
+                                         / max(pu[METRIC].mean(), 1e-12)
+                                         for _, pu in rs.values()])),
+            "test_users": sorted({len(pu[METRIC]) for _, pu in rs.values()}),
             "threads": sorted({m.get("provenance", {}).get("torch_threads") for m in ms}),
             "commits": sorted({str(m.get("provenance", {}).get("commit"))[:10] for m in ms})}
     return table
 
 
-def markdown(table: dict, claims: list[dict]) -> str:
-    lines = [f"| arm | runs | test {METRIC} | best epochs | epoch -1 kept |", "|---|---|---|---|---|"]
+def markdown(table: dict, claims: list[dict], headroom: list[dict] | None = None) -> str:
+    lines = [f"| arm | runs | test {METRIC} | SE / value | best epochs | epoch -1 kept |",
+             "|---|---|---|---|---|---|"]
     for key, r in table.items():
-        lines.append(f"| {key} | {r['n']} | {r['mean']:.4f} ± {r['std']:.4f} | "
+        se = f"{r['se_rel_pct']:.1f} %" if "se_rel_pct" in r else "-"
+        lines.append(f"| {key} | {r['n']} | {r['mean']:.4f} ± {r['std']:.4f} | {se} | "
                      f"{r['best_epochs']} | {r['epoch_minus1_kept']} |")
+    if headroom:
+        lines += ["", "| headroom (no correction) | model | runs | A - B (rel.) | 95 % CI | "
+                  "share of gap |", "|---|---|---|---|---|---|"]
+        for h in headroom:
+            if "mean_diff" not in h:
+                lines.append(f"| {h['a']} - {h['b']} | {h['model']} | {h['n_runs']} | - | - | - |")
+                continue
+            share = f"{100 * h['share_of_gap']:.0f} %" if "share_of_gap" in h else "-"
+            lines.append(f"| {h['a']} - {h['b']} | {h['model']} | {h['n_runs']} | "
+                         f"{h['mean_diff']:+.4f} ({h['relative_pct']:+.1f} %) | "
+                         f"[{h['ci95'][0]:+.4f}, {h['ci95'][1]:+.4f}] | {share} |")
     lines += ["", "| claim | model | A vs B | runs | A - B (rel.) | 95 % CI | p (Holm) | verdict |",
               "|---|---|---|---|---|---|---|---|"]
     for c in claims:
@@ -270,23 +327,30 @@ def plot(claims: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def input_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options that name one set of inputs (results, work folder, size, data seeds), shared
+    with bench/probe_adapt.py, which reads the same inputs."""
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--work", default=str(ROOT / "out" / "claims"))
     ap.add_argument("--items", type=int, default=800)
     ap.add_argument("--users", type=int, default=1600)
     ap.add_argument("--data-seeds", type=int, nargs="+", default=[0, 1, 2])
+    return ap
+
+
+def main() -> int:
+    ap = input_args(argparse.ArgumentParser())
     ap.add_argument("--inits", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--control-inits", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--models", nargs="+", default=["vbpr", "freedom"])
-    ap.add_argument("--arms", nargs="+", default=list(HEADLINE + CONTROLS))
+    ap.add_argument("--arms", nargs="+", default=list(HEADLINE + tuple(HEADROOM) + CONTROLS))
     ap.add_argument("overrides", nargs="*", help="key=value for every run")
     args = ap.parse_args()
-    unknown = [a for a in args.arms if a not in HEADLINE + CONTROLS and
+    unknown = [a for a in args.arms if a not in HEADLINE + CONTROLS + tuple(HEADROOM) and
                not (ABLATIONS / f"{a}.yaml").is_file()]
     if unknown:
-        ap.error(f"unknown arm(s) {unknown} (configs/ablations/ names or stage1-on-adapted; "
+        ap.error(f"unknown arm(s) {unknown} (configs/ablations/ names, stage1-on-adapted, "
+                 f"{', '.join(HEADROOM)}; "
                  "key=value overrides go before --arms)")
     import torch
     torch.set_num_threads(2)
@@ -301,6 +365,7 @@ def main() -> int:
                     run_one(base, work, d, model, seed, arm)
     runs = load_runs(work, args.models, args.data_seeds, args.arms)
     claims = evaluate_claims(runs, args.models)
+    headroom = evaluate_headroom(runs, args.models)
     table = arm_table(runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -308,7 +373,8 @@ def main() -> int:
     result = {"items": args.items, "users": args.users, "data_seeds": args.data_seeds,
               "inits": args.inits, "control_inits": args.control_inits, "models": args.models,
               "overrides": args.overrides, "arms": table, "claims": claims,
-              "markdown": markdown(table, claims), "seconds": round(time.perf_counter() - t0, 1)}
+              "headroom": headroom, "markdown": markdown(table, claims, headroom),
+              "seconds": round(time.perf_counter() - t0, 1)}
     write_result(out, "claims", result)
     print(result["markdown"])
     return 0

@@ -26,7 +26,9 @@ from ``make demo``, run first if missing) and the real all-MiniLM-L6-v2 as the t
   stage-2 budget, with the stage-1 vbpr run of the same variant, seed and modalities as the
   teacher (``ptmrec-no-kt`` too: it starts from it) and as the ``frozen`` reference.
 * Paired statistics: per seed, method minus frozen on test Recall@20 / NDCG@20; the mean
-  difference with a 95 % t interval over seeds (n - 1 degrees of freedom).
+  difference with a 95 % t interval over seeds (n - 1 degrees of freedom), and the per-seed
+  differences. Where they ran, also minus the ``frozen-backbone-kt`` control (``vs_control``)
+  and, for ptmrec, minus ``ptmrec-no-kt`` (``vs_no_kt``: what the KT loss adds).
 
 A finished run (its ``bench.json``) is reused, so an interrupted bench resumes run by run.
 Every run is a fresh ``python -m ptmrec_dist`` process. Writes ``OUT/ml100k.json`` and prints
@@ -61,6 +63,7 @@ VARIANTS = {"full": [], "sparse": ["data.subsample=0.1"]}
 GRID = {"sparse": {"stage1.batch_size": [256, 1024], "stage1.lr": [0.001, 0.005]}}
 SELECT_SEED = 0
 CONTROL = "frozen-backbone-kt"
+NO_KT = "ptmrec-no-kt"
 CONFIG = ROOT / "configs" / "ml100k.yaml"
 DEMO_BACKBONE = ROOT / "out" / "demo" / "backbone"
 
@@ -203,6 +206,17 @@ def mean_std(ms: list[dict]) -> dict:
                 "runs": [m["test"][k] for m in ms]} for k in METRICS}
 
 
+def paired(runs: dict, reference: dict) -> dict:
+    """Per seed present in both, RUNS minus REFERENCE on test Recall@20 / NDCG@20: the mean
+    difference with its 95 % t interval and the per-seed differences."""
+    both = [s for s in sorted(runs) if s in reference]
+    out = {}
+    for k in ("recall@20", "ndcg@20"):
+        diffs = [runs[s]["test"][k] - reference[s]["test"][k] for s in both]
+        out[k] = {**t_interval(diffs), "seeds": both, "diffs": diffs}
+    return out
+
+
 def collect(work: Path, seeds: list[int]) -> dict:
     """Every finished run of WORK for these seeds (earlier invocations too)."""
     table: dict = {"stage1": {}, "stage2": {}}
@@ -223,18 +237,17 @@ def collect(work: Path, seeds: list[int]) -> dict:
             if stage == "stage2":
                 variant, name = key.split("/")
                 frozen = table["stage1"].get(f"{variant}/vbpr-{name.rsplit('-', 1)[1]}", {})
-                paired = [s for s in sorted(runs) if s in frozen]
-                row["vs_frozen"] = {k: t_interval([runs[s]["test"][k] - frozen[s]["test"][k]
-                                                   for s in paired])
-                                    for k in ("recall@20", "ndcg@20")}
+                row["vs_frozen"] = paired(runs, frozen)
                 # the control: the same two stages and KT with nothing in the backbone trained
                 # (configs/ablations/frozen-backbone-kt.yaml): what adapting the encoder adds
                 control = table["stage2"].get(f"{variant}/{CONTROL}-{name.rsplit('-', 1)[1]}", {})
-                both = [s for s in sorted(runs) if s in control]
                 if control and not name.startswith(CONTROL):
-                    row["vs_control"] = {k: t_interval([runs[s]["test"][k] -
-                                                        control[s]["test"][k] for s in both])
-                                         for k in ("recall@20", "ndcg@20")}
+                    row["vs_control"] = paired(runs, control)
+                # knowledge transfer: ptmrec minus the same two stages without the KT loss
+                method, modality = name.rsplit("-", 1)
+                no_kt = table["stage2"].get(f"{variant}/{NO_KT}-{modality}", {})
+                if method == "ptmrec" and no_kt:
+                    row["vs_no_kt"] = paired(runs, no_kt)
                 row["trainable_backbone_pct"] = ms[0]["params"]["backbone"]["trainable_pct"]
             summary[stage][key] = row
     return summary
@@ -262,9 +275,10 @@ def markdown(summary: dict) -> str:
                      f"{ci(r['vs_frozen']['recall@20'])} | {ci(r['vs_frozen']['ndcg@20'])} | "
                      f"{r['trainable_backbone_pct']} % | {len(r['seeds'])} | "
                      f"{r['best_epochs']} | {r['wall_s']:.0f} s |")
-        if "vs_control" in r:
-            lines.append(f"| {key} **minus {CONTROL}** | | | {ci(r['vs_control']['recall@20'])} | "
-                         f"{ci(r['vs_control']['ndcg@20'])} | | | | |")
+        for field, ref in (("vs_control", CONTROL), ("vs_no_kt", NO_KT)):
+            if field in r:
+                lines.append(f"| {key} **minus {ref}** | | | {ci(r[field]['recall@20'])} | "
+                             f"{ci(r[field]['ndcg@20'])} | | | | |")
     return "\n".join(lines)
 
 

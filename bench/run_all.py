@@ -44,7 +44,10 @@ QUICK: dict[str, list[str]] = {
                     "stage2.epochs=1"],
     "claims.py": ["--items", "200", "--users", "300", "--data-seeds", "0", "--inits", "0", "1",
                   "--control-inits", "0", "--models", "vbpr", "--arms", "frozen", "ptmrec",
-                  "frozen-backbone-kt", "--work", f"{SMOKE}/claims", "stage2.epochs=1"],
+                  "frozen-backbone-kt", "oracle", "--work", f"{SMOKE}/claims",
+                  "stage2.epochs=1"],
+    "probe_adapt.py": ["--items", "200", "--users", "300", "--data-seeds", "0", "--epochs", "2",
+                       "--work", f"{SMOKE}/claims"],        # claims.py's inputs, same size
     # these two read a finished demo: the tiny one, built first (`ptmrec demo --size tiny`)
     "cold_start.py": ["--demo", f"{SMOKE}/demo", "--seeds", "0", "1",
                       "--work", f"{SMOKE}/cold_start"],

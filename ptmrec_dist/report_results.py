@@ -139,11 +139,25 @@ def claims_page(path: Path, data: dict, out: Path) -> Page:
                       c.get("verdict", "too few runs")])
     page.table(["claim", "statement", "model", "A vs B", "runs", "A - B", "relative",
                 "95 % CI", "p (Holm)", "expectation", "verdict"], table)
+    headroom = [h for h in data.get("headroom") or [] if isinstance(h, dict)]
+    if headroom:       # claims.json of bench/claims.py with the headroom arms (oracle, caption)
+        page.h2("Headroom: stage 1 on features that encode chosen true attributes", "headroom")
+        page.table(["model", "A - B", "measures", "runs", "A - B", "relative", "95 % CI",
+                    "share of the gap"],
+                   [[h.get("model"), f"{h.get('a')} - {h.get('b')}", h.get("measures"),
+                     h.get("n_runs"), _signed({"mean": h.get("mean_diff")}),
+                     None if h.get("relative_pct") is None else f"{h['relative_pct']:+.1f} %",
+                     _ci(*(h.get("ci95") or [None, None])),
+                     None if h.get("share_of_gap") is None else f"{100 * h['share_of_gap']:.0f} %"]
+                    for h in headroom])
     arms = data.get("arms") if isinstance(data.get("arms"), dict) else {}
     page.h2("Arms: test Recall@20 over runs", "arms")
     if arms:
-        page.table(["model/arm", "runs", "mean ± std", "best epochs", "epoch -1 kept"],
-                   [[k, a.get("n"), _pm(a), a.get("best_epochs"), a.get("epoch_minus1_kept")]
+        page.table(["model/arm", "runs", "mean ± std", "SE of a run / value", "best epochs",
+                    "epoch -1 kept"],
+                   [[k, a.get("n"), _pm(a),
+                     None if a.get("se_rel_pct") is None else f"{a['se_rel_pct']:.1f} %",
+                     a.get("best_epochs"), a.get("epoch_minus1_kept")]
                     for k, a in arms.items()])
     else:
         page.missing("no 'arms' table in the JSON")
@@ -151,8 +165,9 @@ def claims_page(path: Path, data: dict, out: Path) -> Page:
 
 
 def ml100k_page(path: Path, data: dict, out: Path) -> Page:
-    """bench/ml100k.py: stage 2 minus frozen (and minus the frozen-backbone-kt control) per
-    variant and method, 95 % t intervals over seeds; the stage-1 and stage-2 tables."""
+    """bench/ml100k.py: stage 2 minus frozen (and minus the frozen-backbone-kt control, and
+    ptmrec minus ptmrec-no-kt) per variant and method, 95 % t intervals over seeds; the stage-1
+    and stage-2 tables."""
     summary = data["summary"]
     page = Page(f"ptmrec report: MovieLens-100k ({path.name})", out)
     page.p(f"seeds {data.get('seeds', '?')}; stage-2 runs with vbpr, the stage-1 vbpr run of "
@@ -162,7 +177,8 @@ def ml100k_page(path: Path, data: dict, out: Path) -> Page:
     for metric, label in (("recall@20", "test Recall@20"), ("ndcg@20", "test NDCG@20")):
         rows = []
         for key, r in stage2.items():
-            for field, suffix in (("vs_frozen", "- frozen"), ("vs_control", "- control")):
+            for field, suffix in (("vs_frozen", "- frozen"), ("vs_control", "- control"),
+                                  ("vs_no_kt", "- no-KT")):
                 d = (r.get(field) or {}).get(metric)
                 if isinstance(d, dict) and d.get("mean") is not None:
                     rows.append({"label": f"{key} {suffix}", "mean": d["mean"],
@@ -172,7 +188,8 @@ def ml100k_page(path: Path, data: dict, out: Path) -> Page:
     page.h2("Paired differences with 95 % intervals", "forest")
     if panels:
         page.figure(plots.forest, "forest.png", "stage 2 minus frozen (and minus the "
-                    "frozen-backbone-kt control) per seed, mean and 95 % t interval over seeds "
+                    "frozen-backbone-kt control, ptmrec minus ptmrec-no-kt) per seed, mean and "
+                    "95 % t interval over seeds "
                     "(grey: one seed, no interval)", panels, "paired difference (method - ref)")
     else:
         page.missing("no stage-2 row has a vs_frozen difference")
@@ -185,6 +202,12 @@ def ml100k_page(path: Path, data: dict, out: Path) -> Page:
         rows.append([key, _pm(r.get("recall@20")), _pm(r.get("ndcg@20")), *diffs,
                      r.get("trainable_backbone_pct"), len(r.get("seeds") or []),
                      r.get("best_epochs")])
+        for field, ref in (("vs_control", "frozen-backbone-kt"), ("vs_no_kt", "ptmrec-no-kt")):
+            if isinstance(r.get(field), dict):     # paired against another stage-2 arm
+                diffs = [f"{_signed(d)} {_ci(d.get('lo'), d.get('hi'))}"
+                         for d in (r[field].get(m) or {} for m in ("recall@20", "ndcg@20"))]
+                n = (r[field].get("recall@20") or {}).get("n")
+                rows.append([f"{key} minus {ref}", "", "", *diffs, "", n, ""])
     page.table(["variant / method-modalities", "R@20", "N@20", "R@20 - frozen (95 % CI)",
                 "N@20 - frozen (95 % CI)", "backbone trained %", "seeds", "best epochs"], rows)
     page.h2("Stage 1", "stage1")

@@ -72,3 +72,149 @@ def test_scaling_exponent_fit(bench_modules):
     assert fit["knn-graph"]["exponent"] == pytest.approx(2.0, abs=1e-3)
     assert fit["knn-graph"]["goal"] == ""
     assert "extract" not in fit
+
+
+def test_ml100k_pairs_runs_by_seed(monkeypatch, tmp_path):
+    """bench/ml100k.py's summary pairs each stage-2 arm with frozen (its stage-1 teacher), the
+    frozen-backbone-kt control and, for ptmrec, ptmrec-no-kt, per seed present in both."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("ml100k", None)
+    import ml100k
+
+    def run(path: Path, r20: float, n20: float) -> None:
+        path.mkdir(parents=True)
+        test = {"recall@10": r20 / 2, "recall@20": r20, "ndcg@10": n20 / 2, "ndcg@20": n20}
+        path.joinpath("bench.json").write_text(json.dumps(
+            {"test": test, "best_epoch": 1, "wall_s": 1.0,
+             "params": {"backbone": {"trainable_pct": 0.02}}}))
+
+    base = {0: 0.10, 1: 0.12, 2: 0.11}
+    for seed, r in base.items():
+        s = tmp_path / "sparse" / f"seed{seed}"
+        run(s / "stage1" / "vbpr-text", r, r / 2)
+        run(s / "stage2" / "ptmrec-text", r + 0.01 + seed * 0.001, r / 2)
+        if seed != 2:                                # no-KT missing for seed 2: not paired
+            run(s / "stage2" / "ptmrec-no-kt-text", r + 0.004, r / 2 + 0.001)
+        run(s / "stage2" / "frozen-backbone-kt-text", r, r / 2)
+    summary = ml100k.collect(tmp_path, [0, 1, 2])
+    row = summary["stage2"]["sparse/ptmrec-text"]
+    assert row["vs_frozen"]["recall@20"]["diffs"] == pytest.approx([0.010, 0.011, 0.012])
+    assert row["vs_frozen"]["recall@20"]["lo"] < 0.011 < row["vs_frozen"]["recall@20"]["hi"]
+    assert row["vs_no_kt"]["recall@20"]["seeds"] == [0, 1]
+    assert row["vs_no_kt"]["recall@20"]["diffs"] == pytest.approx([0.006, 0.007])
+    assert row["vs_no_kt"]["ndcg@20"]["mean"] == pytest.approx(-0.001)
+    assert row["vs_control"]["recall@20"]["n"] == 3
+    no_kt = summary["stage2"]["sparse/ptmrec-no-kt-text"]
+    assert "vs_no_kt" not in no_kt and no_kt["vs_control"]["recall@20"]["n"] == 2
+    assert "vs_control" not in summary["stage2"]["sparse/frozen-backbone-kt-text"]
+    md = ml100k.markdown(summary)
+    assert "| sparse/ptmrec-text **minus ptmrec-no-kt** | | | +0.0065 [" in md
+
+
+def test_headroom_features_encode_exactly_the_chosen_attributes(monkeypatch, demo, tmp_path):
+    """bench/claims.py's headroom arms: one-hot codes of the attributes each modality shows
+    (oracle) or of those the pretraining captions name (caption-visible), scaled to the frozen
+    features' mean row norm, rows in item order; a stage-1 run reads them."""
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    for name in ("_util", "claims"):
+        sys.modules.pop(name, None)
+    import _util
+    import claims
+
+    out, _ = demo
+    truth = json.loads((out / "data" / "truth.json").read_text())
+    frozen = out / "features"
+    oracle = _util.attribute_features(out / "data", frozen, tmp_path / "oracle", "visible")
+    caption = _util.attribute_features(out / "data", frozen, tmp_path / "caption", "caption")
+    meta = json.loads((oracle / "meta.json").read_text())
+    assert meta["attributes"] == {"image": ["colour", "shape", "pattern"],
+                                  "text": ["category", "colour", "shape", "material"]}
+    assert json.loads((caption / "meta.json").read_text())["attributes"] == \
+        {"image": ["colour"], "text": ["category", "colour"]}
+    for modality, attrs in meta["attributes"].items():
+        f = np.load(oracle / f"{modality}.npy")
+        ref = np.load(frozen / f"{modality}.npy").astype(np.float32)
+        assert f.shape == (len(ref), sum(len(truth["vocab"][a]) for a in attrs))
+        assert np.allclose(np.linalg.norm(f, axis=1), np.linalg.norm(ref, axis=1).mean(),
+                           rtol=1e-5)
+        start = 0
+        for a in attrs:                           # each block is its attribute's one-hot code
+            width = len(truth["vocab"][a])
+            block = f[:, start:start + width]
+            assert (np.count_nonzero(block, axis=1) == 1).all()
+            assert (block.argmax(1) == np.asarray(truth["item_attributes"][a])[:len(f)]).all()
+            start += width
+    # reused when complete; a missing truth.json or unknown rule says so
+    assert _util.attribute_features(out / "data", frozen, oracle, "visible") == oracle
+    with pytest.raises(ValueError, match="rule"):
+        _util.attribute_features(out / "data", frozen, tmp_path / "x", "hidden")
+    assert claims.kind("oracle") == claims.kind("caption-visible") == "headroom"
+
+
+def test_probe_adapt_reads_every_method_out_the_same_way(monkeypatch, demo):
+    """bench/probe_adapt.py: the hidden attributes per modality from truth.json; frozen is the
+    ridge readout of the starting features (epoch -1, nothing trained); prompt and full train
+    their share of the backbone; a rerun gives the same figures."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("probe_adapt", None)
+    import probe_adapt
+    from demo_fixtures import SMALL
+
+    from ptmrec_dist.clip.backbone import load_backbone
+    from ptmrec_dist.config import load_config
+
+    out, _ = demo
+    cfg = load_config(out / "stage1" / "config.yaml", SMALL)
+    cfg.backbone.name_or_path = str(out / "backbone")
+    inputs = probe_adapt.item_inputs(cfg, load_backbone(cfg.backbone))
+    assert probe_adapt.hidden_pairs(inputs) == [("shape", "image"), ("shape", "text"),
+                                                ("pattern", "image"), ("material", "text")]
+    frozen = probe_adapt.probe_one(cfg, inputs, "frozen", "pattern", "image", 0.0, 3, 0)
+    assert frozen["epoch"] == -1 and frozen["trainable_pct"] == 0
+    assert frozen["chance"] == pytest.approx(1 / 6) and 0 <= frozen["test"] <= 1
+    prompt = probe_adapt.probe_one(cfg, inputs, "prompt", "material", "text", 3e-2, 2, 0)
+    assert 0 < prompt["trainable_pct"] < 1 and prompt["epoch"] in (-1, 0, 1)
+    assert probe_adapt.probe_one(cfg, inputs, "prompt", "material", "text", 3e-2, 2, 0) == prompt
+    full = probe_adapt.probe_one(cfg, inputs, "full", "shape", "image", 1e-3, 1, 0)
+    assert 20 < full["trainable_pct"] < 80           # the vision tower, not the text tower
+
+
+def test_claims_headroom_rows_and_standard_error(monkeypatch):
+    """bench/claims.py: oracle - frozen (the gap), frozen - caption-visible, ptmrec - frozen with
+    its share of the gap, paired by (data, init) seed; each arm's standard error over users."""
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("claims", None)
+    import claims
+
+    rng = np.random.default_rng(0)
+    users = 400
+    base = rng.random(users) * 0.2
+
+    def arm(shift: float) -> dict:
+        out = {}
+        for key in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+            pu = {"recall@20": np.clip(base + shift + rng.normal(0, 0.01, users), 0, 1),
+                  "ndcg@20": base}
+            out[key] = ({"test": {"recall@20": float(pu["recall@20"].mean())}, "best_epoch": 2,
+                         "epoch_minus1_kept": False}, pu)
+        return out
+
+    runs = {("vbpr", "frozen"): arm(0.0), ("vbpr", "oracle"): arm(0.08),
+            ("vbpr", "caption-visible"): arm(-0.02), ("vbpr", "ptmrec"): arm(0.02)}
+    rows = {(h["a"], h["b"]): h for h in claims.evaluate_headroom(runs, ["vbpr"])}
+    gap, gain = rows[("oracle", "frozen")], rows[("ptmrec", "frozen")]
+    assert gap["n_runs"] == 4 and gap["ci95"][0] > 0.07 and gap["ci95"][1] < 0.09
+    assert rows[("frozen", "caption-visible")]["mean_diff"] == pytest.approx(0.02, abs=0.003)
+    assert gain["share_of_gap"] == pytest.approx(gain["mean_diff"] / gap["mean_diff"])
+    assert gain["share_of_gap"] == pytest.approx(0.25, abs=0.05)
+    table = claims.arm_table(runs)
+    pu = runs[("vbpr", "frozen")][(0, 0)][1]["recall@20"]
+    one = 100 * pu.std(ddof=1) / np.sqrt(users) / pu.mean()
+    assert table["vbpr/frozen"]["test_users"] == [users]
+    assert one / 2 < table["vbpr/frozen"]["se_rel_pct"] < 2 * one
+    md = claims.markdown(table, [], claims.evaluate_headroom(runs, ["vbpr"]))
+    assert "| oracle - frozen | vbpr | 4 | +0.08" in md and "% |" in md

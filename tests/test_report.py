@@ -220,10 +220,17 @@ def claims_json(path: Path) -> Path:
         {"claim": 3, "model": "vbpr", "statement": "knowledge transfer helps", "a": "ptmrec",
          "b": "ptmrec-no-kt", "expected": True, "n_runs": 1}]
     arms = {"vbpr/frozen": {"n": 12, "mean": 0.2281, "std": 0.0102, "best_epochs": [3, 4],
-                            "epoch_minus1_kept": 0, "threads": [2], "commits": ["abc"]}}
+                            "epoch_minus1_kept": 0, "threads": [2], "commits": ["abc"],
+                            "se_rel_pct": 4.26}}
+    headroom = [{"model": "vbpr", "a": "oracle", "b": "frozen", "measures": "the gap",
+                 "n_runs": 6, "mean_diff": 0.05, "relative_pct": 21.9, "ci95": [0.04, 0.06]},
+                {"model": "vbpr", "a": "ptmrec", "b": "frozen", "measures": "the gain",
+                 "n_runs": 12, "mean_diff": 0.0123, "relative_pct": 5.4, "ci95": [0.0041, 0.0201],
+                 "share_of_gap": 0.246}]
     path.write_text(json.dumps({"items": 800, "users": 1600, "data_seeds": [0, 1, 2],
                                 "inits": [0, 1, 2, 3], "control_inits": [0, 1],
                                 "models": ["vbpr"], "overrides": [], "arms": arms,
+                                "headroom": headroom,
                                 "claims": claims, "markdown": "|...|", "seconds": 1.0}))
     return path
 
@@ -245,7 +252,9 @@ def ml100k_json(path: Path) -> Path:
                                    "vs_frozen": {"recall@20": t(0.0123, 0.0031, 0.0215),
                                                  "ndcg@20": t(0.0044, -0.0010, 0.0098)},
                                    "vs_control": {"recall@20": t(0.0020, -0.0040, 0.0080),
-                                                  "ndcg@20": t(0.0010, -0.0020, 0.0040)}},
+                                                  "ndcg@20": t(0.0010, -0.0020, 0.0040)},
+                                   "vs_no_kt": {"recall@20": t(0.0031, 0.0001, 0.0061),
+                                                "ndcg@20": t(0.0012, -0.0001, 0.0025)}},
               "sparse/joint-full-both": {"recall@20": ms(0.1), "ndcg@20": ms(0.05),
                                          "seeds": [0], "best_epochs": [0], "chosen": [],
                                          "wall_s": 90.0, "trainable_backbone_pct": 100.0,
@@ -262,7 +271,8 @@ def test_claims_json(tmp_path):
     assert "(claims (claims.json): 1 figure, the PNGs beside it)" in write_report(path)
     out = tmp_path / "claims-report"                      # beside the JSON
     page = check_self_contained(out, 1)
-    assert (out / "forest.png").is_file() and sections(page) == ["forest", "claims", "arms"]
+    assert (out / "forest.png").is_file() and \
+        sections(page) == ["forest", "claims", "headroom", "arms"]
     table = rows(page)
     assert ["1", "PTMRec beats frozen features", "vbpr", "ptmrec vs frozen", "12", "+0.0123",
             "+5.4 %", "[+0.0041, +0.0201]", "0.0040", "expected", "holds"] in table
@@ -271,7 +281,11 @@ def test_claims_json(tmp_path):
             "not shown"] in table
     assert ["3", "knowledge transfer helps", "vbpr", "ptmrec vs ptmrec-no-kt", "1", "-", "-",
             "-", "-", "expected", "too few runs"] in table
-    assert ["vbpr/frozen", "12", "0.2281 ± 0.0102", "[3, 4]", "0"] in table
+    assert ["vbpr/frozen", "12", "0.2281 ± 0.0102", "4.3 %", "[3, 4]", "0"] in table
+    assert ["vbpr", "ptmrec - frozen", "the gain", "12", "+0.0123", "+5.4 %",
+            "[+0.0041, +0.0201]", "25 %"] in table
+    assert ["vbpr", "oracle - frozen", "the gap", "6", "+0.0500", "+21.9 %",
+            "[+0.0400, +0.0600]", "-"] in table
 
 
 def test_ml100k_json(tmp_path):
@@ -283,6 +297,10 @@ def test_ml100k_json(tmp_path):
     assert ["full/ptmrec-both", "0.2211 ± 0.0100", "0.1011 ± 0.0100",
             "+0.0123 [+0.0031, +0.0215]", "+0.0044 [-0.0010, +0.0098]", "0.0500", "3",
             "[1, 2, 2]"] in table
+    assert ["full/ptmrec-both minus ptmrec-no-kt", "-", "-", "+0.0031 [+0.0001, +0.0061]",
+            "+0.0012 [-0.0001, +0.0025]", "-", "3", "-"] in table
+    assert ["full/ptmrec-both minus frozen-backbone-kt", "-", "-", "+0.0020 [-0.0040, +0.0080]",
+            "+0.0010 [-0.0020, +0.0040]", "-", "3", "-"] in table
     assert ["sparse/joint-full-both", "0.1000 ± 0.0100", "0.0500 ± 0.0100", "-0.0200 -",
             "-0.0100 -", "100", "1", "[0]"] in table           # one seed: no interval
     assert ["full/vbpr-both", *["0.2000 ± 0.0100"] * 4, "3", "[5, 6, 7]", "40"] in table
