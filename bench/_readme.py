@@ -169,7 +169,14 @@ def _claims(r: dict) -> Iterable[Row]:
                f"{d['mean']:.4f} ± {d['std']:.4f} (n={d['n']})")
         if "se_rel_pct" in d:
             yield (f"{arm}: standard error of one run's test Recall@20 / its value",
-                   "<= 3 %", f"{d['se_rel_pct']:.1f} % ({d['test_users']} test users)")
+                   "<= 3 %", f"{d['se_rel_pct']:.1f} % "
+                   f"({', '.join(map(str, d['test_users']))} test users)")
+    refs = list((r.get("references") or {}).values())
+    for name in ("true-utility", "pop"):
+        if refs:
+            v = [x[name]["recall@20"] for x in refs]
+            yield (f"{name} ranking (no training): test Recall@20", "",
+                   f"{sum(v) / len(v):.4f} (n={len(v)} data seeds)")
     for h in r.get("headroom", []):
         if "mean_diff" in h:
             lo, hi = h["ci95"]

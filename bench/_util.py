@@ -117,18 +117,22 @@ def t_interval(diffs: list[float]) -> dict:
 
 # headroom arms of the synthetic benchmark: stage 1 on features that encode exactly some of the
 # true item attributes (truth.json), instead of the backbone's
-HEADROOM = {
-    "oracle": "visible",            # every attribute the modality shows ("visibility")
-    "caption-visible": "caption",   # only those the backbone's pretraining captions also name
+HEADROOM = {  # arm: (which attributes, row scale)
+    "oracle": ("visible", "frozen"),            # every attribute the modality shows
+    "oracle-unit": ("visible", "unit"),         # the same codes, rows of norm 1
+    "caption-visible": ("caption", "frozen"),   # only those the pretraining captions also name
 }
+RULES, SCALES = ("visible", "caption"), ("frozen", "unit")
 
 
-def attribute_features(data_dir: Path, frozen: Path, out: Path, rule: str) -> Path:
+def attribute_features(data_dir: Path, frozen: Path, out: Path, rule: str,
+                       scale: str = "frozen") -> Path:
     """Item features of the synthetic set at ``DATA_DIR`` that encode exactly some of its true
     attributes: per modality of the FROZEN features folder, the one-hot codes of the attributes
     truth.json says the modality shows (RULE ``visible``), or of those among them that the
-    backbone's pretraining captions name (``caption``), concatenated and scaled to the frozen
-    features' mean row norm (only the content differs). Rows in the catalog's item order;
+    backbone's pretraining captions name (``caption``), concatenated; rows scaled to the frozen
+    features' mean row norm (SCALE ``frozen``: only the content differs) or to norm 1
+    (``unit``; the base models are sensitive to the scale). Rows in the catalog's item order;
     ``meta.json`` (the attributes per modality) is written last, and a complete folder is
     reused."""
     import numpy as np
@@ -138,8 +142,9 @@ def attribute_features(data_dir: Path, frozen: Path, out: Path, rule: str) -> Pa
     from ptmrec_dist.io import atomic_write_json
     from ptmrec_dist.rec.features import NAMES
 
-    if rule not in HEADROOM.values():
-        raise ValueError(f"rule {rule!r}: expected one of {sorted(set(HEADROOM.values()))}")
+    if rule not in RULES or scale not in SCALES:
+        raise ValueError(f"rule {rule!r} / scale {scale!r}: expected a rule of {RULES} and a "
+                         f"scale of {SCALES}")
     out = Path(out)
     if (out / "meta.json").is_file():
         return out
@@ -152,7 +157,7 @@ def attribute_features(data_dir: Path, frozen: Path, out: Path, rule: str) -> Pa
         raise FileNotFoundError(f"{truth_path}: headroom features need the synthetic set's truth")
     raw = json.loads(truth_path.read_text())
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"rule": rule, "attributes": {}, "source": str(truth_path)}
+    meta = {"rule": rule, "scale": scale, "attributes": {}, "source": str(truth_path)}
     for modality, (name, _) in NAMES.items():
         if not (Path(frozen) / name).is_file():
             continue
@@ -162,8 +167,10 @@ def attribute_features(data_dir: Path, frozen: Path, out: Path, rule: str) -> Pa
             raise ValueError(f"no attribute of {truth_path} is {rule} in the {modality} modality")
         codes = np.concatenate([np.eye(len(truth["vocab"][a]), dtype=np.float32)[truth["attrs"][a]]
                                 for a in attrs], axis=1)
-        ref = np.load(Path(frozen) / name, mmap_mode="r")
-        norm = float(np.linalg.norm(np.asarray(ref, dtype=np.float32), axis=1).mean())
+        norm = 1.0
+        if scale == "frozen":
+            ref = np.load(Path(frozen) / name, mmap_mode="r")
+            norm = float(np.linalg.norm(np.asarray(ref, dtype=np.float32), axis=1).mean())
         np.save(out / name, codes * (norm / np.sqrt(len(attrs))))
         meta["attributes"][modality] = attrs
     atomic_write_json(out / "meta.json", meta)

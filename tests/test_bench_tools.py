@@ -146,11 +146,15 @@ def test_headroom_features_encode_exactly_the_chosen_attributes(monkeypatch, dem
             assert (np.count_nonzero(block, axis=1) == 1).all()
             assert (block.argmax(1) == np.asarray(truth["item_attributes"][a])[:len(f)]).all()
             start += width
+    unit = _util.attribute_features(out / "data", frozen, tmp_path / "unit", "visible", "unit")
+    assert np.allclose(np.linalg.norm(np.load(unit / "image.npy"), axis=1), 1.0)
+    assert (np.load(unit / "text.npy") > 0).sum(1).tolist() == [4] * len(f)
     # reused when complete; a missing truth.json or unknown rule says so
     assert _util.attribute_features(out / "data", frozen, oracle, "visible") == oracle
     with pytest.raises(ValueError, match="rule"):
         _util.attribute_features(out / "data", frozen, tmp_path / "x", "hidden")
     assert claims.kind("oracle") == claims.kind("caption-visible") == "headroom"
+    assert claims.kind("oracle-unit") == "headroom"
 
 
 def test_probe_adapt_reads_every_method_out_the_same_way(monkeypatch, demo):
@@ -204,13 +208,16 @@ def test_claims_headroom_rows_and_standard_error(monkeypatch):
         return out
 
     runs = {("vbpr", "frozen"): arm(0.0), ("vbpr", "oracle"): arm(0.08),
+            ("vbpr", "oracle-unit"): arm(0.10),             # the larger oracle gap counts
             ("vbpr", "caption-visible"): arm(-0.02), ("vbpr", "ptmrec"): arm(0.02)}
     rows = {(h["a"], h["b"]): h for h in claims.evaluate_headroom(runs, ["vbpr"])}
     gap, gain = rows[("oracle", "frozen")], rows[("ptmrec", "frozen")]
     assert gap["n_runs"] == 4 and gap["ci95"][0] > 0.07 and gap["ci95"][1] < 0.09
     assert rows[("frozen", "caption-visible")]["mean_diff"] == pytest.approx(0.02, abs=0.003)
-    assert gain["share_of_gap"] == pytest.approx(gain["mean_diff"] / gap["mean_diff"])
-    assert gain["share_of_gap"] == pytest.approx(0.25, abs=0.05)
+    unit = rows[("oracle-unit", "frozen")]
+    assert gain["share_of_gap"] == pytest.approx(gain["mean_diff"] / unit["mean_diff"])
+    assert gain["share_of_gap"] == pytest.approx(0.2, abs=0.05)
+    assert gain["gap_arm"] == "oracle-unit"
     table = claims.arm_table(runs)
     pu = runs[("vbpr", "frozen")][(0, 0)][1]["recall@20"]
     one = 100 * pu.std(ddof=1) / np.sqrt(users) / pu.mean()
@@ -218,3 +225,21 @@ def test_claims_headroom_rows_and_standard_error(monkeypatch):
     assert one / 2 < table["vbpr/frozen"]["se_rel_pct"] < 2 * one
     md = claims.markdown(table, [], claims.evaluate_headroom(runs, ["vbpr"]))
     assert "| oracle - frozen | vbpr | 4 | +0.08" in md and "% |" in md
+
+
+def test_claims_reference_rankings(monkeypatch, demo):
+    """bench/claims.py's no-training rankings on a synthetic set: ranking by each user's true
+    utility beats training popularity, and both are proper metrics."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("claims", None)
+    import claims
+
+    from ptmrec_dist.config import load_config
+
+    out, _ = demo
+    cfg = load_config(out / "stage1" / "config.yaml")
+    ref = claims.reference_scores(cfg)
+    assert set(ref) == {"true-utility", "pop"}
+    for r in ref.values():
+        assert 0 <= r["ndcg@20"] <= 1 and 0 <= r["recall@20"] <= 1
+    assert ref["true-utility"]["recall@20"] > ref["pop"]["recall@20"]
