@@ -243,7 +243,8 @@ HEADROOM_ROWS = [  # (A, B, what A - B measures); reported, not claims: no corre
     ("oracle", "frozen", "the gap: a perfect encoder of what each modality shows vs frozen"),
     ("oracle-unit", "frozen", "the same gap with the oracle codes at unit row norm"),
     ("frozen", "caption-visible", "what frozen features carry beyond the caption attributes"),
-    ("ptmrec", "frozen", "PTMRec's gain (claim 1), as a share of the gap"),
+    ("stage1-on-adapted", "frozen", "stage 1 retrained on PTMRec's features: better features?"),
+    ("ptmrec", "frozen", "PTMRec's gain (claim 1), as a share of the gap"),       # keep last
 ]
 
 
