@@ -236,15 +236,15 @@ def collect(work: Path, seeds: list[int]) -> dict:
                    "wall_s": float(np.mean([m["wall_s"] for m in ms]))}
             if stage == "stage2":
                 variant, name = key.split("/")
-                frozen = table["stage1"].get(f"{variant}/vbpr-{name.rsplit('-', 1)[1]}", {})
+                method, modality = name.rsplit("-", 1)
+                frozen = table["stage1"].get(f"{variant}/vbpr-{modality}", {})
                 row["vs_frozen"] = paired(runs, frozen)
                 # the control: the same two stages and KT with nothing in the backbone trained
                 # (configs/ablations/frozen-backbone-kt.yaml): what adapting the encoder adds
-                control = table["stage2"].get(f"{variant}/{CONTROL}-{name.rsplit('-', 1)[1]}", {})
-                if control and not name.startswith(CONTROL):
+                control = table["stage2"].get(f"{variant}/{CONTROL}-{modality}", {})
+                if control and method != CONTROL:
                     row["vs_control"] = paired(runs, control)
                 # knowledge transfer: ptmrec minus the same two stages without the KT loss
-                method, modality = name.rsplit("-", 1)
                 no_kt = table["stage2"].get(f"{variant}/{NO_KT}-{modality}", {})
                 if method == "ptmrec" and no_kt:
                     row["vs_no_kt"] = paired(runs, no_kt)

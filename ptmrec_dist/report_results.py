@@ -142,7 +142,7 @@ def claims_page(path: Path, data: dict, out: Path) -> Page:
     headroom = [h for h in data.get("headroom") or [] if isinstance(h, dict)]
     if headroom:       # claims.json of bench/claims.py with the headroom arms (oracle, caption)
         page.h2("Headroom: stage 1 on features that encode chosen true attributes", "headroom")
-        page.table(["model", "A - B", "measures", "runs", "A - B", "relative", "95 % CI",
+        page.table(["model", "pair", "measures", "runs", "A - B", "relative", "95 % CI",
                     "share of the gap"],
                    [[h.get("model"), f"{h.get('a')} - {h.get('b')}", h.get("measures"),
                      h.get("n_runs"), _signed({"mean": h.get("mean_diff")}),
@@ -164,6 +164,17 @@ def claims_page(path: Path, data: dict, out: Path) -> Page:
     return page
 
 
+# bench/ml100k.py's paired blocks of a stage-2 row: (field, the arm subtracted)
+ML100K_PAIRS = (("vs_frozen", "frozen"), ("vs_control", "frozen-backbone-kt"),
+                ("vs_no_kt", "ptmrec-no-kt"))
+
+
+def _diff_cells(block: dict | None) -> list[str]:
+    """``mean [lo, hi]`` of a paired block's Recall@20 and NDCG@20."""
+    return [f"{_signed(d)} {_ci(d.get('lo'), d.get('hi'))}"
+            for d in ((block or {}).get(m) or {} for m in ("recall@20", "ndcg@20"))]
+
+
 def ml100k_page(path: Path, data: dict, out: Path) -> Page:
     """bench/ml100k.py: stage 2 minus frozen (and minus the frozen-backbone-kt control, and
     ptmrec minus ptmrec-no-kt) per variant and method, 95 % t intervals over seeds; the stage-1
@@ -177,11 +188,10 @@ def ml100k_page(path: Path, data: dict, out: Path) -> Page:
     for metric, label in (("recall@20", "test Recall@20"), ("ndcg@20", "test NDCG@20")):
         rows = []
         for key, r in stage2.items():
-            for field, suffix in (("vs_frozen", "- frozen"), ("vs_control", "- control"),
-                                  ("vs_no_kt", "- no-KT")):
+            for field, ref in ML100K_PAIRS:
                 d = (r.get(field) or {}).get(metric)
                 if isinstance(d, dict) and d.get("mean") is not None:
-                    rows.append({"label": f"{key} {suffix}", "mean": d["mean"],
+                    rows.append({"label": f"{key} - {ref}", "mean": d["mean"],
                                  "lo": d.get("lo"), "hi": d.get("hi")})
         if rows:
             panels[f"{label}: paired difference"] = rows
@@ -196,18 +206,14 @@ def ml100k_page(path: Path, data: dict, out: Path) -> Page:
     page.h2("Stage 2 (vbpr)", "stage2")
     rows = []
     for key, r in stage2.items():
-        vf = r.get("vs_frozen") or {}
-        diffs = [f"{_signed(d)} {_ci(d.get('lo'), d.get('hi'))}"
-                 for d in (vf.get(m) or {} for m in ("recall@20", "ndcg@20"))]
-        rows.append([key, _pm(r.get("recall@20")), _pm(r.get("ndcg@20")), *diffs,
+        rows.append([key, _pm(r.get("recall@20")), _pm(r.get("ndcg@20")),
+                     *_diff_cells(r.get("vs_frozen")),
                      r.get("trainable_backbone_pct"), len(r.get("seeds") or []),
                      r.get("best_epochs")])
-        for field, ref in (("vs_control", "frozen-backbone-kt"), ("vs_no_kt", "ptmrec-no-kt")):
-            if isinstance(r.get(field), dict):     # paired against another stage-2 arm
-                diffs = [f"{_signed(d)} {_ci(d.get('lo'), d.get('hi'))}"
-                         for d in (r[field].get(m) or {} for m in ("recall@20", "ndcg@20"))]
+        for field, ref in ML100K_PAIRS[1:]:        # paired against another stage-2 arm
+            if isinstance(r.get(field), dict):
                 n = (r[field].get("recall@20") or {}).get("n")
-                rows.append([f"{key} minus {ref}", "", "", *diffs, "", n, ""])
+                rows.append([f"{key} minus {ref}", "", "", *_diff_cells(r[field]), "", n, ""])
     page.table(["variant / method-modalities", "R@20", "N@20", "R@20 - frozen (95 % CI)",
                 "N@20 - frozen (95 % CI)", "backbone trained %", "seeds", "best epochs"], rows)
     page.h2("Stage 1", "stage1")
