@@ -200,6 +200,20 @@ def _probe_adapt(r: dict) -> Iterable[Row]:
                    f"{d['test_mean']:.3f} ± {d['test_std']:.3f} (n={len(d['runs'])})")
 
 
+def _redesign(r: dict) -> Iterable[Row]:
+    for value, row in r.get("rows", {}).items():
+        v = row["valid"]
+        for name, what in (("headroom", "oracle-unit - frozen"), ("gain", "ptmrec - frozen")):
+            if name in v:
+                d = v[name]
+                ci = "" if d.get("lo") is None else f" [{d['lo']:+.1f}, {d['hi']:+.1f}]"
+                yield (f"{r['knob']}={value}, {r['model']}: valid Recall@20 {what}", "",
+                       f"{d['mean']:+.1f} %{ci} (n={d['n']})")
+        for key, methods in row.get("probe", {}).items():
+            yield (f"{r['knob']}={value}: probe {key} valid accuracy", "",
+                   ", ".join(f"{m} {a:.2f}" for m, a in methods.items()))
+
+
 def _cold_start(r: dict) -> Iterable[Row]:
     for arm, d in r.get("rows", {}).items():
         yield (f"{arm}: cold-item Recall@20", "", _ms(d["cold/recall@20"]))
@@ -246,7 +260,8 @@ READERS: dict[str, Callable[[dict], Iterable[Row]]] = {
     "graph_scale": _graph_scale, "extract": _extract, "stage2_cost": _stage2_cost,
     "data": _data, "stage1": _stage1, "scaling": _scaling,
     "sparse_embeddings": _sparse_embeddings, "ablation": _ablation,
-    "claims": _claims, "probe_adapt": _probe_adapt, "cold_start": _cold_start,
+    "claims": _claims, "probe_adapt": _probe_adapt, "redesign": _redesign,
+    "cold_start": _cold_start,
     "ml100k": _ml100k, "tune_demo": _tune_demo}
 
 
@@ -264,9 +279,9 @@ def render(results: Path, readme: Path) -> str:
              "Benchmarks report figures, tests assert behaviour: nothing here is a pass/fail "
              "gate. Sizes, commands and what each figure means are in each script's docstring "
              "and in the docs it names. At `make bench` size the quality benchmarks (ablation, "
-             "claims, probe_adapt, cold_start, ml100k, tune_demo) run one or two seeds on a few "
-             "hundred users: their metrics show the benchmark runs, they are not results (the docs "
-             "quote the full runs, `make bench-full`).",
+             "claims, probe_adapt, redesign, cold_start, ml100k, tune_demo) run one or two "
+             "seeds on a few hundred users: their metrics show the benchmark runs, they are not "
+             "results (the docs quote the full runs, `make bench-full`).",
              ""]
     files = sorted(results.glob("*.json"))
     if not files:
@@ -282,7 +297,8 @@ def render(results: Path, readme: Path) -> str:
         prov = r.get("_provenance") or {}
         commit = (prov.get("commit") or "?")[:7] + ("+" if prov.get("dirty") else "")
         date = (prov.get("date") or "?")[:10]
-        reader = READERS.get(path.stem, _generic)
+        # NAME-LABEL.json (e.g. claims-v1: the same bench on an earlier design) reads as NAME
+        reader = READERS.get(path.stem.split("-")[0], _generic)
         try:
             rows = list(reader(r))
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:

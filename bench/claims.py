@@ -2,9 +2,15 @@
 initialisation seeds on the synthetic benchmark, test metrics at the best-valid epoch, per-user
 paired bootstrap intervals, a paired test per claim with Holm's correction.
 
-    .venv/bin/python bench/claims.py [--data-seeds 0 1 2] [--inits 0 1 2 3]
-        [--control-inits 0 1] [--models vbpr freedom] [--items 800 --users 1600]
-        [--arms ...] [--work out/claims] [k=v ...]
+    .venv/bin/python bench/claims.py [--design v2] [--data-seeds 0 1 2] [--inits 0 1 2 3]
+        [--control-inits 0 1] [--models vbpr freedom] [--items N --users 1600]
+        [--arms ...] [--work out/claims-DESIGN] [k=v ...]
+
+* **Design** (``DESIGNS``): the synthetic benchmark's version, its item count and the overrides
+  of every input. ``v1``: the generator's defaults, 800 items. ``v2`` (the default): 2,400
+  items, the demo backbone pretrained on a separate corpus of 4,000 items whose captions name
+  each hidden attribute with probability 0.1; chosen on valid by ``bench/redesign.py``.
+  Inputs already in the work folder that were built with other settings are refused.
 
 * **Arms** are ``configs/ablations/<arm>.yaml`` (``frozen`` is stage 1 and every two-stage arm's
   teacher), plus ``stage1-on-adapted``: stage 1 retrained from scratch on the ``ptmrec`` run's
@@ -80,18 +86,30 @@ def kind(arm: str) -> str:
 
 
 def prepare(work: Path, data_seed: int, items: int, users: int, overrides: list[str]):
-    """One data seed's inputs (data, shards, demo backbone, frozen features), built once."""
+    """One data seed's inputs (data, shards, demo backbone, frozen features), built once; inputs
+    already under WORK that were built with other ``synthetic.*`` / ``demo_backbone.*``
+    settings are refused (another design or size needs another ``--work``)."""
+    import dataclasses
+
     from ptmrec_dist.config import load_config, save_config
     from ptmrec_dist.demo import demo_config, prepare_inputs
     from ptmrec_dist.run import RunDir
 
     inputs = work / f"data{data_seed}" / "inputs"
     done = inputs / "prepared.yaml"
-    if done.is_file():
-        return load_config(done)
     cfg = load_config(None, [f"synthetic.n_items={items}", f"synthetic.n_users={users}",
                              f"synthetic.seed={data_seed}", f"data.split_seed={2026 + data_seed}",
                              *overrides], base=demo_config("default"))
+    if done.is_file():
+        have = load_config(done)
+        differ = [f"{part}.{k}: {v!r} there, {getattr(getattr(cfg, part), k)!r} asked"
+                  for part in ("synthetic", "demo_backbone")
+                  for k, v in dataclasses.asdict(getattr(have, part)).items()
+                  if getattr(getattr(cfg, part), k) != v]
+        if differ:
+            raise SystemExit(f"{done}: these inputs were built with other settings ("
+                             + "; ".join(differ) + "): use another --work")
+        return have
     prepare_inputs(cfg, inputs, RunDir(inputs, cfg).start(), log=print)
     cfg.data.path, cfg.data.features = str(inputs / "data"), str(inputs / "features")
     save_config(cfg, inputs)
@@ -372,15 +390,38 @@ def plot(claims: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# versions of the synthetic benchmark's design: (items, overrides of every input); users 1,600.
+# v1: the generator's defaults on 800 items; v2: chosen on valid by bench/redesign.py (a
+# pretraining corpus of 4,000 items whose captions name each hidden attribute with probability
+# 0.1, and 2,400 items: about 8 interactions per item; docs/stage2.md, "The redesign")
+DESIGNS = {
+    "v1": (800, []),
+    "v2": (2400, ["demo_backbone.corpus_items=4000", "synthetic.caption_mention_prob=0.1"]),
+}
+
+
 def input_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options that name one set of inputs (results, work folder, size, data seeds), shared
-    with bench/probe_adapt.py, which reads the same inputs."""
+    """The options that name one set of inputs (results, work folder, design, size, data
+    seeds), shared with bench/probe_adapt.py and bench/redesign.py, which read the same inputs;
+    ``resolve_inputs`` completes them after parsing."""
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    ap.add_argument("--work", default=str(ROOT / "out" / "claims"))
-    ap.add_argument("--items", type=int, default=800)
+    ap.add_argument("--work", default=None, help="default: out/claims-DESIGN")
+    ap.add_argument("--design", choices=list(DESIGNS), default="v2",
+                    help="the synthetic benchmark's version (its items and input overrides)")
+    ap.add_argument("--items", type=int, default=None, help="default: the design's")
     ap.add_argument("--users", type=int, default=1600)
     ap.add_argument("--data-seeds", type=int, nargs="+", default=[0, 1, 2])
     return ap
+
+
+def resolve_inputs(args: argparse.Namespace) -> argparse.Namespace:
+    """The design's item count (unless ``--items``) and its overrides before the command
+    line's; the work folder ``out/claims-DESIGN`` unless ``--work``."""
+    items, overrides = DESIGNS[args.design]
+    args.items = items if args.items is None else args.items
+    args.overrides = [*overrides, *args.overrides]
+    args.work = args.work or str(ROOT / "out" / f"claims-{args.design}")
+    return args
 
 
 def main() -> int:
@@ -390,7 +431,7 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=["vbpr", "freedom"])
     ap.add_argument("--arms", nargs="+", default=list(HEADLINE + tuple(HEADROOM) + CONTROLS))
     ap.add_argument("overrides", nargs="*", help="key=value for every run")
-    args = ap.parse_args()
+    args = resolve_inputs(ap.parse_args())
     unknown = [a for a in args.arms if a not in HEADLINE + CONTROLS + tuple(HEADROOM) and
                not (ABLATIONS / f"{a}.yaml").is_file()]
     if unknown:
@@ -417,8 +458,9 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(claims, out / "claims.png")
-    result = {"items": args.items, "users": args.users, "data_seeds": args.data_seeds,
-              "inits": args.inits, "control_inits": args.control_inits, "models": args.models,
+    result = {"design": args.design, "items": args.items, "users": args.users,
+              "data_seeds": args.data_seeds, "inits": args.inits,
+              "control_inits": args.control_inits, "models": args.models,
               "overrides": args.overrides, "arms": table, "claims": claims,
               "headroom": headroom, "references": references,
               "markdown": markdown(table, claims, headroom, references),

@@ -2,7 +2,8 @@
 pretraining never named (issue 18, headroom)? A supervised probe on the synthetic benchmark.
 
     .venv/bin/python bench/probe_adapt.py [--data-seeds 0 1 2] [--items 800 --users 1600]
-        [--methods frozen prompt full] [--epochs 30] [--work out/claims] [k=v ...]
+        [--methods frozen prompt full] [--epochs 30] [--design v2] [--work out/claims-v2]
+        [k=v ...]
 
 For each data seed (the inputs of ``bench/claims.py``: the same synthetic set, split and demo
 backbone, built once under ``WORK/data<d>/inputs``), each hidden attribute (truth.json's
@@ -176,13 +177,34 @@ def hidden_pairs(inputs: dict) -> list[tuple[str, str]]:
             for m in ("image", "text") if m in mods]
 
 
+def probe_seed(cfg, work: Path, d: int, methods: list[str], epochs: int) -> dict:
+    """{"attribute (modality)": {method: the run chosen on valid}} of data seed ``d``, whose
+    prepared inputs are ``cfg``; runs resume under ``WORK/data<d>/probe/``."""
+    from ptmrec_dist.clip.backbone import load_backbone
+    inputs = item_inputs(cfg, load_backbone(cfg.backbone))
+    rows: dict = {}
+    for method in methods:
+        for attribute, modality in hidden_pairs(inputs):
+            runs = []
+            for lr in LRS[method]:
+                out = work / f"data{d}" / "probe" / f"{attribute}-{modality}" / \
+                    f"{method}-lr{lr:g}-e{epochs}"
+                runs.append(resumable(out, f"data {d} {attribute} ({modality}) {method} "
+                                      f"lr {lr:g}", lambda lr=lr, a=attribute, m=modality: dict(
+                                          probe_one(cfg, inputs, method, a, m, lr, epochs, d),
+                                          lr=lr)))
+            chosen = max(runs, key=lambda r: r["valid"])      # on valid only
+            rows.setdefault(f"{attribute} ({modality})", {})[method] = {"data_seed": d, **chosen}
+    return rows
+
+
 def main() -> int:
     import claims
     ap = claims.input_args(argparse.ArgumentParser())
     ap.add_argument("--methods", nargs="+", default=list(LRS), choices=list(LRS))
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("overrides", nargs="*", help="key=value for the inputs and the backbone")
-    args = ap.parse_args()
+    args = claims.resolve_inputs(ap.parse_args())
     import torch
     torch.set_num_threads(2)
     work = Path(args.work)
@@ -190,25 +212,15 @@ def main() -> int:
     rows: dict = {}
     for d in args.data_seeds:
         cfg = claims.prepare(work, d, args.items, args.users, args.overrides)
-        from ptmrec_dist.clip.backbone import load_backbone
-        inputs = item_inputs(cfg, load_backbone(cfg.backbone))
-        for method in args.methods:
-            for attribute, modality in hidden_pairs(inputs):
-                runs = []
-                for lr in LRS[method]:
-                    out = work / f"data{d}" / "probe" / f"{attribute}-{modality}" / \
-                        f"{method}-lr{lr:g}-e{args.epochs}"
-                    runs.append(resumable(out, f"data {d} {attribute} ({modality}) {method} "
-                                          f"lr {lr:g}", lambda lr=lr: dict(
-                                              probe_one(cfg, inputs, method, attribute, modality,
-                                                        lr, args.epochs, d), lr=lr)))
-                chosen = max(runs, key=lambda r: r["valid"])      # on valid only
-                rows.setdefault(f"{attribute} ({modality})", {}).setdefault(method, []).append(
-                    {"data_seed": d, **chosen})
-    summary = {key: {m: {"test_mean": float(np.mean([r["test"] for r in rs])),
+        for key, ms in probe_seed(cfg, work, d, args.methods, args.epochs).items():
+            for method, chosen in ms.items():
+                rows.setdefault(key, {}).setdefault(method, []).append(chosen)
+    summary = {key: {m: {"valid_mean": float(np.mean([r["valid"] for r in rs])),
+                         "test_mean": float(np.mean([r["test"] for r in rs])),
                          "test_std": float(np.std([r["test"] for r in rs])),
                          "runs": rs} for m, rs in ms.items()} for key, ms in rows.items()}
-    result = {"items": args.items, "users": args.users, "data_seeds": args.data_seeds,
+    result = {"design": args.design, "items": args.items, "users": args.users,
+              "data_seeds": args.data_seeds, "overrides": args.overrides,
               "epochs": args.epochs, "lrs": LRS, "head_lr": HEAD_LR, "summary": summary,
               "markdown": markdown(summary, args.methods),
               "seconds": round(time.perf_counter() - t0, 1)}

@@ -45,9 +45,13 @@ QUICK: dict[str, list[str]] = {
     "claims.py": ["--items", "200", "--users", "300", "--data-seeds", "0", "--inits", "0", "1",
                   "--control-inits", "0", "--models", "vbpr", "--arms", "frozen", "ptmrec",
                   "frozen-backbone-kt", "oracle", "--work", f"{SMOKE}/claims",
-                  "stage2.epochs=1"],
+                  "demo_backbone.corpus_items=300", "stage2.epochs=1"],
     "probe_adapt.py": ["--items", "200", "--users", "300", "--data-seeds", "0", "--epochs", "2",
-                       "--work", f"{SMOKE}/claims"],        # claims.py's inputs, same size
+                       "--work", f"{SMOKE}/claims",           # claims.py's inputs, same size
+                       "demo_backbone.corpus_items=300"],
+    "redesign.py": ["--knob", "synthetic.caption_mention_prob", "--values", "0", "0.3",
+                    "--items", "200", "--users", "300", "--inits", "0", "--probe-epochs", "2",
+                    "--work", f"{SMOKE}/redesign", "stage2.epochs=1"],
     # these two read a finished demo: the tiny one, built first (`ptmrec demo --size tiny`)
     "cold_start.py": ["--demo", f"{SMOKE}/demo", "--seeds", "0", "1",
                       "--work", f"{SMOKE}/cold_start"],

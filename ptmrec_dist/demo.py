@@ -12,6 +12,7 @@ stage 2), with parameter counts.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from pathlib import Path
 
@@ -93,12 +94,14 @@ def prepare_inputs(cfg: Config, out: Path, run: RunDir, log=None,
     show(format_stats(stats))
 
     t0 = time.perf_counter()
-    say(f"[4/{STEPS}] demo backbone: pretraining a small CLIP on generic captions "
-        f"-> {out / 'backbone'}")
-    backbone = build_demo_backbone(out / "data", out / "backbone", cfg.demo_backbone,
+    corpus = pretraining_corpus(cfg, out, say)
+    say(f"[4/{STEPS}] demo backbone: pretraining a small CLIP on generic captions of "
+        f"{corpus} -> {out / 'backbone'}")
+    backbone = build_demo_backbone(corpus, out / "backbone", cfg.demo_backbone,
                                    seed=cfg.seed, log=log)
     save_config(cfg, out / "backbone")
     steps["backbone"] = {"dir": "backbone", "seconds": round(time.perf_counter() - t0, 2),
+                         "corpus": str(corpus.relative_to(out)),
                          "heldout": backbone.get("heldout")}
     run.log(step="backbone", **steps["backbone"])
 
@@ -112,6 +115,30 @@ def prepare_inputs(cfg: Config, out: Path, run: RunDir, log=None,
                          **{k: meta[k] for k in ("n_present", "image_dim", "text_dim", "dtype")}}
     run.log(step="features", **steps["features"])
     return steps, stats
+
+
+CORPUS_SEED = 1_000_000      # the pretraining corpus is synthetic.seed + CORPUS_SEED
+
+
+def pretraining_corpus(cfg: Config, out: Path, say) -> Path:
+    """Where the demo backbone pretrains: the catalog itself (``OUT/data``) when
+    ``demo_backbone.corpus_items`` is 0, else a separate synthetic corpus of that many items
+    (``OUT/corpus``): the same generator and caption rules (``synthetic.*``: image size,
+    ``caption_mention_prob``), its own items (``synthetic.seed + CORPUS_SEED``), as a CLIP is
+    pretrained on web pairs, not on the catalog it is later used for. Pretraining reads the
+    corpus's items, images, captions and truth.json; its users and interactions are a token
+    one user that nothing reads."""
+    n = cfg.demo_backbone.corpus_items
+    if not n:
+        return out / "data"
+    from ptmrec_dist.data.synthetic import generate
+
+    corpus = dataclasses.replace(cfg.synthetic, n_items=n, n_users=1, min_interactions=3,
+                                 mean_interactions=3.0, seed=cfg.synthetic.seed + CORPUS_SEED)
+    say(f"[4/{STEPS}] pretraining corpus: {n} synthetic items (seed {corpus.seed}) -> "
+        f"{out / 'corpus'}")
+    generate(corpus, out / "corpus", split_seed=cfg.data.split_seed)
+    return out / "corpus"
 
 
 def run_demo(cfg: Config, out: Path, size: str, log=None, show=None) -> dict:

@@ -14,6 +14,8 @@ data/splits.py              ``data.split_seed``                            MMRec
 data/synthetic.py           ``[seed, SYN_ITEMS]``                          items' attributes
                             ``[seed, SYN_ITEM_IMAGE, item]``               an item's image
                             ``[seed, SYN_ITEM_TEXT, item]``                an item's texts
+                            ``[seed, SYN_CAPTION_MENTION, item]``          what else its caption
+                                                                           names
                             ``[seed, SYN_USERS]``                          users' tastes
                             ``[seed, SYN_INTERACTIONS, chunk]``            a chunk of users'
                                                                            interactions
@@ -55,6 +57,7 @@ SYN_ITEM_TEXT = 2
 SYN_USERS = 3
 SYN_INTERACTIONS = 5
 SYN_GROUPED = 6
+SYN_CAPTION_MENTION = 7
 # clip/demo_backbone.py
 BACKBONE_HOLDOUT = 7
 # diagnose.py

@@ -227,6 +227,69 @@ def test_claims_headroom_rows_and_standard_error(monkeypatch):
     assert "| oracle - frozen | vbpr | 4 | +0.08" in md and "% |" in md
 
 
+def test_redesign_reads_valid_only_and_pairs_runs(monkeypatch):
+    """bench/redesign.py: the headroom (oracle-unit - frozen) and the gain (ptmrec - frozen),
+    relative to frozen and paired by (data, init) seed; the gain's share of the headroom; a run
+    missing from one arm is left out of that pair."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    for name in ("redesign", "claims", "probe_adapt"):
+        sys.modules.pop(name, None)
+    import redesign
+
+    valid = {"frozen": {(0, 0): 0.20, (0, 1): 0.22, (1, 0): 0.18},
+             "oracle-unit": {(0, 0): 0.24, (0, 1): 0.25, (1, 0): 0.21},
+             "ptmrec": {(0, 0): 0.21, (0, 1): 0.23}}
+    s = redesign.summarise(valid)
+    assert s["arms"]["frozen"] == {"n": 3, "mean": pytest.approx(0.20)}
+    assert s["headroom"]["n"] == 3 and s["gain"]["n"] == 2
+    assert s["headroom"]["mean"] == pytest.approx(100 * 0.10 / 0.20 / 3)
+    assert s["gain"]["mean"] == pytest.approx(100 * 0.01 / 0.21)       # (0,0), (0,1) only
+    assert s["headroom"]["lo"] < s["headroom"]["mean"] < s["headroom"]["hi"]
+    assert s["share"] == pytest.approx(s["gain"]["mean"] / s["headroom"]["mean"])
+    md = redesign.markdown("synthetic.caption_mention_prob", {"0.1": {
+        "valid": s, "probe": {"pattern (image)": {"frozen": 0.31, "prompt": 0.45}}}})
+    assert "| 0.1 | 0.2000 | +16.7 % [" in md and "| 0.31 | 0.45 |" in md
+    bare = redesign.markdown("synthetic.n_items", {"800": {"valid": s, "probe": {}}})
+    assert bare.splitlines()[0].endswith("| share |") and "|  |" not in bare
+    one = redesign.summarise({"frozen": {(0, 0): 0.2}, "oracle-unit": {(0, 0): 0.3},
+                              "ptmrec": {}})
+    assert one["headroom"]["lo"] is None and "gain" not in one and "share" not in one
+
+
+def test_claims_designs_and_inputs_built_with_other_settings_are_refused(monkeypatch, tmp_path):
+    """--design names the items and input overrides (the command line's come after); inputs in
+    the work folder built with other synthetic/demo_backbone settings are refused, not reused."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("claims", None)
+    import claims
+
+    from ptmrec_dist.config import load_config, save_config
+    from ptmrec_dist.demo import demo_config
+
+    ap = claims.input_args(argparse.ArgumentParser())
+    ap.add_argument("overrides", nargs="*")
+    a = claims.resolve_inputs(ap.parse_args(["stage2.epochs=1"]))
+    items, design = claims.DESIGNS["v2"]
+    assert a.design == "v2" and a.items == items and a.overrides == [*design, "stage2.epochs=1"]
+    assert a.work.endswith("claims-v2")
+    b = claims.resolve_inputs(ap.parse_args(["--design", "v1", "--items", "50", "--work", "w"]))
+    assert (b.items, b.overrides, b.work) == (50, [], "w")
+
+    inputs = tmp_path / "data0" / "inputs"
+    cfg = load_config(None, ["synthetic.n_items=300", "synthetic.n_users=100",
+                             "synthetic.seed=0", "data.split_seed=2026",
+                             "demo_backbone.corpus_items=40"], base=demo_config("default"))
+    save_config(cfg, inputs)
+    (inputs / "config.yaml").rename(inputs / "prepared.yaml")
+    got = claims.prepare(tmp_path, 0, 300, 100, ["demo_backbone.corpus_items=40"])
+    assert got.synthetic.n_items == 300 and got.demo_backbone.corpus_items == 40
+    with pytest.raises(SystemExit, match=r"synthetic.n_items: 300 there, 400 asked.*"
+                                         r"demo_backbone.corpus_items: 40 there, 0 asked"):
+        claims.prepare(tmp_path, 0, 400, 100, [])
+
+
 def test_claims_reference_rankings(monkeypatch, demo):
     """bench/claims.py's no-training rankings on a synthetic set: ranking by each user's true
     utility beats training popularity, and both are proper metrics."""

@@ -249,3 +249,28 @@ def test_bpe_training_is_deterministic_across_processes():
     assert len(outs) == 1
     vocab, merges = json.loads(outs.pop())
     assert len(merges) > 5 and vocab[-2:] == [[BOS, len(vocab) - 2], [EOS, len(vocab) - 1]]
+
+
+def test_pretraining_corpus_is_separate_from_the_catalog(tmp_path):
+    """demo_backbone.corpus_items: the demo/bench backbone pretrains on a synthetic corpus of its
+    own items (seed synthetic.seed + CORPUS_SEED, the same caption rules), not on the catalog;
+    0 keeps the catalog."""
+    from ptmrec_dist.config import Config
+    from ptmrec_dist.demo import CORPUS_SEED, pretraining_corpus
+
+    cfg = Config(synthetic=SyntheticConfig(n_items=40, n_users=20, seed=5, image_size=32,
+                                           caption_mention_prob=0.5))
+    assert pretraining_corpus(cfg, tmp_path, _quiet) == tmp_path / "data"
+    assert not (tmp_path / "corpus").exists()
+    cfg.demo_backbone = tiny_cfg(epochs=1, corpus_items=60)
+    said = []
+    corpus = pretraining_corpus(cfg, tmp_path, said.append)
+    assert corpus == tmp_path / "corpus" and "60 synthetic items" in said[0]
+    truth = json.loads((corpus / "truth.json").read_text())
+    assert truth["seed"] == 5 + CORPUS_SEED and truth["counts"]["items"] == 60
+    assert truth["caption_mention_prob"] == 0.5 and truth["image_size"] == 32
+    out = build_demo_backbone(corpus, tmp_path / "bb", cfg.demo_backbone, log=_quiet)
+    m = json.loads((tmp_path / "bb" / METRICS_FILE).read_text())
+    assert m["data_dir"] == str(corpus) and m["n_items"] == 60 and out["n_params"] > 0
+    with pytest.raises(ConfigError, match="demo_backbone.corpus_items"):
+        Config(demo_backbone=tiny_cfg(corpus_items=5)).validate()

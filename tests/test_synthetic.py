@@ -334,3 +334,43 @@ def test_cli_make_data_straight_to_shards(tmp_path):
     proc = ptmrec("make-data", "synthetic", "--out", tmp_path / "e", "--items", "120",
                   "--shards", tmp_path / "t", "--shard-size", "0")
     assert proc.returncode == 2 and "shard size" in proc.stderr
+
+
+def test_caption_mentions_name_the_true_hidden_values_at_the_set_rate(tmp_path):
+    """synthetic.caption_mention_prob: a caption also names pattern, shape and material, each
+    with that probability and always with the item's true value; 0 leaves every file as it was."""
+    cfg = dict(CFG, n_items=300)
+    synthetic.generate(SyntheticConfig(**cfg), tmp_path / "zero")
+    synthetic.generate(SyntheticConfig(**cfg, caption_mention_prob=0.0), tmp_path / "zero2")
+    assert _hashes(tmp_path / "zero") == _hashes(tmp_path / "zero2")
+    synthetic.generate(SyntheticConfig(**cfg, caption_mention_prob=0.3), tmp_path / "some")
+    truth = json.loads((tmp_path / "some" / "truth.json").read_text())
+    assert truth["caption_mention_prob"] == 0.3 and "caption_mention_prob" not in json.loads(
+        (tmp_path / "zero" / "truth.json").read_text())
+    for name in ("interactions.inter", "items.jsonl"):       # only the captions differ
+        assert (tmp_path / "some" / name).read_bytes() == (tmp_path / "zero" / name).read_bytes()
+    caps = [json.loads(x)["caption"]
+            for x in (tmp_path / "some" / "captions.jsonl").read_text().splitlines()]
+    va, vocab = truth["item_attributes"], truth["vocab"]
+    said = {"pattern": 0, "shape": 0, "material": 0}
+    for i, cap in enumerate(caps):
+        assert _mentions(cap, vocab["category"][va["category"][i]])
+        assert _mentions(cap, vocab["colour"][va["colour"][i]])
+        pattern = synthetic.PATTERN_WORDS[va["pattern"][i]]
+        shape, material = vocab["shape"][va["shape"][i]], vocab["material"][va["material"][i]]
+        for a, word in (("pattern", pattern), ("shape", f"{shape}-shaped"),
+                        ("material", f"made of {material}")):
+            said[a] += _mentions(cap, word)
+        # never a wrong value: no other pattern word, shape or material appears
+        others = (set(synthetic.PATTERN_WORDS) - {pattern}) | (set(vocab["shape"]) - {shape}) \
+            | (set(vocab["material"]) - {material})
+        assert not any(_mentions(cap, w) for w in others), cap
+        assert cap.split()[-1] != "of" and "  " not in cap
+    for a, n in said.items():       # 300 items at p = 0.3: 90 expected, sd 7.9
+        assert 60 <= n <= 120, (a, n)
+    one = synthetic.generate(SyntheticConfig(**cfg, caption_mention_prob=1.0), tmp_path / "all")
+    assert one["n_items"] == 300
+    cap0 = json.loads((tmp_path / "all" / "captions.jsonl").read_text().splitlines()[0])
+    assert "-shaped" in cap0["caption"] and " made of " in cap0["caption"]
+    with pytest.raises(ConfigError, match="synthetic.caption_mention_prob"):
+        synthetic.generate(SyntheticConfig(**cfg, caption_mention_prob=1.5), tmp_path / "bad")

@@ -60,6 +60,8 @@ class SyntheticConfig:
     mean_interactions: float = 12.0     # mean interactions per user (>= min_interactions)
     temperature: float = 1.0            # softmax choice-model temperature
     popularity_weight: float = 0.5      # weight of log-popularity in the user utility
+    caption_mention_prob: float = 0.0   # a pretraining caption also names each hidden attribute
+                                        # (pattern, shape, material) with this probability
     sampler: str = "auto"               # interactions: exact (every user x every item), grouped
                                         # (users x attribute types), auto: exact to 100k items
 
@@ -74,6 +76,7 @@ class SyntheticConfig:
             ("min_interactions", self.min_interactions <= self.n_items // 2,
              "must be <= synthetic.n_items / 2"),
             ("temperature", self.temperature > 0, "must be > 0"),
+            ("caption_mention_prob", 0 <= self.caption_mention_prob <= 1, "must be in [0, 1]"),
             ("sampler", self.sampler in ("auto", "exact", "grouped"),
              "must be auto, exact or grouped"),
         ]
@@ -112,6 +115,8 @@ class DemoBackboneConfig:
     batch_size: int = 64
     lr: float = 5e-4
     holdout: float = 0.1                # fraction of items held out for retrieval accuracy
+    corpus_items: int = 0               # demo/bench inputs: 0 pretrains on the catalog's own
+                                        # captions; N on a separate synthetic corpus of N items
 
     def checks(self) -> list[tuple[str, bool, str]]:
         return [
@@ -119,6 +124,8 @@ class DemoBackboneConfig:
             ("image_size", self.image_size % self.patch_size == 0,
              "must be a multiple of demo_backbone.patch_size"),
             ("holdout", 0 < self.holdout < 1, "must be in (0, 1)"),
+            ("corpus_items", self.corpus_items == 0 or self.corpus_items >= 20,
+             "must be 0 (the catalog) or >= 20"),
         ]
 
 

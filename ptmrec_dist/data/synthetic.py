@@ -65,6 +65,9 @@ IMPORTANCE = {"category": 0.3, "colour": 0.3, "shape": 0.6, "pattern": 1.0, "mat
 VISIBILITY = {"category": ["text", "caption"], "colour": ["image", "text", "caption"],
               "shape": ["image", "text"], "pattern": ["image"], "material": ["text"]}
 CAPTION_ATTRIBUTES = ("category", "colour")
+# synthetic.caption_mention_prob: a caption also names each of these with that probability
+CAPTION_MENTIONS = ("pattern", "shape", "material")
+PATTERN_WORDS = ("plain", "striped", "polka-dot", "checked", "zigzag", "grid-patterned")
 PREF_NOISE, PREF_LIKE = 0.5, 2.0      # pref = N(0, 0.5) + 2.0 on 1-2 liked values per attribute
 POP_SIGMA = 1.0                       # popularity ~ lognormal(0, 1)
 USER_CHUNK = 512                      # users per vectorised Gumbel-top-k block
@@ -96,8 +99,21 @@ def image_name(index: int) -> str:
 
 
 # --------------------------------------------------------------------------- texts
-def item_texts(seed: int, index: int, attrs: dict[str, int]) -> tuple[str, str, str]:
-    """(title, text, generic caption) of one item; the text never names the pattern."""
+def caption_mentions(seed: int, index: int, mention_prob: float) -> tuple[str, ...]:
+    """The hidden attributes (of CAPTION_MENTIONS) one item's caption also names: each with
+    probability ``mention_prob``, from the item's own stream (none at 0, no draw)."""
+    if mention_prob <= 0:
+        return ()
+    rng = np.random.default_rng([seed, seeds.SYN_CAPTION_MENTION, index])
+    hit = rng.random(len(CAPTION_MENTIONS)) < mention_prob
+    return tuple(a for a, h in zip(CAPTION_MENTIONS, hit) if h)
+
+
+def item_texts(seed: int, index: int, attrs: dict[str, int],
+               mention_prob: float = 0.0) -> tuple[str, str, str]:
+    """(title, text, generic caption) of one item; the text never names the pattern. The
+    caption names category and colour, and each hidden attribute of ``caption_mentions``
+    (``"a photo of a red striped star-shaped rattle made of wool"``)."""
     rng = np.random.default_rng([seed, seeds.SYN_ITEM_TEXT, index])
     pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
     col = pick(SYNONYMS["colour"][attrs["colour"]])
@@ -111,7 +127,16 @@ def item_texts(seed: int, index: int, attrs: dict[str, int]) -> tuple[str, str, 
     body = [body[i] for i in rng.permutation(len(body))]
     text = " ".join([pick(IDENTITY_TEMPLATES).format(col=col, cat=cat, shape=shape)] + body)
     c_col, c_cat = COLOURS[attrs["colour"]], CATEGORIES[attrs["category"]]
-    caption = pick(CAPTION_TEMPLATES).format(a=_article(c_col), col=c_col, cat=c_cat)
+    template = pick(CAPTION_TEMPLATES)
+    mentioned = caption_mentions(seed, index, mention_prob)
+    words = [c_col]
+    if "pattern" in mentioned:
+        words.append(PATTERN_WORDS[attrs["pattern"]])
+    if "shape" in mentioned:
+        words.append(f"{SHAPES[attrs['shape']]}-shaped")
+    caption = template.format(a=_article(c_col), col=" ".join(words), cat=c_cat)
+    if "material" in mentioned:
+        caption += f" made of {MATERIALS[attrs['material']]}"
     return title, text, caption
 
 
@@ -256,12 +281,12 @@ def _shard_task(args) -> tuple[dict, str, str]:
     from ptmrec_dist.data.catalog import CatalogItem
     from ptmrec_dist.data.shards import _write_one, shard_name
 
-    shard_dir, k, seed, size, start, attrs = args
+    shard_dir, k, seed, size, start, attrs, mention_prob = args
     items, images, item_lines, cap_lines = [], [], [], []
     for j in range(len(attrs["colour"])):
         i = start + j
         one = {a: int(attrs[a][j]) for a in ATTRIBUTES}
-        title, text, caption = item_texts(seed, i, one)
+        title, text, caption = item_texts(seed, i, one, mention_prob)
         items.append(CatalogItem(item_id=str(i), title=title, text=text, image="", line=i + 1,
                                  index=i))
         images.append(render_image(seed, i, size, one["colour"], one["shape"], one["pattern"]))
@@ -283,7 +308,7 @@ def _write_shards_direct(out: Path, shard_dir: Path, cfg: SyntheticConfig,
 
     n = cfg.n_items
     tasks = [(str(shard_dir), k, cfg.seed, cfg.image_size, s,
-              {a: item_attrs[a][s:s + shard_size] for a in ATTRIBUTES})
+              {a: item_attrs[a][s:s + shard_size] for a in ATTRIBUTES}, cfg.caption_mention_prob)
              for k, s in enumerate(range(0, n, shard_size))]
     shard_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(shard_dir, "ptmrec make-data synthetic"):
@@ -540,7 +565,7 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path, split_seed: int = 2026,
         item_lines, cap_lines = [], []
         for i in range(cfg.n_items):
             attrs = {a: int(item_attrs[a][i]) for a in ATTRIBUTES}
-            title, text, caption = item_texts(cfg.seed, i, attrs)
+            title, text, caption = item_texts(cfg.seed, i, attrs, cfg.caption_mention_prob)
             item_lines.append(json.dumps({"item_id": i, "title": title, "text": text,
                                           "image": image_name(i)}) + "\n")
             cap_lines.append(json.dumps({"item_id": i, "caption": caption}) + "\n")
@@ -560,6 +585,8 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path, split_seed: int = 2026,
         "canonical_shape": {c: SHAPES[s] for c, s in zip(CATEGORIES, CANONICAL_SHAPE)},
         "canonical_shape_prob": CANONICAL_SHAPE_PROB,
         "visibility": VISIBILITY, "caption_attributes": list(CAPTION_ATTRIBUTES),
+        **({"caption_mention_prob": cfg.caption_mention_prob,
+            "caption_mentions": list(CAPTION_MENTIONS)} if cfg.caption_mention_prob > 0 else {}),
         "importance": IMPORTANCE,
         "utility_variance_share": variance_share(prefs, item_attrs, np.log(pop),
                                                  cfg.popularity_weight),
