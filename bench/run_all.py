@@ -44,10 +44,10 @@ QUICK: dict[str, list[str]] = {
                     "stage2.epochs=1"],
     "claims.py": ["--items", "200", "--users", "300", "--data-seeds", "0", "--inits", "0", "1",
                   "--control-inits", "0", "--models", "vbpr", "--arms", "frozen", "ptmrec",
-                  "frozen-backbone-kt", "oracle", "--work", f"{SMOKE}/claims",
+                  "frozen-backbone-kt", "oracle", "--work", f"{SMOKE}/claims-v2",
                   "demo_backbone.corpus_items=300", "stage2.epochs=1"],
     "probe_adapt.py": ["--items", "200", "--users", "300", "--data-seeds", "0", "--epochs", "2",
-                       "--work", f"{SMOKE}/claims",           # claims.py's inputs, same size
+                       "--work", f"{SMOKE}/claims-v2",           # claims.py's inputs, same size
                        "demo_backbone.corpus_items=300"],
     "redesign.py": ["--knob", "synthetic.caption_mention_prob", "--values", "0", "0.3",
                     "--items", "200", "--users", "300", "--inits", "0", "--probe-epochs", "2",
