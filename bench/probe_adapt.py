@@ -1,7 +1,7 @@
 """How far can each PEFT method make the backbone's features encode the attributes its
 pretraining never named (issue 18, headroom)? A supervised probe on the synthetic benchmark.
 
-    .venv/bin/python bench/probe_adapt.py [--data-seeds 0 1 2] [--items 800 --users 1600]
+    .venv/bin/python bench/probe_adapt.py [--data-seeds 0 1 2] [--items N --users 1600]
         [--methods frozen prompt full] [--epochs 30] [--design v2] [--work out/claims-v2]
         [k=v ...]
 
