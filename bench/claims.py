@@ -88,7 +88,8 @@ def kind(arm: str) -> str:
 def prepare(work: Path, data_seed: int, items: int, users: int, overrides: list[str]):
     """One data seed's inputs (data, shards, demo backbone, frozen features), built once; inputs
     already under WORK that were built with other ``synthetic.*`` / ``demo_backbone.*``
-    settings are refused (another design or size needs another ``--work``)."""
+    settings are refused (another design or size needs another ``--work``). The config
+    returned carries this call's overrides (e.g. ``stage2.*``) also when the inputs exist."""
     import dataclasses
 
     from ptmrec_dist.config import load_config, save_config
@@ -109,7 +110,7 @@ def prepare(work: Path, data_seed: int, items: int, users: int, overrides: list[
         if differ:
             raise SystemExit(f"{done}: these inputs were built with other settings ("
                              + "; ".join(differ) + "): use another --work")
-        return have
+        return load_config(None, list(overrides), base=have)   # this call's run settings
     prepare_inputs(cfg, inputs, RunDir(inputs, cfg).start(), log=print)
     cfg.data.path, cfg.data.features = str(inputs / "data"), str(inputs / "features")
     save_config(cfg, inputs)

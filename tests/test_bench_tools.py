@@ -283,8 +283,10 @@ def test_claims_designs_and_inputs_built_with_other_settings_are_refused(monkeyp
                              "demo_backbone.corpus_items=40"], base=demo_config("default"))
     save_config(cfg, inputs)
     (inputs / "config.yaml").rename(inputs / "prepared.yaml")
-    got = claims.prepare(tmp_path, 0, 300, 100, ["demo_backbone.corpus_items=40"])
+    got = claims.prepare(tmp_path, 0, 300, 100, ["demo_backbone.corpus_items=40",
+                                                 "stage2.epochs=1"])
     assert got.synthetic.n_items == 300 and got.demo_backbone.corpus_items == 40
+    assert got.stage2.epochs == 1       # run settings of this call apply to existing inputs
     with pytest.raises(SystemExit, match=r"synthetic.n_items: 300 there, 400 asked.*"
                                          r"demo_backbone.corpus_items: 40 there, 0 asked"):
         claims.prepare(tmp_path, 0, 400, 100, [])
