@@ -425,6 +425,12 @@ def resolve_inputs(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def inputs_record(args: argparse.Namespace) -> dict:
+    """What a result JSON records of its inputs (the options of ``input_args``)."""
+    return {"design": args.design, "items": args.items, "users": args.users,
+            "data_seeds": args.data_seeds, "overrides": args.overrides}
+
+
 def main() -> int:
     ap = input_args(argparse.ArgumentParser())
     ap.add_argument("--inits", type=int, nargs="+", default=[0, 1, 2, 3])
@@ -459,10 +465,9 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(claims, out / "claims.png")
-    result = {"design": args.design, "items": args.items, "users": args.users,
-              "data_seeds": args.data_seeds, "inits": args.inits,
+    result = {**inputs_record(args), "inits": args.inits,
               "control_inits": args.control_inits, "models": args.models,
-              "overrides": args.overrides, "arms": table, "claims": claims,
+              "arms": table, "claims": claims,
               "headroom": headroom, "references": references,
               "markdown": markdown(table, claims, headroom, references),
               "seconds": round(time.perf_counter() - t0, 1)}

@@ -219,9 +219,8 @@ def main() -> int:
                          "test_mean": float(np.mean([r["test"] for r in rs])),
                          "test_std": float(np.std([r["test"] for r in rs])),
                          "runs": rs} for m, rs in ms.items()} for key, ms in rows.items()}
-    result = {"design": args.design, "items": args.items, "users": args.users,
-              "data_seeds": args.data_seeds, "overrides": args.overrides,
-              "epochs": args.epochs, "lrs": LRS, "head_lr": HEAD_LR, "summary": summary,
+    result = {**claims.inputs_record(args), "epochs": args.epochs, "lrs": LRS,
+              "head_lr": HEAD_LR, "summary": summary,
               "markdown": markdown(summary, args.methods),
               "seconds": round(time.perf_counter() - t0, 1)}
     write_result(args.out, "probe_adapt", result)

@@ -4,18 +4,18 @@ prompts can make the features encode.
 
     .venv/bin/python bench/redesign.py --knob synthetic.caption_mention_prob --values 0 0.1 0.3
         [--data-seeds 0] [--inits 0 1] [--model vbpr] [--arms frozen ptmrec oracle-unit]
-        [--methods frozen prompt]
-        [--probe-epochs 15] [--items 800 --users 1600] [--work out/redesign] [k=v ...]
+        [--methods frozen prompt] [--probe-epochs 15] [--design v1] [--items N --users 1600]
+        [--work out/redesign] [--inputs DIR] [k=v ...]
 
 Per value ``v`` the inputs of ``bench/claims.py`` are built with ``KNOB=v`` (and the other
 overrides) under ``WORK/<knob>=<v>/`` (a knob of the runs, ``stage1.*``, ``stage2.*``,
-``peft.*``, ``recommender.*``, is set on the runs only, and every value shares the inputs under
-``WORK/inputs/``), and there, per data seed and init seed, the ``frozen``,
-``ptmrec`` and ``oracle-unit`` arms run (``claims.run_one``; resumable run by run), and per data
-seed ``probe_adapt``'s probe (frozen vs prompt by default; ``--arms`` and ``--methods`` trim
-either: ``--arms frozen oracle-unit --methods`` is the headroom alone, stage-1 runs of seconds
-each). **Only valid figures** are read:
-valid Recall@20 at the best-valid epoch, the paired run-level differences ``oracle-unit -
+``peft.*``, ``recommender.*``, is set on the runs only, and every value shares the inputs
+under ``WORK/inputs/``, or those of ``--inputs``, e.g. ``out/claims-v2``), and there, per data
+seed and init seed, the ``frozen``, ``ptmrec`` and ``oracle-unit`` arms run
+(``claims.run_one``; resumable run by run), and per data seed ``probe_adapt``'s probe (frozen
+vs prompt by default; ``--arms`` and ``--methods`` trim either: ``--arms frozen oracle-unit
+--methods`` is the headroom alone, stage-1 runs of seconds each). **Only valid figures** are
+read: valid Recall@20 at the best-valid epoch, the paired run-level differences ``oracle-unit -
 frozen`` (the headroom) and ``ptmrec - frozen`` (the gain) relative to frozen, with a t interval
 over runs, the gain's share of the headroom, and the probe's valid accuracy per hidden attribute
 and modality. The benchmark's design is chosen from these; the test split stays for
@@ -103,11 +103,18 @@ def main() -> int:
     ap.add_argument("--methods", nargs="*", default=["frozen", "prompt"],
                     choices=list(probe_adapt.LRS), help="the probe's; none: no probe")
     ap.add_argument("--probe-epochs", type=int, default=15)
+    ap.add_argument("--inputs", default=None,
+                    help="a knob of the runs only: the folder whose data<d>/inputs every value "
+                         "shares, e.g. out/claims-v2 (default: WORK/inputs)")
     ap.add_argument("overrides", nargs="*", help="key=value for every value's inputs and runs")
     args = claims.resolve_inputs(ap.parse_args())
+    if args.inputs and not args.knob.startswith(RUN_KEYS):
+        ap.error(f"--inputs shares one set of inputs, so the knob must be one of the runs "
+                 f"({', '.join(k + '*' for k in RUN_KEYS)}), not {args.knob}")
+    # a knob of the runs: every value on one set of inputs
+    inputs = Path(args.inputs or Path(args.work) / "inputs") \
+        if args.knob.startswith(RUN_KEYS) else None
     import torch
-
-    from ptmrec_dist.config import load_config
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     rows: dict = {}
@@ -116,12 +123,9 @@ def main() -> int:
         valid: dict = {a: {} for a in args.arms}
         probe: dict = {}
         for d in args.data_seeds:
-            if args.knob.startswith(RUN_KEYS):      # one set of inputs for every value
-                base = load_config(None, [f"{args.knob}={value}"], base=claims.prepare(
-                    Path(args.work) / "inputs", d, args.items, args.users, args.overrides))
-            else:
-                base = claims.prepare(work, d, args.items, args.users,
-                                      [*args.overrides, f"{args.knob}={value}"])
+            # prepare applies the overrides, knob included, to inputs it finds already built
+            base = claims.prepare(inputs or work, d, args.items, args.users,
+                                  [*args.overrides, f"{args.knob}={value}"])
             for arm in args.arms:
                 for seed in args.inits:
                     m = claims.run_one(base, work, d, args.model, seed, arm)
@@ -136,10 +140,8 @@ def main() -> int:
                                 for a, r in valid.items()},
                        "probe": {k: {m: float(np.mean(v)) for m, v in ms.items()}
                                  for k, ms in probe.items()}}
-    result = {"knob": args.knob, "values": args.values, "design": args.design,
-              "items": args.items,
-              "users": args.users, "data_seeds": args.data_seeds, "inits": args.inits,
-              "model": args.model, "overrides": args.overrides, "split": "valid",
+    result = {"knob": args.knob, "values": args.values, **claims.inputs_record(args),
+              "inits": args.inits, "model": args.model, "split": "valid",
               "rows": rows, "markdown": markdown(args.knob, rows),
               "seconds": round(time.perf_counter() - t0, 1)}
     write_result(args.out, "redesign", result)

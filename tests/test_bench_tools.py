@@ -254,6 +254,12 @@ def test_redesign_reads_valid_only_and_pairs_runs(monkeypatch):
     one = redesign.summarise({"frozen": {(0, 0): 0.2}, "oracle-unit": {(0, 0): 0.3},
                               "ptmrec": {}})
     assert one["headroom"]["lo"] is None and "gain" not in one and "share" not in one
+    # --inputs shares one set of inputs: refused for a knob of the inputs, before any work
+    monkeypatch.setattr(sys, "argv", ["redesign.py", "--knob", "synthetic.n_items",
+                                      "--values", "900", "--inputs", "out/claims-v2"])
+    with pytest.raises(SystemExit) as exc:
+        redesign.main()
+    assert exc.value.code == 2
 
 
 def test_claims_designs_and_inputs_built_with_other_settings_are_refused(monkeypatch, tmp_path):
