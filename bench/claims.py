@@ -39,7 +39,8 @@ paired bootstrap intervals, a paired test per claim with Holm's correction.
   differences). The effect is the mean paired difference relative to B; its 95 % interval is a
   bootstrap over users (resampled within each data seed, the same users for both arms) and over
   runs; the p-value is a one-sided paired t-test over runs, Holm-corrected over the claims.
-* A finished run (its ``bench.json``) is reused: an interrupted bench resumes run by run.
+* A finished run (its ``bench.json``) is reused and an unfinished one continues from its newest
+  epoch checkpoint: an interrupted bench resumes run by run, and within a run.
 
 Writes ``OUT/claims.json``, a Markdown table (printed) and ``OUT/claims.png``.
 """
@@ -185,7 +186,9 @@ def run_one(base, work: Path, data_seed: int, model: str, seed: int, arm: str) -
             extra.append(f"stage2.teacher={run_dir(work, data_seed, model, seed, 'frozen')}")
         cfg = load_config(arm_cfg, extra, base=cfg)
         stage1 = kind(arm) in ("stage1", "retrain", "headroom")
-        m = (run_stage1 if stage1 else run_stage2)(cfg, out, log=quiet)
+        # resume: a run cut short continues from its newest epoch checkpoint (a one-stage
+        # arm trained to convergence takes long here), from scratch when there is none
+        m = (run_stage1 if stage1 else run_stage2)(cfg, out, log=quiet, resume=True)
         np.savez(out / "per_user.npz", **per_user(out))
         return dict(m, epoch_minus1_kept=m["best_epoch"] == -1)
     return resumable(out, f"data {data_seed} {model} seed {seed} {arm}", run)

@@ -24,13 +24,16 @@ from ``make demo``, run first if missing) and the real all-MiniLM-L6-v2 as the t
   read), then used for every seed; the full variant keeps ``configs/ml100k.yaml``'s settings.
 * **Stage 2** (vbpr): ``configs/ablations/<method>.yaml`` on top of ``configs/ml100k.yaml``'s
   stage-2 budget, with the stage-1 vbpr run of the same variant, seed and modalities as the
-  teacher (``ptmrec-no-kt`` too: it starts from it) and as the ``frozen`` reference.
+  teacher (``ptmrec-no-kt`` too: it starts from it) and as the ``frozen`` reference. A
+  one-stage arm (``joint-full``: no teacher, the recommender from scratch) trains to
+  convergence instead, under the file's stage-1 rule (``stage1.epochs``, ``stage1.patience``).
 * Paired statistics: per seed, method minus frozen on test Recall@20 / NDCG@20; the mean
   difference with a 95 % t interval over seeds (n - 1 degrees of freedom), and the per-seed
   differences. Where they ran, also minus the ``frozen-backbone-kt`` control (``vs_control``)
   and, for ptmrec, minus ``ptmrec-no-kt`` (``vs_no_kt``: what the KT loss adds).
 
-A finished run (its ``bench.json``) is reused, so an interrupted bench resumes run by run.
+A finished run (its ``bench.json``) is reused and an unfinished one continues from its newest
+checkpoint (``--resume``), so an interrupted bench resumes run by run and within a run.
 Every run is a fresh ``python -m ptmrec_dist`` process. Writes ``OUT/ml100k.json`` and prints
 Markdown tables.
 """
@@ -68,9 +71,17 @@ CONFIG = ROOT / "configs" / "ml100k.yaml"
 DEMO_BACKBONE = ROOT / "out" / "demo" / "backbone"
 
 
-def budget() -> list[str]:
-    """configs/ml100k.yaml's stage-2 epochs and patience, kept over the ablation files' own."""
+def budget(one_stage: bool) -> list[str]:
+    """The stage-2 epochs and patience, kept over the ablation files' own: for a two-stage arm
+    configs/ml100k.yaml's stage-2 budget; a one-stage arm trains its recommender from scratch,
+    so it trains to convergence under the file's stage-1 rule (its epochs and patience)."""
     import yaml
+
+    from ptmrec_dist.config import load_config
+    if one_stage:
+        stage1 = load_config(CONFIG).stage1
+        return [f"stage2.epochs={stage1.epochs}",
+                f"stage2.patience={stage1.patience * stage1.eval_every}"]
     stage2 = yaml.safe_load(CONFIG.read_text())["stage2"]
     return [f"stage2.epochs={stage2['epochs']}", f"stage2.patience={stage2['patience']}"]
 
@@ -141,7 +152,8 @@ def cli_run(out: Path, label: str, command: str, *args: str, note: dict | None =
     """``ptmrec COMMAND ARGS --out OUT`` as one resumable bench run (its log beside OUT); NOTE
     is kept in its bench.json."""
     def run() -> dict:
-        ptmrec(command, *args, "--out", out, log=out.with_suffix(".log"))
+        # --resume: a run cut short continues from its newest checkpoint (none: from scratch)
+        ptmrec(command, *args, "--out", out, "--resume", log=out.with_suffix(".log"))
         return {**json.loads((out / "metrics.json").read_text()), **(note or {})}
     return resumable(out, label, run)
 
@@ -197,7 +209,8 @@ def stage2_run(work: Path, inputs: dict, variant: str, seed: int, method: str,
                    *data_args(inputs, variant, seed), "--backbone", inputs["backbone"],
                    *([] if one_stage else ["--teacher", teacher]),
                    "recommender.name=vbpr", f"backbone.text_tower={inputs['text_tower']}",
-                   f"backbone.modalities={modalities}", *flat(ablation), *budget())
+                   f"backbone.modalities={modalities}", *flat(ablation),
+                   *budget(one_stage))
 
 
 def mean_std(ms: list[dict]) -> dict:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
 
 
 @pytest.fixture()
@@ -109,6 +110,27 @@ def test_ml100k_pairs_runs_by_seed(monkeypatch, tmp_path):
     assert "vs_control" not in summary["stage2"]["sparse/frozen-backbone-kt-text"]
     md = ml100k.markdown(summary)
     assert "| sparse/ptmrec-text **minus ptmrec-no-kt** | | | +0.0065 [" in md
+
+
+def test_one_stage_arms_train_to_convergence_under_stage1s_rule(monkeypatch):
+    """The joint arms (no teacher: the recommender from scratch) stop as stage 1 does, not at a
+    fixed short budget; bench/ml100k.py keeps its short stage-2 budget for two-stage arms only."""
+    from ptmrec_dist.config import load_config
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("ml100k", None)
+    import ml100k
+    default = load_config(None, [])
+    for arm in ("joint-prompt", "joint-full", "joint-frozen"):
+        cfg = load_config(ROOT / "configs" / "ablations" / f"{arm}.yaml", [])
+        assert cfg.stage2.teacher == ""
+        assert (cfg.stage2.epochs, cfg.stage2.patience) == \
+            (default.stage1.epochs, default.stage1.patience * default.stage1.eval_every)
+    ml = load_config(ml100k.CONFIG)
+    assert ml100k.budget(one_stage=True) == [f"stage2.epochs={ml.stage1.epochs}",
+                                             f"stage2.patience={ml.stage1.patience}"]
+    assert ml100k.budget(one_stage=False) == [f"stage2.epochs={ml.stage2.epochs}",
+                                              f"stage2.patience={ml.stage2.patience}"]
+    assert ml.stage2.epochs < ml.stage1.patience     # the two budgets do differ
 
 
 def test_headroom_features_encode_exactly_the_chosen_attributes(monkeypatch, demo, tmp_path):
