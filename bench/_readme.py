@@ -184,7 +184,11 @@ def _claims(r: dict) -> Iterable[Row]:
             yield (f"headroom ({h['model']}): {h['a']} - {h['b']}, test Recall@20", "",
                    f"{h['mean_diff']:+.4f} ({h['relative_pct']:+.1f} %) [{lo:+.4f}, {hi:+.4f}]"
                    f"{share}")
-    for c in r.get("claims", []):
+    yield from _claim_rows(r.get("claims", []))
+
+
+def _claim_rows(claims: list[dict]) -> Iterable[Row]:
+    for c in claims:
         if "mean_diff" in c:
             lo, hi = c["ci95"]
             yield (f"claim {c['claim']} ({c['model']}): {c['statement']}", "",
@@ -226,6 +230,7 @@ def _ml100k(r: dict) -> Iterable[Row]:
         for name, d in rows.items():
             if isinstance(d, dict) and "recall@20" in d:
                 yield (f"{stage} {name}: test Recall@20", "", _ms(d["recall@20"]))
+    yield from _claim_rows((r.get("claims") or {}).get("claims", []))
 
 
 def _tune_demo(r: dict) -> Iterable[Row]:

@@ -27,6 +27,9 @@ from ``make demo``, run first if missing) and the real all-MiniLM-L6-v2 as the t
   teacher (``ptmrec-no-kt`` too: it starts from it) and as the ``frozen`` reference. A
   one-stage arm (``joint-full``: no teacher, the recommender from scratch) trains to
   convergence instead, under the file's stage-1 rule (``stage1.epochs``, ``stage1.patience``).
+* **The paper's claims** as ``bench/claims.py`` tests them (``paper_claims``): per variant and
+  modalities, claims 1-5 where their arms ran, runs paired by seed, per-user bootstrap
+  intervals (each run's ``per_user.npz``), Holm-corrected one-sided paired t-tests.
 * Paired statistics: per seed, method minus frozen on test Recall@20 / NDCG@20; the mean
   difference with a 95 % t interval over seeds (n - 1 degrees of freedom), and the per-seed
   differences. Where they ran, also minus the ``frozen-backbone-kt`` control (``vs_control``)
@@ -266,6 +269,42 @@ def collect(work: Path, seeds: list[int]) -> dict:
     return summary
 
 
+def per_user_file(run: Path) -> dict[str, np.ndarray]:
+    """The run's test per-user Recall@20 / NDCG@20 (``per_user.npz``, computed once from its
+    representations and checked against its metrics.json)."""
+    import claims
+    path = run / "per_user.npz"
+    if not path.is_file():
+        np.savez(path, **claims.per_user(run))
+    return dict(np.load(path))
+
+
+def paper_claims(work: Path, seeds: list[int]) -> dict:
+    """``bench/claims.py``'s statistics on ML-100k: per variant and modalities (the "model" of
+    its rows, e.g. ``sparse/text``), the claims whose arms ran (1 ptmrec vs frozen, its stage-1
+    teacher; 2 vs frozen-backbone-kt; 3 vs ptmrec-no-kt; 4 vs joint-prompt; 5 joint-full vs
+    frozen), runs paired by seed (a seed sets data, split and initialisation at once), per-user
+    bootstrap intervals, one-sided paired t-tests Holm-corrected over every row."""
+    import claims
+    runs: dict = {}
+    for path in sorted(work.glob("*/seed*/stage[12]/*/bench.json")):
+        variant, seed, stage, name = path.parts[-5:-1]
+        seed = int(seed[4:])
+        if seed not in seeds:
+            continue
+        arm, modality = name.rsplit("-", 1)
+        if stage == "stage1":
+            if arm != "vbpr":
+                continue
+            arm = "frozen"                       # stage 1 vbpr: every stage-2 arm's teacher
+        runs.setdefault((f"{variant}/{modality}", arm), {})[(seed, seed)] = \
+            (json.loads(path.read_text()), per_user_file(path.parent))
+    labels = sorted({label for label, _ in runs})
+    rows = claims.evaluate_claims(runs, labels)
+    return {"arms": claims.arm_table(runs), "claims": rows,
+            "markdown": claims.markdown(claims.arm_table(runs), rows)}
+
+
 def markdown(summary: dict) -> str:
     lines = ["| stage 1: variant / model-modalities | R@10 | R@20 | N@10 | N@20 | seeds | "
              "best epochs | chosen on valid | time |", "|---|---|---|---|---|---|---|---|---|"]
@@ -325,8 +364,10 @@ def main() -> int:
                     for method in args.methods:
                         stage2_run(work, inputs, variant, seed, method, mod)
     summary = collect(work, args.seeds)
-    result = {"inputs": inputs, "seeds": args.seeds, "summary": summary,
-              "markdown": markdown(summary), "seconds": round(time.perf_counter() - t0, 1)}
+    paper = paper_claims(work, args.seeds)
+    result = {"inputs": inputs, "seeds": args.seeds, "summary": summary, "claims": paper,
+              "markdown": markdown(summary) + "\n\n" + paper["markdown"],
+              "seconds": round(time.perf_counter() - t0, 1)}
     write_result(args.out, "ml100k", result)
     print(result["markdown"])
     return 0

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,6 +111,49 @@ def test_ml100k_pairs_runs_by_seed(monkeypatch, tmp_path):
     assert "vs_control" not in summary["stage2"]["sparse/frozen-backbone-kt-text"]
     md = ml100k.markdown(summary)
     assert "| sparse/ptmrec-text **minus ptmrec-no-kt** | | | +0.0065 [" in md
+
+
+def test_ml100k_paper_claims_pair_runs_by_seed_with_per_user_bootstrap(monkeypatch, tmp_path):
+    """bench/ml100k.py runs claims.py's statistics: stage-1 vbpr is the frozen arm, stage-2
+    methods are arms, per variant/modalities; claims whose arms did not run say so; a clear
+    gain holds after Holm, no difference does not."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    for name in ("ml100k", "claims"):
+        sys.modules.pop(name, None)
+    import ml100k
+    rng = np.random.default_rng(0)
+
+    def run(path: Path, per_user: np.ndarray) -> None:
+        path.mkdir(parents=True)
+        r20 = float(per_user.mean())
+        path.joinpath("bench.json").write_text(json.dumps(
+            {"test": {"recall@20": r20, "ndcg@20": r20 / 2}, "best_epoch": 3}))
+        np.savez(path / "per_user.npz", users=np.arange(len(per_user)), **{
+            "recall@20": per_user, "ndcg@20": per_user / 2})
+
+    for seed in range(4):
+        base = rng.uniform(0, 0.3, size=300)
+        s = tmp_path / "sparse" / f"seed{seed}"
+        run(s / "stage1" / "vbpr-text", base)
+        run(s / "stage1" / "pop-both", base / 2)                    # not an arm
+        ptmrec = base + 0.05 + rng.normal(0, 0.01, 300)
+        run(s / "stage2" / "ptmrec-text", ptmrec)
+        run(s / "stage2" / "frozen-backbone-kt-text", base + rng.normal(0, 0.01, 300))
+        run(s / "stage2" / "ptmrec-no-kt-text", ptmrec + rng.normal(0, 0.01, 300))
+    run(tmp_path / "sparse" / "seed9" / "stage1" / "vbpr-text", np.full(300, 0.9))  # not asked
+    paper = ml100k.paper_claims(tmp_path, [0, 1, 2, 3])
+    rows = {c["claim"]: c for c in paper["claims"]}
+    assert set(paper["arms"]) == {"sparse/text/frozen", "sparse/text/ptmrec",
+                                  "sparse/text/frozen-backbone-kt", "sparse/text/ptmrec-no-kt"}
+    assert paper["arms"]["sparse/text/frozen"]["n"] == 4
+    assert rows[1]["model"] == "sparse/text" and rows[1]["n_runs"] == 4
+    assert rows[1]["mean_diff"] == pytest.approx(0.05, abs=0.003)
+    assert rows[1]["ci95"][0] > 0.04 and rows[1]["verdict"] == "holds"
+    assert rows[2]["mean_diff"] == pytest.approx(0.05, abs=0.003)
+    assert rows[3]["n_runs"] == 4 and rows[3]["verdict"] == "not shown"     # no difference
+    assert abs(rows[3]["mean_diff"]) < 0.003 and rows[3]["ci95"][0] < 0 < rows[3]["ci95"][1]
+    assert rows[5]["n_runs"] == 0 and "verdict" not in rows[5] and 6 not in rows   # no joint
+    assert "too few runs" in paper["markdown"]
 
 
 def test_one_stage_arms_train_to_convergence_under_stage1s_rule(monkeypatch):

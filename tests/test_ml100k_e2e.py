@@ -85,3 +85,9 @@ def test_ml100k_slice_end_to_end(ml, restore_env, capsys):
     assert main(["evaluate", "--run", str(ml / "s2"), "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["metrics"]["recall@20"] == pytest.approx(m2["test"]["recall@20"], abs=1e-9)
+    # bench/ml100k.py's claims pair the two runs user by user: the same test users, per-user
+    # values averaging to each run's metrics.json (checked inside per_user_metrics)
+    from ptmrec_dist.eval.evaluate import per_user_metrics
+    pu1, pu2 = per_user_metrics(ml / "s1"), per_user_metrics(ml / "s2")
+    assert np.array_equal(pu1["users"], pu2["users"]) and len(pu1["users"]) > 10
+    assert pu2["recall@20"].mean() == pytest.approx(m2["test"]["recall@20"], abs=1e-6)
