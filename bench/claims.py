@@ -19,7 +19,10 @@ paired bootstrap intervals, a paired test per claim with Holm's correction.
   ``oracle`` (every attribute each modality shows; ``oracle-unit``: the same at row norm 1, the
   others at the frozen features' mean norm) and ``caption-visible`` (only those the backbone's
   pretraining captions name). oracle - frozen is the gap an encoder could close;
-  the headroom table puts ptmrec - frozen next to it (share of the gap closed). Each arm's
+  the headroom table puts ptmrec - frozen next to it (share of the gap closed), and reports
+  (without correction, not claims) what each part of stage 2 does alone: frozen-backbone-kt -
+  frozen (the recommender trained on), prompts-only - frozen (the adapted features, the
+  recommender frozen), stage1-on-adapted - frozen (stage 1 on the adapted features). Each arm's
   row has the standard error of one run's test Recall@20 over its users, relative to the
   value (``se_rel_pct``; the power target is at most 3 %). Two rankings that need no training
   bound every arm, per data seed (``references``): each user's true utility from truth.json
@@ -266,6 +269,9 @@ HEADROOM_ROWS = [  # (A, B, what A - B measures); reported, not claims: no corre
     ("oracle-unit", "frozen", "the same gap with the oracle codes at unit row norm"),
     ("frozen", "caption-visible", "what frozen features carry beyond the caption attributes"),
     ("stage1-on-adapted", "frozen", "stage 1 retrained on PTMRec's features: better features?"),
+    ("frozen-backbone-kt", "frozen", "stage 2 with nothing in the backbone trained: the "
+                                     "recommender trained on"),
+    ("prompts-only", "frozen", "stage 2 with the recommender frozen: the adapted features alone"),
     ("ptmrec", "frozen", "PTMRec's gain (claim 1), as a share of the gap"),       # keep last
 ]
 

@@ -275,7 +275,8 @@ def test_claims_headroom_rows_and_standard_error(monkeypatch):
 
     runs = {("vbpr", "frozen"): arm(0.0), ("vbpr", "oracle"): arm(0.08),
             ("vbpr", "oracle-unit"): arm(0.10),             # the larger oracle gap counts
-            ("vbpr", "caption-visible"): arm(-0.02), ("vbpr", "ptmrec"): arm(0.02)}
+            ("vbpr", "caption-visible"): arm(-0.02), ("vbpr", "ptmrec"): arm(0.02),
+            ("vbpr", "prompts-only"): arm(0.01)}
     rows = {(h["a"], h["b"]): h for h in claims.evaluate_headroom(runs, ["vbpr"])}
     gap, gain = rows[("oracle", "frozen")], rows[("ptmrec", "frozen")]
     assert gap["n_runs"] == 4 and gap["ci95"][0] > 0.07 and gap["ci95"][1] < 0.09
@@ -284,6 +285,8 @@ def test_claims_headroom_rows_and_standard_error(monkeypatch):
     assert gain["share_of_gap"] == pytest.approx(gain["mean_diff"] / unit["mean_diff"])
     assert gain["share_of_gap"] == pytest.approx(0.2, abs=0.05)
     assert gain["gap_arm"] == "oracle-unit"
+    assert rows[("prompts-only", "frozen")]["mean_diff"] == pytest.approx(0.01, abs=0.003)
+    assert rows[("frozen-backbone-kt", "frozen")]["n_runs"] == 0          # not run: no figure
     table = claims.arm_table(runs)
     pu = runs[("vbpr", "frozen")][(0, 0)][1]["recall@20"]
     one = 100 * pu.std(ddof=1) / np.sqrt(users) / pu.mean()
