@@ -89,37 +89,49 @@ def kind(arm: str) -> str:
     return ablation_kind(arm)
 
 
+INPUT_PARTS = ("data", "synthetic", "backbone", "demo_backbone", "extract")   # build the inputs
+BUILT = (("data", "path"), ("data", "shards"), ("data", "features"),   # what building them
+         ("backbone", "name_or_path"))                                  # sets: where they are
+
+
 def prepare(work: Path, data_seed: int, items: int, users: int, overrides: list[str]):
     """One data seed's inputs (data, shards, demo backbone, frozen features), built once; inputs
-    already under WORK that were built with other ``synthetic.*`` / ``demo_backbone.*``
-    settings are refused (another design or size needs another ``--work``). The config
-    returned carries this call's overrides (e.g. ``stage2.*``) also when the inputs exist."""
+    already under WORK that were built with other input settings (``INPUT_PARTS``) are refused
+    (another design or size needs another ``--work``). The inputs record only input settings:
+    the run settings of the config returned (``stage2.*``, ``peft.*``, ...) are this call's
+    overrides on the defaults, whichever call built the inputs."""
     import dataclasses
 
     from ptmrec_dist.config import load_config, save_config
     from ptmrec_dist.demo import demo_config, prepare_inputs
     from ptmrec_dist.run import RunDir
 
+    def part(o: str) -> str:
+        return o.split("=", 1)[0].split(".", 1)[0]
+    runs = [o for o in overrides if part(o) not in INPUT_PARTS]
     inputs = work / f"data{data_seed}" / "inputs"
     done = inputs / "prepared.yaml"
     cfg = load_config(None, [f"synthetic.n_items={items}", f"synthetic.n_users={users}",
                              f"synthetic.seed={data_seed}", f"data.split_seed={2026 + data_seed}",
-                             *overrides], base=demo_config("default"))
+                             *[o for o in overrides if part(o) in INPUT_PARTS]],
+                      base=demo_config("default"))
     if done.is_file():
         have = load_config(done)
-        differ = [f"{part}.{k}: {v!r} there, {getattr(getattr(cfg, part), k)!r} asked"
-                  for part in ("synthetic", "demo_backbone")
-                  for k, v in dataclasses.asdict(getattr(have, part)).items()
-                  if getattr(getattr(cfg, part), k) != v]
+        differ = [f"{name}.{k}: {v!r} there, {getattr(getattr(cfg, name), k)!r} asked"
+                  for name in INPUT_PARTS
+                  for k, v in dataclasses.asdict(getattr(have, name)).items()
+                  if getattr(getattr(cfg, name), k) != v and (name, k) not in BUILT]
         if differ:
             raise SystemExit(f"{done}: these inputs were built with other settings ("
                              + "; ".join(differ) + "): use another --work")
-        return load_config(None, list(overrides), base=have)   # this call's run settings
+        for name, k in BUILT:
+            setattr(getattr(cfg, name), k, getattr(getattr(have, name), k))
+        return load_config(None, runs, base=cfg)
     prepare_inputs(cfg, inputs, RunDir(inputs, cfg).start(), log=print)
     cfg.data.path, cfg.data.features = str(inputs / "data"), str(inputs / "features")
     save_config(cfg, inputs)
     (inputs / "config.yaml").rename(done)
-    return cfg
+    return load_config(None, runs, base=cfg)
 
 
 def reference_scores(cfg) -> dict:

@@ -355,13 +355,22 @@ def test_claims_designs_and_inputs_built_with_other_settings_are_refused(monkeyp
     inputs = tmp_path / "data0" / "inputs"
     cfg = load_config(None, ["synthetic.n_items=300", "synthetic.n_users=100",
                              "synthetic.seed=0", "data.split_seed=2026",
-                             "demo_backbone.corpus_items=40"], base=demo_config("default"))
+                             "demo_backbone.corpus_items=40",     # and a run setting of the
+                             "stage2.passes_per_epoch=3"],         # call that built them
+                      base=demo_config("default"))
+    cfg.data.path, cfg.backbone.name_or_path = str(inputs / "data"), str(inputs / "backbone")
     save_config(cfg, inputs)
     (inputs / "config.yaml").rename(inputs / "prepared.yaml")
     got = claims.prepare(tmp_path, 0, 300, 100, ["demo_backbone.corpus_items=40",
                                                  "stage2.epochs=1"])
     assert got.synthetic.n_items == 300 and got.demo_backbone.corpus_items == 40
     assert got.stage2.epochs == 1       # run settings of this call apply to existing inputs
+    assert got.stage2.passes_per_epoch == 1       # ... and only this call's: not the builder's
+    assert (got.data.path, got.backbone.name_or_path) == (str(inputs / "data"),
+                                                          str(inputs / "backbone"))
+    with pytest.raises(SystemExit, match=r"data.split: 'auto' there, 'random' asked"):
+        claims.prepare(tmp_path, 0, 300, 100, ["demo_backbone.corpus_items=40",
+                                               "data.split=random"])
     with pytest.raises(SystemExit, match=r"synthetic.n_items: 300 there, 400 asked.*"
                                          r"demo_backbone.corpus_items: 40 there, 0 asked"):
         claims.prepare(tmp_path, 0, 400, 100, [])
