@@ -106,6 +106,23 @@ def _ci(lo, hi) -> str:
     return "-" if lo is None or hi is None else f"[{lo:+.4f}, {hi:+.4f}]"
 
 
+def claims_table(page: Page, claims: list[dict]) -> None:
+    """One row per claim: A vs B, runs, the paired difference, its interval, Holm's p, the
+    verdict (bench/claims.py's rows, also in ml100k.json's ``claims``)."""
+    table = []
+    for c in claims:
+        rel = c.get("relative_pct")
+        table.append([c.get("claim"), c.get("statement"), c.get("model"),
+                      f"{c.get('a', 'gain')} vs {c.get('b', 'gain')}", c.get("n_runs"),
+                      _signed({"mean": c.get("mean_diff")}),
+                      None if rel is None else f"{rel:+.1f} %",
+                      _ci(*(c.get("ci95") or [None, None])), c.get("p_holm"),
+                      "expected" if c.get("expected", True) else "expected not to hold",
+                      c.get("verdict", "too few runs")])
+    page.table(["claim", "statement", "model", "A vs B", "runs", "A - B", "relative",
+                "95 % CI", "p (Holm)", "expectation", "verdict"], table)
+
+
 def claims_page(path: Path, data: dict, out: Path) -> Page:
     """bench/claims.py: each claim's paired difference (A - B, test Recall@20) with its 95 %
     bootstrap interval, the Holm-corrected p-value and the verdict; the arms' means."""
@@ -127,18 +144,7 @@ def claims_page(path: Path, data: dict, out: Path) -> Page:
     else:
         page.missing("no claim has enough runs (two or more pairs) for an interval")
     page.h2("Claims", "claims")
-    table = []
-    for c in claims:
-        rel = c.get("relative_pct")
-        table.append([c.get("claim"), c.get("statement"), c.get("model"),
-                      f"{c.get('a', 'gain')} vs {c.get('b', 'gain')}", c.get("n_runs"),
-                      _signed({"mean": c.get("mean_diff")}),
-                      None if rel is None else f"{rel:+.1f} %",
-                      _ci(*(c.get("ci95") or [None, None])), c.get("p_holm"),
-                      "expected" if c.get("expected", True) else "expected not to hold",
-                      c.get("verdict", "too few runs")])
-    page.table(["claim", "statement", "model", "A vs B", "runs", "A - B", "relative",
-                "95 % CI", "p (Holm)", "expectation", "verdict"], table)
+    claims_table(page, claims)
     headroom = [h for h in data.get("headroom") or [] if isinstance(h, dict)]
     if headroom:       # claims.json of bench/claims.py with the headroom arms (oracle, caption)
         page.h2("Headroom: stage 1 on features that encode chosen true attributes", "headroom")
@@ -203,6 +209,11 @@ def ml100k_page(path: Path, data: dict, out: Path) -> Page:
                     "(grey: one seed, no interval)", panels, "paired difference (method - ref)")
     else:
         page.missing("no stage-2 row has a vs_frozen difference")
+    paper = data.get("claims") if isinstance(data.get("claims"), dict) else {}
+    claims = [c for c in paper.get("claims") or [] if isinstance(c, dict)]
+    if claims:            # bench/ml100k.py's paper_claims: claims.py's statistics per variant
+        page.h2("The paper's claims: per-user bootstrap, Holm-corrected", "claims")
+        claims_table(page, claims)
     page.h2("Stage 2 (vbpr)", "stage2")
     rows = []
     for key, r in stage2.items():

@@ -293,6 +293,20 @@ def test_ml100k_json(tmp_path):
     write_report(path, tmp_path / "r")
     page = check_self_contained(tmp_path / "r", 1)
     assert sections(page) == ["forest", "stage2", "stage1"]
+    # with bench/ml100k.py's claims (paper_claims): their table, as claims.json's
+    data = json.loads(path.read_text())
+    data["claims"] = {"arms": {}, "markdown": "", "claims": [
+        {"claim": 1, "statement": "PTMRec beats frozen features", "model": "sparse/text",
+         "a": "ptmrec", "b": "frozen", "expected": True, "n_runs": 5, "mean_diff": 0.0041,
+         "relative_pct": 3.0, "ci95": [0.0006, 0.0076], "p_one_sided": 0.01, "p_holm": 0.04,
+         "verdict": "holds"}]}
+    path.write_text(json.dumps(data))
+    write_report(path, tmp_path / "r2")
+    page2 = check_self_contained(tmp_path / "r2", 1)
+    assert sections(page2) == ["forest", "claims", "stage2", "stage1"]
+    assert ["1", "PTMRec beats frozen features", "sparse/text", "ptmrec vs frozen", "5",
+            "+0.0041", "+3.0 %", "[+0.0006, +0.0076]", "0.0400", "expected", "holds"] in \
+        rows(page2)
     table = rows(page)
     assert ["full/ptmrec-both", "0.2211 ± 0.0100", "0.1011 ± 0.0100",
             "+0.0123 [+0.0031, +0.0215]", "+0.0044 [-0.0010, +0.0098]", "0.0500", "3",
