@@ -300,9 +300,8 @@ def paper_claims(work: Path, seeds: list[int]) -> dict:
         runs.setdefault((f"{variant}/{modality}", arm), {})[(seed, seed)] = \
             (json.loads(path.read_text()), per_user_file(path.parent))
     labels = sorted({label for label, _ in runs})
-    rows = claims.evaluate_claims(runs, labels)
-    return {"arms": claims.arm_table(runs), "claims": rows,
-            "markdown": claims.markdown(claims.arm_table(runs), rows)}
+    rows, arms = claims.evaluate_claims(runs, labels), claims.arm_table(runs)
+    return {"arms": arms, "claims": rows, "markdown": claims.markdown(arms, rows)}
 
 
 def markdown(summary: dict) -> str:
