@@ -106,14 +106,15 @@ def prepare(work: Path, data_seed: int, items: int, users: int, overrides: list[
     from ptmrec_dist.demo import demo_config, prepare_inputs
     from ptmrec_dist.run import RunDir
 
-    def part(o: str) -> str:
-        return o.split("=", 1)[0].split(".", 1)[0]
-    runs = [o for o in overrides if part(o) not in INPUT_PARTS]
+    given: dict[bool, list[str]] = {True: [], False: []}     # input settings or run settings
+    for o in overrides:
+        given[o.split("=", 1)[0].split(".", 1)[0] in INPUT_PARTS].append(o)
+    runs = given[False]
     inputs = work / f"data{data_seed}" / "inputs"
     done = inputs / "prepared.yaml"
     cfg = load_config(None, [f"synthetic.n_items={items}", f"synthetic.n_users={users}",
                              f"synthetic.seed={data_seed}", f"data.split_seed={2026 + data_seed}",
-                             *[o for o in overrides if part(o) in INPUT_PARTS]],
+                             *given[True]],
                       base=demo_config("default"))
     if done.is_file():
         have = load_config(done)

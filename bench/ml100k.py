@@ -78,15 +78,12 @@ def budget(one_stage: bool) -> list[str]:
     """The stage-2 epochs and patience, kept over the ablation files' own: for a two-stage arm
     configs/ml100k.yaml's stage-2 budget; a one-stage arm trains its recommender from scratch,
     so it trains to convergence under the file's stage-1 rule (its epochs and patience)."""
-    import yaml
-
     from ptmrec_dist.config import load_config
+    cfg = load_config(CONFIG)
     if one_stage:
-        stage1 = load_config(CONFIG).stage1
-        return [f"stage2.epochs={stage1.epochs}",
-                f"stage2.patience={stage1.patience * stage1.eval_every}"]
-    stage2 = yaml.safe_load(CONFIG.read_text())["stage2"]
-    return [f"stage2.epochs={stage2['epochs']}", f"stage2.patience={stage2['patience']}"]
+        return [f"stage2.epochs={cfg.stage1.epochs}",
+                f"stage2.patience={cfg.stage1.patience * cfg.stage1.eval_every}"]
+    return [f"stage2.epochs={cfg.stage2.epochs}", f"stage2.patience={cfg.stage2.patience}"]
 
 
 def ptmrec(*args: str, log: Path | None = None) -> None:
@@ -233,15 +230,20 @@ def paired(runs: dict, reference: dict) -> dict:
     return out
 
 
-def collect(work: Path, seeds: list[int]) -> dict:
-    """Every finished run of WORK for these seeds (earlier invocations too)."""
-    table: dict = {"stage1": {}, "stage2": {}}
+def finished(work: Path, seeds: list[int]):
+    """Every finished run of WORK for these seeds (earlier invocations too), as ``(variant,
+    seed, stage, name, run folder, bench.json)``; ``name`` is ``<model or method>-<modalities>``."""
     for path in sorted(work.glob("*/seed*/stage[12]/*/bench.json")):
         variant, seed, stage, name = path.parts[-5:-1]
-        if int(seed[4:]) not in seeds:
-            continue
-        table[stage].setdefault(f"{variant}/{name}", {})[int(seed[4:])] = \
-            json.loads(path.read_text())
+        if int(seed[4:]) in seeds:
+            yield variant, int(seed[4:]), stage, name, path.parent, json.loads(path.read_text())
+
+
+def collect(work: Path, seeds: list[int]) -> dict:
+    """The stage-1 and stage-2 tables of every finished run of WORK for these seeds."""
+    table: dict = {"stage1": {}, "stage2": {}}
+    for variant, seed, stage, name, _, m in finished(work, seeds):
+        table[stage].setdefault(f"{variant}/{name}", {})[seed] = m
     summary: dict = {"stage1": {}, "stage2": {}}
     for stage in ("stage1", "stage2"):
         for key, runs in sorted(table[stage].items()):
@@ -287,18 +289,14 @@ def paper_claims(work: Path, seeds: list[int]) -> dict:
     bootstrap intervals, one-sided paired t-tests Holm-corrected over every row."""
     import claims
     runs: dict = {}
-    for path in sorted(work.glob("*/seed*/stage[12]/*/bench.json")):
-        variant, seed, stage, name = path.parts[-5:-1]
-        seed = int(seed[4:])
-        if seed not in seeds:
-            continue
+    for variant, seed, stage, name, run, m in finished(work, seeds):
         arm, modality = name.rsplit("-", 1)
         if stage == "stage1":
             if arm != "vbpr":
                 continue
             arm = "frozen"                       # stage 1 vbpr: every stage-2 arm's teacher
         runs.setdefault((f"{variant}/{modality}", arm), {})[(seed, seed)] = \
-            (json.loads(path.read_text()), per_user_file(path.parent))
+            (m, per_user_file(run))
     labels = sorted({label for label, _ in runs})
     rows, arms = claims.evaluate_claims(runs, labels), claims.arm_table(runs)
     return {"arms": arms, "claims": rows, "markdown": claims.markdown(arms, rows)}
