@@ -10,8 +10,9 @@ full_sort_predict for the reference, each held-out item nudged towards its user)
 ``baby`` is Amazon Baby's shape (19,445 users x 7,050 items, 7 training and 1-2 held-out items
 per user); ``1m`` is 1,000,000 items x 2,000 users. The reference scores MMRec's default 4,096
 users per batch at Baby size; at 1M items that batch would be a 16 GB score matrix, so it gets
-``--ref-batch-1m`` (256: 1 GB), ours its default ``eval.memory_mb`` 512. Each evaluator runs in
-a fresh process (its own peak RSS). Goal (issue 21): ours at least 3x faster, metrics equal to
+``--ref-batch-1m`` (256: 1 GB); ours ranks such a catalog in cache-sized tiles of users x
+items (``eval.metrics.chunk_topk_blocked``), at Baby size its default ``eval.memory_mb``
+512. Each evaluator runs in a fresh process (its own peak RSS). Goal (issue 21): ours at least 3x faster, metrics equal to
 1e-6. Prints JSON, writes OUT/eval_reference.json.
 """
 
@@ -65,7 +66,7 @@ def child(size: str, which: str, ref_batch: int, threads: int) -> dict:
     import torch
 
     from ptmrec_dist.eval.evaluate import score_function
-    from ptmrec_dist.eval.metrics import chunk_size, evaluate, item_block
+    from ptmrec_dist.eval.metrics import USER_TILE, chunk_size, evaluate, item_block
     from ptmrec_dist.eval.reference import mmrec_evaluate
 
     torch.set_num_threads(threads)
@@ -75,7 +76,9 @@ def child(size: str, which: str, ref_batch: int, threads: int) -> dict:
     if which == "ours":      # the product's scoring (eval.evaluate.score_function)
         fn = score_function((u_rep, i_rep))
         metrics, seconds = timed(evaluate, fn, train, target, KS, memory_mb=512)
-        batch = chunk_size(item_block(fn, items) or items, 0, 512)
+        tile = item_block(fn, items)     # large catalogs: tiles of USER_TILE users x tile items
+        batch = (f"{min(users, USER_TILE)} x {tile} items" if tile
+                 else chunk_size(items, 0, 512))
     else:
         # MMRec's full_sort_predict: a fresh score matrix per batch
         metrics, seconds = timed(mmrec_evaluate, lambda u: u_rep[u] @ i_rep.T, train, target,

@@ -331,23 +331,50 @@ def blocked_scores(matrix):
     return fn
 
 
-@pytest.mark.parametrize("block", [1, 4, 7, 29, 30])
-def test_item_blocks_give_the_same_lists_ties_included(monkeypatch, block):
-    """Scoring a block of items at a time (catalogs above metrics.ITEM_BLOCK) gives exactly the
-    unblocked top-k lists, ties by the lower index across block borders, masked places -1."""
+@pytest.mark.parametrize("block,user_tile,merge_at", [(1, 1024, 1.0), (4, 2, 0.0), (7, 5, 1.0),
+                                                      (29, 1, 100.0), (12, 4, 0.1),
+                                                      (30, 1, 1.0)])
+def test_item_blocks_give_the_same_lists_ties_included(monkeypatch, block, user_tile, merge_at):
+    """Scoring tiles of users x items (catalogs above metrics.BLOCK_ABOVE), keeping of each tile
+    only the items that can still enter a user's running top k, gives exactly the unblocked
+    top-k lists, ties by the lower index across tile borders, masked places -1, whenever the
+    candidates are merged."""
     import ptmrec_dist.eval.metrics as metrics
 
     scores, tr, te, train, target = random_problem(seed=11)        # integer scores: many ties
     want, ranked = reference(scores, train, target, KS)
     monkeypatch.setattr(metrics, "ITEM_BLOCK", block)
+    monkeypatch.setattr(metrics, "BLOCK_ABOVE", 29)
+    monkeypatch.setattr(metrics, "USER_TILE", user_tile)
+    monkeypatch.setattr(metrics, "MERGE_AT", merge_at)
     fn = blocked_scores(scores)
-    assert metrics.item_block(fn, scores.shape[1]) == (block if block < 30 else 0)
+    assert metrics.item_block(fn, scores.shape[1]) == block
+    assert metrics.item_block(fn, 29) == 0 and metrics.item_block(lambda u: u, 30) == 0
     sink = {}
     got = evaluate(fn, tr, te, KS, chunk=3,
                    topk_sink=lambda u, t: sink.update(zip(u.tolist(), t.tolist())))
     assert sink == ranked
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+
+
+def test_blocked_topk_matches_whole_rows_on_a_larger_catalog(monkeypatch):
+    """chunk_topk_blocked against chunk_topk on continuous scores, 600 items in tiles of 16
+    (the running k-th best prunes most tiles), rows with many masked items included."""
+    import ptmrec_dist.eval.metrics as metrics
+
+    rng = np.random.default_rng(3)
+    scores = torch.from_numpy(rng.standard_normal((37, 600)).astype(np.float32))
+    masked = [sorted(rng.choice(600, size=int(rng.integers(0, 590)), replace=False).tolist())
+              for _ in range(37)]
+    mask = csr(masked, 600)
+    fn = blocked_scores(scores.numpy())
+    users = np.arange(37)[::-1].copy()
+    monkeypatch.setattr(metrics, "USER_TILE", 8)
+    for k in (1, 20, 50):
+        want = metrics.chunk_topk(fn, users, mask, k)
+        got = metrics.chunk_topk_blocked(fn.block, users, mask, k, 600, 16)
+        assert torch.equal(got, want), k
 
 
 def test_score_function_blocks_and_exclusions():

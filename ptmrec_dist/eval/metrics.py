@@ -12,8 +12,9 @@ depend on the chunking or the kernel. With ``hits`` the 0/1 relevance of the ran
 - MAP@K = sum_i Precision@i x hits_i over the top K, divided by min(P, K).
 
 Each metric is averaged over the evaluated users. Memory is O(chunk x items): the score matrix of
-one chunk of users, never users x items; above :data:`ITEM_BLOCK` items, with a score function
-that offers ``.block``, O(chunk x ITEM_BLOCK) (items are ranked a block at a time).
+one chunk of users, never users x items; above :data:`BLOCK_ABOVE` items, with a score function
+that offers ``.block``, O(USER_TILE x ITEM_BLOCK) per tile plus each user's running top k
+(:func:`chunk_topk_blocked`).
 """
 
 from __future__ import annotations
@@ -109,15 +110,18 @@ def metric_rows(hits: np.ndarray, n_pos: np.ndarray, ks: list[int]) -> dict[str,
     return out
 
 
-ITEM_BLOCK = 65536          # items scored at a time where the catalog is larger (score_fn.block)
+BLOCK_ABOVE = 65536        # catalogs above this many items are ranked a tile at a time
+ITEM_BLOCK = 512           # items per tile, USER_TILE users: a tile's scores (4 MB) stay in
+USER_TILE = 2048           # cache; measured best of 128-8192 x 512-4096 at 1M items
+MERGE_AT = 1.0             # merge a tile's candidates once there are MERGE_AT x k per user
 
 
 def item_block(score_fn, n_items: int) -> int:
-    """Items per block for ``score_fn`` (0: whole rows): catalogs above :data:`ITEM_BLOCK`
-    items are scored in blocks when the score function offers ``.block`` (larger chunks of
-    users then fit the same memory, and each block of item representations is read once per
-    chunk: 1.4-1.6x faster at 1M items, ``bench/eval_reference.py``)."""
-    return ITEM_BLOCK if n_items > ITEM_BLOCK and hasattr(score_fn, "block") else 0
+    """Items per tile for ``score_fn`` (0: whole rows): catalogs above :data:`BLOCK_ABOVE`
+    items are ranked a tile at a time when the score function offers ``.block``
+    (:func:`chunk_topk_blocked`: 2.7x the whole-row path at 1M items,
+    ``bench/eval_reference.py``)."""
+    return ITEM_BLOCK if n_items > BLOCK_ABOVE and hasattr(score_fn, "block") else 0
 
 
 def chunk_size(n_items: int, chunk_users: int = 0, memory_mb: int = 512) -> int:
@@ -151,37 +155,97 @@ def _merge_topk(vals: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Te
     return by_score.values[:, :k], torch.gather(idx, 1, by_score.indices)[:, :k]
 
 
+class _RunningTopk:
+    """Each row's best ``k`` (score desc, index asc) so far, fed with candidate triples (row,
+    item, score) in any order; :attr:`kth` (each row's k-th best score, -inf while it has fewer
+    than k) only rises, so any item scoring below it can be skipped."""
+
+    def __init__(self, n: int, k: int, n_items: int, device):
+        self.k, self.n_items = k, n_items
+        self.vals = torch.full((n, k), -torch.inf, device=device)
+        self.idx = torch.full((n, k), n_items, dtype=torch.long, device=device)
+        self.kth = self.vals[:, -1].clone()
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.n_pending = 0
+
+    def add(self, rows: torch.Tensor, items: torch.Tensor, vals: torch.Tensor) -> None:
+        self.pending.append((rows, items, vals))
+        self.n_pending += rows.numel()
+
+    def merge(self) -> None:
+        if not self.n_pending:
+            return
+        rows, items, vals = (torch.cat(p) for p in zip(*self.pending))
+        self.pending, self.n_pending = [], 0
+        touched, rows = torch.unique(rows, return_inverse=True)
+        order = torch.argsort(rows, stable=True)
+        rows, items, vals = rows[order], items[order], vals[order]
+        counts = torch.bincount(rows, minlength=len(touched))
+        pos = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0)
+                                                                 - counts)[rows]
+        width = self.k + int(counts.max())
+        cand_v = torch.full((len(touched), width), -torch.inf, device=vals.device)
+        cand_i = torch.full((len(touched), width), self.n_items, dtype=torch.long,
+                            device=vals.device)
+        cand_v[:, :self.k], cand_i[:, :self.k] = self.vals[touched], self.idx[touched]
+        cand_v[rows, self.k + pos], cand_i[rows, self.k + pos] = vals, items
+        v, i = _merge_topk(cand_v, cand_i, self.k)
+        self.vals[touched], self.idx[touched], self.kth[touched] = v, i, v[:, -1]
+
+
+def _tile_candidates(scores: torch.Tensor, kth: torch.Tensor):
+    """``(rows, offsets)`` of the tile's items scoring at least their row's ``kth`` (every
+    item that can still enter the row's top k), row-major: offsets ascend within a row. Only
+    rows whose best score reaches ``kth`` are compared item by item (after the first tiles,
+    few)."""
+    rows = torch.nonzero(scores.amax(1) >= kth).squeeze(1)
+    if rows.numel() == scores.shape[0]:
+        return torch.nonzero(scores >= kth[:, None], as_tuple=True)
+    r, offsets = torch.nonzero(scores[rows] >= kth[rows, None], as_tuple=True)
+    return rows[r], offsets
+
+
 def chunk_topk_blocked(block_fn: Callable[[torch.Tensor, int, int], torch.Tensor],
                        users: np.ndarray, mask: sp.csr_matrix, k: int, n_items: int,
                        block: int) -> torch.Tensor:
-    """:func:`chunk_topk` scoring ``block`` items at a time (``block_fn(users, start, stop)``
-    scores items ``start:stop``): each block's top k (ties by the lower index, as
-    :func:`topk_items`) merged into a running top k, so a chunk of users holds
-    ``users x block`` scores, not ``users x n_items``. The same lists as the unblocked one:
-    every item of the overall top k is in its own block's top k."""
-    u = torch.from_numpy(users.astype(np.int64))
-    sub = mask[users]
-    rows_all = np.repeat(np.arange(len(users)), np.diff(sub.indptr))
-    cols_all = sub.indices.astype(np.int64)
-    best_v = best_i = None
+    """:func:`chunk_topk` scoring tiles of :data:`USER_TILE` users x ``block`` items
+    (``block_fn(users, start, stop)`` scores items ``start:stop``), so a tile's scores stay in
+    cache and no ``users x n_items`` matrix exists. Each user keeps a running top k
+    (:class:`_RunningTopk`) and of a tile only the items scoring at least the running k-th best
+    are taken (no top-k per tile). The same lists as :func:`chunk_topk`, ties by the lower
+    index: an item of a user's final top k scores at least the final k-th best, which is at
+    least the running one, so it is always taken, and candidates are merged by (score desc,
+    index asc)."""
+    k = min(k, n_items)
+    sub = mask[users].tocoo()
+    by_col = np.argsort(sub.col, kind="stable")
+    m_rows, m_cols = sub.row[by_col].astype(np.int64), sub.col[by_col].astype(np.int64)
+    u_all = torch.from_numpy(users.astype(np.int64))
+    out = []
     with torch.no_grad():
-        for start in range(0, n_items, block):
-            stop = min(start + block, n_items)
-            scores = block_fn(u, start, stop).float()
-            sel = (cols_all >= start) & (cols_all < stop)
-            if sel.any():
+        for t0 in range(0, len(users), USER_TILE):
+            u = u_all[t0:t0 + USER_TILE]
+            n = len(u)
+            in_tile = (m_rows >= t0) & (m_rows < t0 + n)
+            t_rows, t_cols = m_rows[in_tile] - t0, m_cols[in_tile]
+            state = None
+            for start in range(0, n_items, block):
+                stop = min(start + block, n_items)
+                scores = block_fn(u, start, stop).float()
                 dev = scores.device
-                scores[torch.from_numpy(rows_all[sel]).to(dev),
-                       torch.from_numpy(cols_all[sel] - start).to(dev)] = -torch.inf
-            top = topk_items(scores, min(k, stop - start))
-            vals = torch.gather(scores, 1, top.clamp_min(0)).masked_fill(top < 0, -torch.inf)
-            idx = torch.where(top >= 0, top + start, torch.full_like(top, n_items))
-            if best_v is None:
-                best_v, best_i = vals, idx
-            else:
-                best_v, best_i = _merge_topk(torch.cat([best_v, vals], 1),
-                                             torch.cat([best_i, idx], 1), k)
-    return best_i.masked_fill(best_v == -torch.inf, -1)
+                if state is None:
+                    state = _RunningTopk(n, k, n_items, dev)
+                lo, hi = np.searchsorted(t_cols, [start, stop])
+                if hi > lo:
+                    scores[torch.from_numpy(t_rows[lo:hi]).to(dev),
+                           torch.from_numpy(t_cols[lo:hi] - start).to(dev)] = -torch.inf
+                rows, offsets = _tile_candidates(scores, state.kth)
+                if rows.numel():
+                    state.add(rows, offsets + start, scores[rows, offsets])
+                if state.n_pending >= MERGE_AT * n * k or stop == n_items:
+                    state.merge()
+            out.append(state.idx.masked_fill(state.vals == -torch.inf, -1))
+    return torch.cat(out)
 
 
 def ranked_chunks(score_fn: Callable[[torch.Tensor], torch.Tensor], users: np.ndarray,
