@@ -4,8 +4,10 @@ for U users x I items (random 64-d representations, 10 training and 2 target ite
     .venv/bin/python bench/eval_scale.py [--items 1000000 --users 100000 --memory-mb 512]
 
 Each size runs in a fresh process that reports its peak RSS (VmHWM) before and after the
-evaluation; the evaluation's own share stays near ``memory_mb`` whatever the number of users,
-because scores exist for one chunk of users at a time. Prints JSON, writes OUT/eval_scale.json.
+evaluation; the evaluation's own share stays bounded whatever the number of users, because
+scores exist for one chunk of users at a time (above ``eval.metrics.BLOCK_ABOVE`` items, one
+tile of users x items and each user's running top k). Scoring is the product's
+(``eval.evaluate.score_function``, as ``Evaluator``). Prints JSON, writes OUT/eval_scale.json.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ def child(items: int, users: int, dim: int, memory_mb: int) -> dict:
     import scipy.sparse as sp
     import torch
 
-    from ptmrec_dist.eval.metrics import chunk_size, evaluate
+    from ptmrec_dist.eval.evaluate import score_function
+    from ptmrec_dist.eval.metrics import USER_TILE, chunk_size, evaluate, item_block
 
     rng = np.random.default_rng(0)
     u_rep = torch.from_numpy(rng.standard_normal((users, dim), dtype=np.float32))
@@ -42,11 +45,14 @@ def child(items: int, users: int, dim: int, memory_mb: int) -> dict:
     target = target - target.multiply(train)     # no target item is also a training item
     target.eliminate_zeros()
     before = peak_rss_mb()
-    metrics, seconds = timed(evaluate, lambda u: u_rep[u] @ i_rep.T, train, target,
-                             [5, 10, 20, 50], memory_mb=memory_mb)
+    fn = score_function((u_rep, i_rep))          # the product's scoring (Evaluator's)
+    metrics, seconds = timed(evaluate, fn, train, target, [5, 10, 20, 50], memory_mb=memory_mb)
     after = peak_rss_mb()
+    tile = item_block(fn, items)
     return {"items": items, "users": users, "dim": dim, "memory_mb": memory_mb,
-            "chunk_users": chunk_size(items, 0, memory_mb), "seconds": round(seconds, 1),
+            "chunk_users": (f"tiles of {min(users, USER_TILE)} x {tile} items" if tile
+                            else chunk_size(items, 0, memory_mb)),
+            "seconds": round(seconds, 1),
             "users_per_s": round(users / seconds, 1),
             "peak_rss_before_eval_mb": round(before), "peak_rss_after_eval_mb": round(after),
             "eval_peak_increase_mb": round(after - before),
