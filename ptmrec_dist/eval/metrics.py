@@ -114,6 +114,8 @@ BLOCK_ABOVE = 65536        # catalogs above this many items are ranked a tile at
 ITEM_BLOCK = 512           # items per tile, USER_TILE users: a tile's scores (4 MB) stay in
 USER_TILE = 2048           # cache; measured best of 128-8192 x 512-4096 at 1M items
 MERGE_AT = 1.0             # merge a tile's candidates once there are MERGE_AT x k per user
+# tiled, a chunk of 8 x USER_TILE users holds only their top k, masks and metrics (memory flat
+# in the number of users)
 
 
 def item_block(score_fn, n_items: int) -> int:
@@ -283,9 +285,9 @@ def evaluate(score_fn, train: sp.csr_matrix, target: sp.csr_matrix, ks: list[int
     kmax = max(max(ks), sink_k if topk_sink is not None else 0)
     totals = {f"{m}@{k}": 0.0 for k in ks for m in METRICS}
     block = item_block(score_fn, n_items)
+    per_chunk = chunk or (8 * USER_TILE if block else chunk_size(n_items, 0, memory_mb))
     with progress(total=len(users), desc="evaluate", unit="user", leave=False) as bar:
-        for u, top in ranked_chunks(score_fn, users, mask, kmax,
-                                    chunk_size(block or n_items, chunk, memory_mb), block):
+        for u, top in ranked_chunks(score_fn, users, mask, kmax, per_chunk, block):
             if topk_sink is not None:
                 topk_sink(u, top)
             rows = metric_rows(hits_matrix(u, top, keys, n_items), n_pos_all[u], ks)
