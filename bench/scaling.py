@@ -18,9 +18,11 @@ Steps, each in a fresh process (its own peak RSS), each size's outputs feeding t
 * ``knn-graph``: FREEDOM's item-item kNN graph (``rec.graph.knn_graph``, k 10, its default
   ``auto``: exact and chunked up to 100k items, faiss above) on the extracted image features,
   with its recall@10 against the exact neighbours of 2,000 random items;
-* ``stage1-epoch``: one vbpr epoch (``ptmrec stage1``, the extracted features; the time of the
-  epoch as the run records it, not the process); ``stage1-epoch-sparse`` the same with
-  ``stage1.sparse_embeddings=true`` (sparse gradients for the ID tables, lazy row-wise Adam);
+* ``stage1-epoch``: one vbpr epoch with dense Adam (``ptmrec stage1``,
+  ``stage1.sparse_embeddings=false``, the extracted features; the time of the epoch as the run
+  records it, not the process); ``stage1-epoch-sparse`` the same with
+  ``stage1.sparse_embeddings=true`` (sparse gradients for the ID tables, lazy row-wise Adam;
+  what the default ``auto`` takes from 100,000 items);
 * ``evaluate-per-user``: the dense run's valid evaluation time divided by its evaluated users
   (full ranking: every user scores every item, so this grows with the catalog; the
   evaluation's memory stays bounded by ``eval.memory_mb``).
@@ -139,7 +141,7 @@ def child(step: str, items: int, work: Path) -> dict:
             from stage1 import stage1
             stage1(run, str(data), "vbpr", str(feats), "stage1.epochs=1",
                    "stage1.patience=1000", "stage1.batch_size=2048",
-                   *(["stage1.sparse_embeddings=true"] if sparse else []))
+                   f"stage1.sparse_embeddings={'true' if sparse else 'false'}")
         metrics = json.loads(m.read_text())
         if step.startswith("stage1-epoch"):
             seconds = metrics["epoch_s_mean"]

@@ -148,6 +148,36 @@ def test_settings_it_cannot_run_under_are_refused(override, message, data, in_pr
         run_stage1(cfg, tmp_path / "x", log=lambda *_: None)
 
 
+def test_auto_takes_the_lazy_adam_from_a_catalog_size(data, in_process, monkeypatch, tmp_path):
+    """``stage1.sparse_embeddings: auto`` (the default): dense Adam below SPARSE_AUTO_ITEMS
+    items; from there the lazy one where it applies (the run ``true`` gives), and dense Adam
+    with the reason, not an error, where it does not."""
+    import ptmrec_dist.train.stage1 as stage1
+
+    def run(name, *overrides):
+        lines = []
+        m = run_stage1(_cfg(data, "vbpr", "stage1.epochs=2", *overrides), tmp_path / name,
+                       log=lines.append)
+        return m, " | ".join(str(x) for x in lines)
+
+    assert _cfg(data, "vbpr").stage1.sparse_embeddings == "auto"
+    _, said = run("small")
+    assert "RowSparseAdam" not in said and "sparse_embeddings auto" not in said
+    monkeypatch.setattr(stage1, "SPARSE_AUTO_ITEMS", 10)
+    auto, said = run("auto")
+    assert "RowSparseAdam" in said and "sparse_embeddings auto:" in said, said
+    on, _ = run("on", "stage1.sparse_embeddings=true")
+    assert (auto["valid"], auto["test"]) == (on["valid"], on["test"])
+    for f in ("user_repr.npy", "item_repr.npy"):
+        np.testing.assert_array_equal(np.load(tmp_path / "auto" / f),
+                                      np.load(tmp_path / "on" / f))
+    _, said = run("zero1", "stage1.ds_config=zero1")
+    assert "RowSparseAdam" not in said
+    assert "sparse_embeddings auto: dense Adam" in said and "ZeRO stage 1" in said, said
+    _, said = run("off", "stage1.sparse_embeddings=false")
+    assert "RowSparseAdam" not in said
+
+
 def test_two_ranks_equal_one_rank(data, tmp_path):
     """DeepSpeed all-reduces the sparse gradients (indices and values gathered, averaged): two
     ranks with the same global batches train the model one rank trains."""

@@ -121,9 +121,11 @@ class Stage1Config:
     #                                     with offload on GPUs; deepspeed: FusedAdam / CPUAdam
     checkpoint_every: int = 5           # epochs between resumable checkpoints (0: only on a stop
                                         # signal); `stage1 --resume` continues from the newest
-    sparse_embeddings: bool = False     # bpr/vbpr: sparse gradients for the ID tables and a lazy
-                                        # row-wise Adam (train/sparse_adam.py): per step, work of
-                                        # the batch, not the catalog; not MMRec's dense Adam
+    sparse_embeddings: bool | Literal["auto"] = "auto"   # bpr/vbpr: sparse gradients for the
+    #                                     ID tables and a lazy row-wise Adam (train/sparse_adam.py):
+    #                                     per step, work of the batch, not the catalog; not
+    #                                     MMRec's dense Adam. auto: on from 100,000 items where
+    #                                     it applies (zero0, fp32, no clipping), else off
 
     def checks(self) -> list[tuple[str, bool, str]]:
         return [

@@ -49,14 +49,23 @@ class _LossModule(nn.Module):
         return self.model.loss(batch)
 
 
-def sparse_optimizer(model: rec.base.Recommender, stage, ds_cfg: dict):
+SPARSE_AUTO_ITEMS = 100_000     # stage1.sparse_embeddings auto: on from this many items
+
+
+def sparse_optimizer(model: rec.base.Recommender, stage, ds_cfg: dict, n_items: int = 0,
+                     say=None):
     """With ``stage1.sparse_embeddings``: the model reads its ID tables through sparse rows and
     trains with :class:`~ptmrec_dist.train.sparse_adam.RowSparseAdam` (the config's Adam betas
     and eps); None without. Only where it is exact to DeepSpeed's handling: models that read
     their tables row by row, ZeRO stage 0 (ZeRO 1-3 flatten gradients: no sparse ones), fp32
     (DeepSpeed's bf16 / fp16 optimizers wrap theirs), no gradient clipping (DeepSpeed's norm
-    reads dense gradients)."""
-    if not stage.sparse_embeddings:
+    reads dense gradients): ``true`` elsewhere is refused; ``auto`` takes it from
+    :data:`SPARSE_AUTO_ITEMS` items where it applies (dense Adam's step costs the whole catalog:
+    16x slower at 1M items, docs/scaling.md) and says which it took."""
+    if stage.sparse_embeddings is False:
+        return None
+    auto = stage.sparse_embeddings == "auto"
+    if auto and n_items < SPARSE_AUTO_ITEMS:
         return None
     from ptmrec_dist.train.engine import zero_stage
     from ptmrec_dist.train.sparse_adam import RowSparseAdam
@@ -71,6 +80,11 @@ def sparse_optimizer(model: rec.base.Recommender, stage, ds_cfg: dict):
         problems.append(f"stage1.precision is {stage.precision} (needs fp32)")
     if stage.grad_clip:
         problems.append(f"stage1.grad_clip is {stage.grad_clip} (needs 0)")
+    if problems and auto:
+        if say is not None:
+            say(f"stage1.sparse_embeddings auto: dense Adam at {n_items:,} items, since "
+                + "; ".join(problems))
+        return None
     if problems:
         raise ConfigError("stage1.sparse_embeddings: " + "; ".join(problems))
     params = (ds_cfg.get("optimizer") or {}).get("params") or {}
@@ -119,13 +133,16 @@ class Stage1Run:
                  f"{self.model.features_info}; {env.world_size} rank(s)")
         ds_cfg = stage_ds_config(stage, env.world_size, "stage1", trainable=self.n_params) \
             if self.model.trainable else None
-        optimizer = sparse_optimizer(self.model, stage, ds_cfg) if ds_cfg is not None else None
+        optimizer = (sparse_optimizer(self.model, stage, ds_cfg, self.inter.n_items, self.say)
+                     if ds_cfg is not None else None)
         self.engine = None if ds_cfg is None else \
             build_engine(_LossModule(self.model), ds_cfg, optimizer=optimizer)
         precision, adam = describe_engine(ds_cfg)
         if optimizer is not None:
+            how = (f"auto: {self.inter.n_items:,} items >= {SPARSE_AUTO_ITEMS:,}"
+                   if stage.sparse_embeddings == "auto" else "on")
             adam = (f"RowSparseAdam (lazy rows of {', '.join(self.model.row_tables)}; "
-                    "stage1.sparse_embeddings)")
+                    f"stage1.sparse_embeddings {how})")
         self.say(dist.runtime_line(self.engine.device if self.engine else dist.device(env),
                                    precision, adam))
         # one micro batch per sampler step; DeepSpeed steps the optimizer every grad_accum of them
