@@ -3,14 +3,16 @@ memory and trainable parameters, against full fine-tuning.
 
     .venv/bin/python bench/stage2_cost.py [--preset vit-b16|tiny] [--batch 8] [--text-len 32]
         [--steps 3] [--warmup 1] [--threads N] [--methods prompt,lora,ia3,full]
-        [--switches eager,ckpt,compile,cpuadam,fusedadam|none] [--switch-methods prompt,full] [--out bench/results]
+        [--switches eager,ckpt,ckpt-mlp,compile,cpuadam,fusedadam|none]
+        [--switch-methods prompt,full] [--out bench/results]
         [--model-cache DIR] [--child-timeout 3600] [--compile-backend inductor]
 
 What it measures: a CLIP of OpenAI's ViT-B/16 shape with random weights (``--preset tiny``: a
 small shape, seconds per configuration, a few minutes in all with compilation) is saved once under
 ``OUT/<preset>-random/`` (or ``--model-cache``) and loaded through ``load_backbone`` +
 ``apply_method`` exactly as stage 2 does, with the config overrides ``peft.method=...`` (and, for
-the switch rows, ``backbone.attn_implementation=eager``, ``stage2.activation_checkpointing=true``,
+the switch rows, ``backbone.attn_implementation=eager``, ``stage2.activation_checkpointing=true``
+(``ckpt-mlp``: ``mlp``, only the MLPs recomputed),
 or ``torch.compile`` of every encoder layer; ``cpuadam`` / ``fusedadam``: DeepSpeed's
 DeepSpeedCPUAdam / FusedAdam instead of torch's AdamW, JIT-built on first use and cached in
 ``TORCH_EXTENSIONS_DIR``). A training step is: both towers forward on
@@ -61,6 +63,7 @@ SWITCHES = {   # switch name -> config overrides (compile is applied by this scr
     "no-ckpt": ["stage2.activation_checkpointing=false"],
     "eager": ["backbone.attn_implementation=eager", "stage2.activation_checkpointing=false"],
     "ckpt": ["stage2.activation_checkpointing=true"],
+    "ckpt-mlp": ["stage2.activation_checkpointing=mlp"],      # only the MLPs recomputed
     "compile": ["stage2.activation_checkpointing=false"],
     # DeepSpeedCPUAdam (what ZeRO-Offload steps with), JIT-built on first use
     "cpuadam": ["stage2.activation_checkpointing=false"],
@@ -174,7 +177,7 @@ def child(args) -> dict:
     backbone = apply_method(load_backbone(cfg.backbone), cfg)
     # stage 2's decision for stage2.activation_checkpointing=auto (the default), one rank
     why = resolve_checkpointing(backbone, cfg, 1)
-    row["activation_checkpointing"] = bool(backbone.use_checkpoint)
+    row["activation_checkpointing"] = backbone.use_checkpoint      # False, True or "mlp"
     if why:
         row["checkpointing_auto"] = why
     backbone.train()
@@ -367,8 +370,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--switches", default="no-ckpt,eager,ckpt,compile,cpuadam,fusedadam",
-                    help="extra rows for --switch-methods: no-ckpt, eager, ckpt, compile, cpuadam, "
-                         "fusedadam, or none")
+                    help="extra rows for --switch-methods: no-ckpt, eager, ckpt, ckpt-mlp, "
+                         "compile, cpuadam, fusedadam, or none")
     ap.add_argument("--switch-methods", default="prompt,full")
     ap.add_argument("--compile-backend", default="inductor")
     ap.add_argument("--child-timeout", type=int, default=3600, help="seconds per configuration")

@@ -425,3 +425,10 @@ def test_auto_checkpointing_is_on_where_it_pays(clips, monkeypatch):
     assert "auto: on" in why and backbone.use_checkpoint is True
     cfg.stage2.activation_checkpointing = False
     assert activations.resolve_checkpointing(backbone, cfg, 1) is None
+    # mlp: kept as given by stage 2, and the plan estimates it as off (an upper bound)
+    mlp = Planner(plan_config(clips["w384"], "prompt", "mlp", big_batch), world_size=1)
+    assert mlp.checkpointing is False and any("mlp: estimated as off" in n for n in mlp.notes)
+    assert mlp.activations(big_batch)["total"] == never.activations(big_batch)["total"]
+    cfg.stage2.activation_checkpointing = "mlp"
+    assert activations.resolve_checkpointing(backbone, cfg, 1) is None
+    assert apply_method(load_backbone(cfg.backbone), cfg).use_checkpoint == "mlp"

@@ -114,19 +114,44 @@ def test_only_prompts_get_gradients_at_every_layer_with_and_without_checkpointin
             assert g[k].abs().sum() > 0, (key, k)
             assert torch.isfinite(g[k]).all()
 
-    ckpt = build(clip_dir, ckpt=True)
-    assert ckpt.use_checkpoint
-    ckpt.prompts.load_state_dict(plain.prompts.state_dict())
-    grads_ckpt = _grads(ckpt, px, tok)
-    assert set(grads_ckpt) == set(grads)
-    for name in grads:
-        torch.testing.assert_close(grads_ckpt[name], grads[name], atol=1e-6, rtol=1e-5)
-        for k in range(2):
-            assert grads_ckpt[name][k].abs().sum() > 0, (name, k)
-    # checkpointing changes nothing in the forward either
-    with torch.no_grad():
-        for a, b in zip(encode(plain, px, tok), encode(ckpt, px, tok)):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    for mode in (True, "mlp"):
+        ckpt = build(clip_dir, ckpt=mode)
+        assert ckpt.use_checkpoint == mode
+        ckpt.prompts.load_state_dict(plain.prompts.state_dict())
+        grads_ckpt = _grads(ckpt, px, tok)
+        assert set(grads_ckpt) == set(grads)
+        for name in grads:
+            torch.testing.assert_close(grads_ckpt[name], grads[name], atol=1e-6, rtol=1e-5)
+            for k in range(2):
+                assert grads_ckpt[name][k].abs().sum() > 0, (name, k)
+        # checkpointing changes nothing in the forward either
+        with torch.no_grad():
+            for a, b in zip(encode(plain, px, tok), encode(ckpt, px, tok)):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_mlp_checkpointing_recomputes_the_mlps_only(clip_dir):
+    """``stage2.activation_checkpointing: mlp``: backward runs every layer's MLP a second time
+    (recomputed, its activations were not kept) and never its attention; ``true`` recomputes
+    both; the layers' own forward methods are back after each call."""
+    px = pixels()
+    counts = {}
+    for mode in (False, True, "mlp"):
+        backbone = build(clip_dir, ckpt=mode)
+        layers = list(backbone.clip.vision_model.encoder.layers)
+        calls = {"fc1": 0, "q_proj": 0}
+        for layer in layers:
+            layer.mlp.fc1.register_forward_hook(lambda *_: calls.__setitem__("fc1",
+                                                                             calls["fc1"] + 1))
+            layer.self_attn.q_proj.register_forward_hook(
+                lambda *_: calls.__setitem__("q_proj", calls["q_proj"] + 1))
+        backbone.encode_images(px).square().sum().backward()
+        counts[mode] = dict(calls)
+        assert all("forward" not in vars(layer.mlp) for layer in layers)
+    n = counts[False]["fc1"]
+    assert n == counts[False]["q_proj"] > 0
+    assert counts[True] == {"fc1": 2 * n, "q_proj": 2 * n}
+    assert counts["mlp"] == {"fc1": 2 * n, "q_proj": n}
 
 
 def test_prompts_change_both_outputs(clip_dir):

@@ -157,10 +157,21 @@ def test_deep_prompts_get_gradients_at_every_layer_with_and_without_checkpointin
         for k in range(TEXT_LAYERS):
             for j in range(LEN):
                 assert g[k, j].abs().sum() > 0 and torch.isfinite(g[k, j]).all(), (key, k, j)
-    ckpt = build(clip_dir, minilm, "prompt", ckpt=True)
-    ckpt.prompts.load_state_dict(plain.prompts.state_dict())
-    for name, g in _grads(ckpt, px, tok).items():
-        torch.testing.assert_close(g, grads[name], atol=1e-5, rtol=1e-4)
+    for mode in (True, "mlp"):      # "mlp": the BERT layers' feed_forward_chunk recomputed
+        ckpt = build(clip_dir, minilm, "prompt", ckpt=mode)
+        ckpt.prompts.load_state_dict(plain.prompts.state_dict())
+        layers = ckpt.text_tower.encoder.encoder.layer
+        calls = {"ffn": 0, "query": 0}
+        for layer in layers:
+            layer.intermediate.dense.register_forward_hook(
+                lambda *_: calls.__setitem__("ffn", calls["ffn"] + 1))
+            layer.attention.self.query.register_forward_hook(
+                lambda *_: calls.__setitem__("query", calls["query"] + 1))
+        for name, g in _grads(ckpt, px, tok).items():
+            torch.testing.assert_close(g, grads[name], atol=1e-5, rtol=1e-4)
+        n = len(layers)      # one forward of the text tower, then backward's recomputations
+        assert calls == {"ffn": 2 * n, "query": 2 * n if mode is True else n}, (mode, calls)
+        assert all("feed_forward_chunk" not in vars(layer) for layer in layers)
 
 
 def test_prompts_change_both_outputs_and_coupled_prompts_project_to_the_vision_width(clip_dir,

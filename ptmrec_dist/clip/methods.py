@@ -41,7 +41,7 @@ class AdaptedBackbone(FrozenBackbone):
     """A backbone that a PEFT method makes (partly) trainable. ``prompt_len``/``prompt_depth``
     only matter for the ``prompt`` method."""
 
-    def __init__(self, frozen: FrozenBackbone, use_checkpoint: bool = False):
+    def __init__(self, frozen: FrozenBackbone, use_checkpoint: bool | str = False):
         super().__init__(frozen.clip, frozen.processor, frozen.name_or_path, frozen.text_tower)
         # DeepSpeed rejects 0-dim parameters; the temperature is not used by recommendation
         scale = self.clip.logit_scale.detach().reshape(1)
@@ -258,7 +258,8 @@ def apply_method(frozen: FrozenBackbone, cfg) -> AdaptedBackbone:
                           f"{', '.join(names())}")
     # `auto` is decided by the training caller, which knows the micro batch and precision
     # (plan.activations.resolve_checkpointing); until then nothing is recomputed
-    backbone = AdaptedBackbone(frozen, use_checkpoint=cfg.stage2.activation_checkpointing is True)
+    ckpt = cfg.stage2.activation_checkpointing
+    backbone = AdaptedBackbone(frozen, use_checkpoint=ckpt if ckpt in (True, "mlp") else False)
     METHODS[name]().apply(backbone, cfg)
     backbone.method = name
     return backbone

@@ -63,14 +63,39 @@ class PromptLearner(nn.Module):
             self.vision.copy_(vision.to(self.vision.dtype).expand_as(self.vision))
 
 
-def _layer(layer: nn.Module, h: torch.Tensor, mask, use_checkpoint: bool, **kw) -> torch.Tensor:
+def _mlp_site(layer: nn.Module) -> tuple[object, str] | None:
+    """Where a layer's MLP is called: ``(owner, attribute)`` to wrap for ``"mlp"``
+    checkpointing (CLIP's ``mlp`` module; a BERT-style layer's ``feed_forward_chunk``:
+    intermediate + output), or None where the layer has neither."""
+    if isinstance(getattr(layer, "mlp", None), nn.Module):
+        return layer.mlp, "forward"
+    if callable(getattr(layer, "feed_forward_chunk", None)):
+        return layer, "feed_forward_chunk"
+    return None
+
+
+def _layer(layer: nn.Module, h: torch.Tensor, mask, use_checkpoint: bool | str,
+           **kw) -> torch.Tensor:
+    """One encoder layer. ``use_checkpoint`` (while gradients are on): True recomputes the
+    whole layer in backward; ``"mlp"`` only its MLP (the fc1 and activation outputs, 4-8x the
+    width per token, are not kept; attention's are), where the layer has one, else the whole
+    layer."""
     if use_checkpoint and torch.is_grad_enabled():
-        return checkpoint(layer, h, mask, use_reentrant=False, **kw)
+        site = _mlp_site(layer) if use_checkpoint == "mlp" else None
+        if site is None:
+            return checkpoint(layer, h, mask, use_reentrant=False, **kw)
+        owner, name = site
+        plain = getattr(owner, name)           # the bound method (recomputed in backward)
+        setattr(owner, name, lambda *a: checkpoint(plain, *a, use_reentrant=False))
+        try:
+            return layer(h, mask, **kw)
+        finally:
+            delattr(owner, name)               # the class's method again
     return layer(h, mask, **kw)
 
 
 def vision_features(clip, pixel_values: torch.Tensor, prompts: torch.Tensor | None,
-                    use_checkpoint: bool = False) -> torch.Tensor:
+                    use_checkpoint: bool | str = False) -> torch.Tensor:
     """Projected image features ``[B, projection_dim]``; ``prompts [depth, L, width]`` or None."""
     vm = clip.vision_model
     h = vm.pre_layrnorm(vm.embeddings(pixel_values))
@@ -93,7 +118,7 @@ def _eot_positions(text_model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def text_features(clip, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                  prompts: torch.Tensor | None, use_checkpoint: bool = False) -> torch.Tensor:
+                  prompts: torch.Tensor | None, use_checkpoint: bool | str = False) -> torch.Tensor:
     """Projected text features ``[B, projection_dim]``; ``prompts [depth, L, width]`` or None."""
     from transformers.masking_utils import create_causal_mask
 

@@ -189,9 +189,10 @@ class Stage2Config:
     #                                     a prompt-only warm-up
     users_per_item: int = 8             # training users drawn per streamed item (rows of the loss)
     popularity_weighting: bool = True   # weight BPR rows by item degree / mean degree
-    activation_checkpointing: bool | Literal["auto"] = "auto"   # recompute the encoder layers
-    #                                     in backward; auto: on where the planner says it pays
-    #                                     (plan.activations.auto_checkpointing, docs/plan.md)
+    activation_checkpointing: bool | Literal["auto", "mlp"] = "auto"   # recompute the encoder
+    #                                     layers in backward (true), only their MLPs ("mlp": less
+    #                                     memory saved, less recomputed); auto: what the planner
+    #                                     says pays (plan.activations.auto_checkpointing)
     num_workers: int = 1                # dataloader workers that decode and preprocess items
     ds_config: str = "zero2"            # zero0..zero3, zero2_offload, zero3_offload or a JSON path
     grad_accum: int = 1                 # micro steps per optimizer step (in-batch sets: per micro)
