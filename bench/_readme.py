@@ -39,6 +39,37 @@ def _eval_reference(r: dict) -> Iterable[Row]:
                f"{run['max_abs_metric_diff']:.1e}")
 
 
+def _gpu(r: dict) -> Iterable[Row]:
+    """bench/gpu.py: the GPU machine's figures (the device named in each row)."""
+    for row in r.get("rows", []):
+        part, res = row["part"], row.get("result")
+        where = (row.get("machine") or {}).get("name") or r.get("device", "")
+        if row.get("status") != "ok" or res is None:
+            yield (f"gpu {part} ({where})", "", row.get("status", "?"))
+        elif part == "matmul":
+            yield (f"gpu {part}: {res['dtype']} {res['n']}^2 ({where})", "",
+                   f"{res['tflops']:.1f} TFLOP/s")
+        elif part == "tower":
+            share = f", {res['share_of_matmul']:.0%} of matmul" if "share_of_matmul" in res else ""
+            yield (f"gpu image tower, {r.get('preset')} {res['dtype']} ({where})", "",
+                   f"{res['images_per_s']:.0f} img/s ({res['tflops']:.1f} TFLOP/s{share})")
+        elif part == "extract":
+            share = (f", {res['share_of_tower']:.0%} of the tower alone"
+                     if "share_of_tower" in res else "")
+            yield (f"gpu `ptmrec extract` end to end, {res['items']} items ({where})", "",
+                   f"{res['items_per_s']} items/s{share}")
+        elif part == "stage2":
+            for x in res:
+                yield (f"gpu stage-2 step, {x['method']}, checkpointing "
+                       f"{'on' if x['checkpointing'] else 'off'} ({where})",
+                       "prompt: <= 0.5x memory" if x["method"] == "prompt" else "",
+                       f"{x['images_per_s']:.1f} img/s, peak {x['peak_mb']:.0f} MB "
+                       f"({x['peak_vs_full']:.2f}x / {x['time_vs_full']:.2f}x of full)")
+        elif part == "nccl":
+            yield (f"gpu {res['backend']} all-reduce, 1 rank ({where})", "",
+                   f"{res['seconds'] * 1e3:.2f} ms for 256 MB")
+
+
 def _eval_scale(r: dict) -> Iterable[Row]:
     for run in r.get("runs", []):
         yield (f"evaluation, {run['users']:,} users x {run['items']:,} items: time, memory", "",
@@ -263,7 +294,7 @@ def _generic(r: dict, limit: int = 8) -> Iterable[Row]:
 
 
 READERS: dict[str, Callable[[dict], Iterable[Row]]] = {
-    "eval_reference": _eval_reference, "eval_scale": _eval_scale,
+    "eval_reference": _eval_reference, "eval_scale": _eval_scale, "gpu": _gpu,
     "graph_scale": _graph_scale, "extract": _extract, "stage2_cost": _stage2_cost,
     "data": _data, "stage1": _stage1, "scaling": _scaling,
     "sparse_embeddings": _sparse_embeddings, "ablation": _ablation,

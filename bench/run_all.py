@@ -1,5 +1,5 @@
-"""`make bench`: every benchmark (bench/*.py, not the gpu_*.py scripts for the GPU machine nor
-the _*.py helpers) at its `make bench` size, each writing OUT/<name>.json; then
+"""`make bench`: every benchmark (bench/*.py, not gpu.py and the gpu_* scripts for the GPU
+machine nor the _*.py helpers) at its `make bench` size, each writing OUT/<name>.json; then
 ``bench/README.md`` (``_readme.py``) from the results. The tests marked heavy run with
 ``--heavy-tests`` or ``--full`` (and in `make test-all`).
 
@@ -68,7 +68,8 @@ NEEDS_DATA = {"ml100k.py": ROOT.parent / "shared" / "data" / "ml100k-posters",
 
 def scripts() -> list[Path]:
     return sorted(p for p in HERE.glob("*.py")
-                  if p.name != "run_all.py" and not p.name.startswith(("gpu_", "_")))
+                  if p.name not in ("run_all.py", "gpu.py")
+                  and not p.name.startswith(("gpu_", "_")))
 
 
 def main() -> int:

@@ -86,6 +86,7 @@ def _shape_preset(name: str) -> dict:
 
 PRESETS = {
     "vit-b16": _shape_preset("vit-b16"),
+    "vit-l14": _shape_preset("vit-l14"),          # bench/gpu.py's
     # 4 layers: the default stage2.prompt_depth is 4
     "tiny": dict(
         vision=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,

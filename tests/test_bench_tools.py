@@ -32,7 +32,36 @@ def test_every_benchmark_has_a_make_bench_size(bench_modules):
     names = {p.name for p in run_all.scripts()}
     assert "eval_reference.py" in names and "scaling.py" in names
     assert names == set(run_all.QUICK), names ^ set(run_all.QUICK)
-    assert not any(n.startswith(("gpu_", "_")) for n in names)
+    assert not any(n.startswith(("gpu", "_")) for n in names)      # gpu.py: the GPU machine's
+
+
+def test_gpu_script_runs_its_whole_flow_on_a_cpu(bench_modules, tmp_path):
+    """bench/gpu.py (issue 21's prepared GPU script; no GPU here): ``--device cpu`` on the tiny
+    preset runs every part, each in its own process, and bench/README.md lists its figures."""
+    import subprocess
+
+    _, readme, *_ = bench_modules
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--device", "cpu", "--preset",
+                          "tiny", "--items", "24", "--workers", "0", "--work",
+                          str(tmp_path / "work"), "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = {r["part"]: r for r in json.loads((out / "gpu.json").read_text())["rows"]}
+    assert set(rows) == {"matmul", "tower", "extract", "stage2", "nccl"}
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert rows["tower"]["result"]["share_of_matmul"] > 0
+    assert rows["extract"]["result"]["items_per_s"] > 0
+    stage2 = rows["stage2"]["result"]
+    assert {(x["method"], x["checkpointing"]) for x in stage2} == \
+        {(m, c) for m in ("prompt", "full") for c in (False, True)}
+    full = next(x for x in stage2 if x["method"] == "full" and not x["checkpointing"])
+    assert full["peak_vs_full"] == 1.0 and full["time_vs_full"] == 1.0
+    prompt = next(x for x in stage2 if x["method"] == "prompt" and not x["checkpointing"])
+    assert prompt["trainable"] < full["trainable"]
+    text = readme.render(out, tmp_path / "README.md")
+    assert "gpu stage-2 step, prompt, checkpointing off" in text
+    assert "gpu gloo all-reduce, 1 rank" in text and "img/s" in text
 
 
 def test_results_carry_provenance_and_the_readme_lists_every_figure(bench_modules, tmp_path):
