@@ -105,6 +105,26 @@ def test_all_users_in_chunks_equals_unchunked_and_per_user(csv_run):
                   whole)
 
 
+@pytest.mark.parametrize("exclude_seen", [False, True])
+def test_large_catalogs_are_ranked_in_tiles_with_the_same_records(csv_run, monkeypatch,
+                                                                  exclude_seen):
+    """Above metrics.BLOCK_ABOVE items recommend ranks tiles of users x items as the evaluator
+    does (eval.metrics.chunk_topk_blocked): the same lists, ties included, and their scores."""
+    import ptmrec_dist.eval.metrics as metrics
+    import ptmrec_dist.eval.recommend as rec
+
+    whole = list(recommend_all(csv_run, k=N_ITEMS, exclude_seen=exclude_seen))
+    calls = []
+    monkeypatch.setattr(rec, "chunk_topk_blocked",
+                        lambda *a, **kw: calls.append(1) or metrics.chunk_topk_blocked(*a, **kw))
+    monkeypatch.setattr(metrics, "BLOCK_ABOVE", 3)
+    monkeypatch.setattr(metrics, "ITEM_BLOCK", 3)
+    monkeypatch.setattr(metrics, "USER_TILE", 2)
+    tiled = list(recommend_all(csv_run, k=N_ITEMS, exclude_seen=exclude_seen))
+    _same_records(tiled, whole)
+    assert calls and any("sku11" in r["item_ids"] for r in tiled)
+
+
 def test_catalog_mappings_give_the_raw_ids(tmp_path):
     """Where `ptmrec catalog` owns the index, users and items are named by its
     ``user_mapping.tsv`` / ``item_mapping.tsv``; an ``.inter`` file alone names them by

@@ -1,5 +1,6 @@
 """``ptmrec evaluate --run DIR``: full-ranking metrics of a finished run from its exported
-representations (the :class:`Evaluator` stage 1 uses every epoch) (``user_repr.npy`` @ ``item_repr.npy``.T) and the interactions named in its
+representations (the :class:`Evaluator` stage 1 uses every epoch) (``user_repr.npy`` @
+``item_repr.npy``.T) and the interactions named in its
 ``config.yaml``; ``--dump-topk FILE`` writes every evaluated user's top-50 items so anyone can
 recompute the metrics independently."""
 

@@ -209,7 +209,7 @@ def _tile_candidates(scores: torch.Tensor, kth: torch.Tensor):
 
 def chunk_topk_blocked(block_fn: Callable[[torch.Tensor, int, int], torch.Tensor],
                        users: np.ndarray, mask: sp.csr_matrix, k: int, n_items: int,
-                       block: int) -> torch.Tensor:
+                       block: int, with_scores: bool = False):
     """:func:`chunk_topk` scoring tiles of :data:`USER_TILE` users x ``block`` items
     (``block_fn(users, start, stop)`` scores items ``start:stop``), so a tile's scores stay in
     cache and no ``users x n_items`` matrix exists. Each user keeps a running top k
@@ -217,13 +217,13 @@ def chunk_topk_blocked(block_fn: Callable[[torch.Tensor, int, int], torch.Tensor
     are taken (no top-k per tile). The same lists as :func:`chunk_topk`, ties by the lower
     index: an item of a user's final top k scores at least the final k-th best, which is at
     least the running one, so it is always taken, and candidates are merged by (score desc,
-    index asc)."""
+    index asc). ``with_scores``: ``(lists, their scores)`` (-inf where a place is -1)."""
     k = min(k, n_items)
     sub = mask[users].tocoo()
     by_col = np.argsort(sub.col, kind="stable")
     m_rows, m_cols = sub.row[by_col].astype(np.int64), sub.col[by_col].astype(np.int64)
     u_all = torch.from_numpy(users.astype(np.int64))
-    out = []
+    out, scores_out = [], []
     with torch.no_grad():
         for t0 in range(0, len(users), USER_TILE):
             u = u_all[t0:t0 + USER_TILE]
@@ -247,7 +247,8 @@ def chunk_topk_blocked(block_fn: Callable[[torch.Tensor, int, int], torch.Tensor
                 if state.n_pending >= MERGE_AT * n * k or stop == n_items:
                     state.merge()
             out.append(state.idx.masked_fill(state.vals == -torch.inf, -1))
-    return torch.cat(out)
+            scores_out.append(state.vals)
+    return (torch.cat(out), torch.cat(scores_out)) if with_scores else torch.cat(out)
 
 
 def ranked_chunks(score_fn: Callable[[torch.Tensor], torch.Tensor], users: np.ndarray,

@@ -28,7 +28,8 @@ from ptmrec_dist.config import load_config
 from ptmrec_dist.data.interactions import catalog_item_space, load_interactions
 from ptmrec_dist.errors import ConfigError, InputError
 from ptmrec_dist.eval.evaluate import load_representations, score_function
-from ptmrec_dist.eval.metrics import chunk_size, chunk_topk
+from ptmrec_dist.eval.metrics import (USER_TILE, chunk_size, chunk_topk,
+                                      chunk_topk_blocked, item_block)
 from ptmrec_dist.io import temp_file_near
 
 
@@ -176,13 +177,20 @@ class RunRecommender:
         mask = self.seen() if exclude_seen else sp.csr_matrix((self.inter.n_users, n_items),
                                                               dtype=np.float32)
         e = self.cfg.eval
-        chunk = chunk_users or chunk_size(n_items, e.chunk_users, e.memory_mb)
+        score_fn = score_function(self.reps, self.exclude)
+        block = item_block(score_fn, n_items)      # large catalogs: tiles, as the evaluator
+        chunk = chunk_users or e.chunk_users or (8 * USER_TILE if block else
+                                                 chunk_size(n_items, 0, e.memory_mb))
         for start in range(0, len(users), chunk):
             u = np.asarray(users[start:start + chunk], dtype=np.int64)
-            scores = _Kept(score_function(self.reps, self.exclude))
-            top = chunk_topk(scores, u, mask, k)
-            values = torch.gather(scores.last, 1, top.clamp_min(0)).numpy()
-            top = top.numpy()
+            if block:
+                top, values = chunk_topk_blocked(score_fn.block, u, mask, k, n_items, block,
+                                                 with_scores=True)
+            else:
+                scores = _Kept(score_fn)
+                top = chunk_topk(scores, u, mask, k)
+                values = torch.gather(scores.last, 1, top.clamp_min(0))
+            values, top = values.numpy(), top.numpy()
             for row, user in enumerate(self.users.names(u)):
                 keep = top[row] >= 0          # -1: no item left at that place
                 yield {"user_id": user, "item_ids": self.items.names(top[row][keep]),
