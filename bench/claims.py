@@ -42,6 +42,9 @@ paired bootstrap intervals, a paired test per claim with Holm's correction.
   differences). The effect is the mean paired difference relative to B; its 95 % interval is a
   bootstrap over users (resampled within each data seed, the same users for both arms) and over
   runs; the p-value is a one-sided paired t-test over runs, Holm-corrected over the claims.
+* **Run settings** (``key=value`` before ``--arms``) apply to every run, under each arm's file:
+  the one-stage arms' files pin ``stage2.passes_per_epoch: 1`` and ``feature_gate: false``, so
+  the two-stage lead's knobs do not change them (one stage keeps stage 1's epoch).
 * A finished run (its ``bench.json``) is reused and an unfinished one continues from its newest
   epoch checkpoint: an interrupted bench resumes run by run, and within a run.
 

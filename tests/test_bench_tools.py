@@ -193,11 +193,15 @@ def test_one_stage_arms_train_to_convergence_under_stage1s_rule(monkeypatch):
     sys.modules.pop("ml100k", None)
     import ml100k
     default = load_config(None, [])
+    # the two-stage lead's knobs given on a bench's command line (claims.py loads the arm's file
+    # over them) leave the one-stage arms at one pass per epoch and ungated features
+    lead = load_config(None, ["stage2.passes_per_epoch=3", "stage2.feature_gate=true"])
     for arm in ("joint-prompt", "joint-full", "joint-frozen"):
-        cfg = load_config(ROOT / "configs" / "ablations" / f"{arm}.yaml", [])
+        cfg = load_config(ROOT / "configs" / "ablations" / f"{arm}.yaml", [], base=lead)
         assert cfg.stage2.teacher == ""
         assert (cfg.stage2.epochs, cfg.stage2.patience) == \
             (default.stage1.epochs, default.stage1.patience * default.stage1.eval_every)
+        assert (cfg.stage2.passes_per_epoch, cfg.stage2.feature_gate) == (1, False)
     ml = load_config(ml100k.CONFIG)
     assert ml100k.budget(one_stage=True) == [f"stage2.epochs={ml.stage1.epochs}",
                                              f"stage2.patience={ml.stage1.patience}"]
