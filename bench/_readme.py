@@ -305,7 +305,8 @@ READERS: dict[str, Callable[[dict], Iterable[Row]]] = {
 
 def _machine(p: dict) -> str:
     v = p.get("versions") or {}
-    return (f"{p.get('cpus', '?')} cores, {p.get('torch_threads', '?')} threads, "
+    isa = f" ({p['cpu_capability']})" if p.get("cpu_capability") else ""
+    return (f"{p.get('cpus', '?')} cores{isa}, {p.get('torch_threads', '?')} threads, "
             f"torch {v.get('torch', '?')}")
 
 

@@ -150,8 +150,9 @@ def _commit() -> dict:
 
 
 def machine_provenance() -> dict:
-    """Commit, torch threads, CPUs and library versions: what any figure records (runs through
-    :func:`provenance`, benchmarks through ``bench/_util.write_result``)."""
+    """Commit, torch threads, CPUs (count, model, torch's kernel capability) and library
+    versions: what any figure records (runs through :func:`provenance`, benchmarks through
+    ``bench/_util.write_result``)."""
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
@@ -164,7 +165,21 @@ def machine_provenance() -> dict:
             versions[name] = None
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {**_commit(), "torch_threads": torch.get_num_threads(), "cpus": cpus,
+            "cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "versions": versions}
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere):
+    with ``cpu_capability`` (the kernels torch picks, e.g. AVX512) it tells whether two runs'
+    floating-point results can be compared bit for bit."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def provenance(cfg: Config) -> dict:

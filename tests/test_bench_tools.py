@@ -74,7 +74,8 @@ def test_results_carry_provenance_and_the_readme_lists_every_figure(bench_module
     (tmp_path / "scaling.png").write_bytes(b"\x89PNG")
     data = json.loads((tmp_path / "eval_reference.json").read_text())
     prov = data["_provenance"]
-    assert {"date", "argv", "commit", "torch_threads", "cpus", "versions"} <= set(prov)
+    assert {"date", "argv", "commit", "torch_threads", "cpus", "cpu", "cpu_capability",
+            "versions"} <= set(prov)
     assert prov["versions"]["torch"]
     out = tmp_path / "README.md"
     text = readme.render(tmp_path, out)
