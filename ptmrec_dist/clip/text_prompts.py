@@ -68,7 +68,8 @@ def _with_prompts(h: torch.Tensor, p: torch.Tensor, drop: int) -> torch.Tensor:
 
 
 def tower_features(encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   prompts: torch.Tensor | None, use_checkpoint: bool | str = False) -> torch.Tensor:
+                   prompts: torch.Tensor | None,
+                   use_checkpoint: bool | str = False) -> torch.Tensor:
     """Mean-pooled text features ``[B, hidden]``; ``prompts [depth, L, hidden]`` or None."""
     from transformers.masking_utils import create_bidirectional_mask
 
