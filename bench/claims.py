@@ -45,6 +45,9 @@ paired bootstrap intervals, a paired test per claim with Holm's correction.
 * **Run settings** (``key=value`` before ``--arms``) apply to every run, under each arm's file:
   the one-stage arms' files pin ``stage2.passes_per_epoch: 1`` and ``feature_gate: false``, so
   the two-stage lead's knobs do not change them (one stage keeps stage 1's epoch).
+* **Inputs fingerprint** (``inputs_fingerprint`` in the JSON, per data seed): sha256 of the
+  data, the demo backbone's weights and the frozen features. Figures are comparable within one
+  set of inputs; two machines that disagree here built different inputs (docs/stage2.md).
 * A finished run (its ``bench.json``) is reused and an unfinished one continues from its newest
   epoch checkpoint: an interrupted bench resumes run by run, and within a run.
 
@@ -136,6 +139,34 @@ def prepare(work: Path, data_seed: int, items: int, users: int, overrides: list[
     save_config(cfg, inputs)
     (inputs / "config.yaml").rename(done)
     return load_config(None, runs, base=cfg)
+
+
+FINGERPRINT = {  # input part -> the files whose bytes define it (paths and logs left out)
+    "data": ("interactions.inter", "items.jsonl", "captions.jsonl", "truth.json", "images/*"),
+    "backbone": ("model.safetensors",),
+    "features": ("*.npy",),
+}
+
+
+def inputs_fingerprint(inputs: Path) -> dict[str, str]:
+    """sha256 per built input part of one data seed (``FINGERPRINT``): the synthetic data, the
+    pretrained demo backbone's weights and the frozen features. Two machines built the same
+    inputs exactly when these agree; the same commit and settings rebuild them bit for bit on
+    one machine, and figures are comparable only within one set of inputs (docs/stage2.md)."""
+    import hashlib
+
+    out = {}
+    for part, patterns in FINGERPRINT.items():
+        h = hashlib.sha256()
+        files = sorted({f for pat in patterns for f in (inputs / part).glob(pat) if f.is_file()})
+        if not files:
+            raise SystemExit(f"{inputs / part}: none of {', '.join(patterns)} found to "
+                             "fingerprint (inputs not built?)")
+        for f in files:
+            h.update(f.relative_to(inputs).as_posix().encode() + b"\0")
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+        out[part] = h.hexdigest()
+    return out
 
 
 def reference_scores(cfg) -> dict:
@@ -474,10 +505,11 @@ def main() -> int:
     torch.set_num_threads(2)
     work = Path(args.work)
     t0 = time.perf_counter()
-    references = {}
+    references, fingerprints = {}, {}
     for d in args.data_seeds:
         base = prepare(work, d, args.items, args.users, args.overrides)
         references[d] = reference_scores(base)
+        fingerprints[d] = inputs_fingerprint(work / f"data{d}" / "inputs")
         for model in args.models:
             for arm in args.arms:
                 inits = args.inits if arm in HEADLINE else args.control_inits
@@ -494,6 +526,7 @@ def main() -> int:
               "control_inits": args.control_inits, "models": args.models,
               "arms": table, "claims": claims,
               "headroom": headroom, "references": references,
+              "inputs_fingerprint": fingerprints,
               "markdown": markdown(table, claims, headroom, references),
               "seconds": round(time.perf_counter() - t0, 1)}
     write_result(out, "claims", result)

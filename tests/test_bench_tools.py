@@ -410,6 +410,40 @@ def test_claims_designs_and_inputs_built_with_other_settings_are_refused(monkeyp
         claims.prepare(tmp_path, 0, 400, 100, [])
 
 
+def test_claims_inputs_fingerprint(monkeypatch, tmp_path):
+    """The inputs' fingerprint depends on the bytes of the data, the backbone's weights and the
+    features, not on configs or logs (which name paths and times), nor on where the inputs lie."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("claims", None)
+    import claims
+
+    def build(root):
+        for rel, data in (("data/interactions.inter", b"u\ti\n0\t1\n"),
+                          ("data/items.jsonl", b"{}\n"), ("data/images/0.png", b"png0"),
+                          ("data/config.yaml", str(root).encode()),
+                          ("backbone/model.safetensors", b"w" * 64),
+                          ("backbone/log.jsonl", b"t=1"),
+                          ("features/text.npy", b"t"), ("features/image.npy", b"i")):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+        return root
+
+    a = claims.inputs_fingerprint(build(tmp_path / "a"))
+    assert set(a) == {"data", "backbone", "features"} and all(len(v) == 64 for v in a.values())
+    b_root = build(tmp_path / "b")
+    (b_root / "backbone" / "log.jsonl").write_bytes(b"t=2")        # logs and configs differ
+    assert claims.inputs_fingerprint(b_root) == a
+    (b_root / "features" / "image.npy").write_bytes(b"I")         # one feature byte differs
+    b = claims.inputs_fingerprint(b_root)
+    assert b["features"] != a["features"] and (b["data"], b["backbone"]) == (a["data"],
+                                                                             a["backbone"])
+    (b_root / "data" / "images" / "0.png").rename(b_root / "data" / "images" / "1.png")
+    assert claims.inputs_fingerprint(b_root)["data"] != a["data"]  # a renamed image counts
+    (b_root / "backbone" / "model.safetensors").unlink()
+    with pytest.raises(SystemExit, match=r"backbone: none of model.safetensors found"):
+        claims.inputs_fingerprint(b_root)
+
+
 def test_claims_reference_rankings(monkeypatch, demo):
     """bench/claims.py's no-training rankings on a synthetic set: ranking by each user's true
     utility beats training popularity, and both are proper metrics."""
