@@ -4,7 +4,7 @@ paired bootstrap intervals, a paired test per claim with Holm's correction.
 
     .venv/bin/python bench/claims.py [--design v2] [--data-seeds 0 1 2] [--inits 0 1 2 3]
         [--control-inits 0 1] [--models vbpr freedom] [--items N --users 1600]
-        [--arms ...] [--work out/claims-DESIGN] [k=v ...]
+        [--arms ...] [--work out/claims-DESIGN] [--inputs WORK2] [k=v ...]
 
 * **Design** (``DESIGNS``): the synthetic benchmark's version, its item count and the overrides
   of every input. ``v1``: the generator's defaults, 800 items. ``v2`` (the default): 2,400
@@ -45,6 +45,9 @@ paired bootstrap intervals, a paired test per claim with Holm's correction.
 * **Run settings** (``key=value`` before ``--arms``) apply to every run, under each arm's file:
   the one-stage arms' files pin ``stage2.passes_per_epoch: 1`` and ``feature_gate: false``, so
   the two-stage lead's knobs do not change them (one stage keeps stage 1's epoch).
+* **Shared inputs** (``--inputs WORK2``): the runs go under ``--work`` and read the inputs of
+  ``WORK2/data<d>/inputs`` (built there if missing): a run setting compared on the same inputs
+  as another work folder's runs, without rebuilding them and without mixing the runs.
 * **Inputs fingerprint** (``inputs_fingerprint`` in the JSON, per data seed): sha256 of the
   data, the demo backbone's weights and the frozen features. Figures are comparable within one
   set of inputs; two machines that disagree here built different inputs (docs/stage2.md).
@@ -493,6 +496,10 @@ def main() -> int:
     ap.add_argument("--control-inits", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--models", nargs="+", default=["vbpr", "freedom"])
     ap.add_argument("--arms", nargs="+", default=list(HEADLINE + tuple(HEADROOM) + CONTROLS))
+    ap.add_argument("--inputs", default=None,
+                    help="the work folder whose data<d>/inputs every run shares (another "
+                         "run setting on the same inputs without rebuilding them; the runs "
+                         "go under --work); default: --work's own")
     ap.add_argument("overrides", nargs="*", help="key=value for every run")
     args = resolve_inputs(ap.parse_args())
     unknown = [a for a in args.arms if a not in HEADLINE + CONTROLS + tuple(HEADROOM) and
@@ -504,12 +511,15 @@ def main() -> int:
     import torch
     torch.set_num_threads(2)
     work = Path(args.work)
+    inputs = Path(args.inputs or work)
+    if args.inputs and inputs.resolve() == work.resolve():
+        ap.error("--inputs names --work itself: leave it out")
     t0 = time.perf_counter()
     references, fingerprints = {}, {}
     for d in args.data_seeds:
-        base = prepare(work, d, args.items, args.users, args.overrides)
+        base = prepare(inputs, d, args.items, args.users, args.overrides)
         references[d] = reference_scores(base)
-        fingerprints[d] = inputs_fingerprint(work / f"data{d}" / "inputs")
+        fingerprints[d] = inputs_fingerprint(inputs / f"data{d}" / "inputs")
         for model in args.models:
             for arm in args.arms:
                 inits = args.inits if arm in HEADLINE else args.control_inits
@@ -522,7 +532,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(claims, out / "claims.png")
-    result = {**inputs_record(args), "inits": args.inits,
+    result = {**inputs_record(args), "inputs": str(inputs), "inits": args.inits,
               "control_inits": args.control_inits, "models": args.models,
               "arms": table, "claims": claims,
               "headroom": headroom, "references": references,

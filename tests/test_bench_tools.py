@@ -444,6 +444,37 @@ def test_claims_inputs_fingerprint(monkeypatch, tmp_path):
         claims.inputs_fingerprint(b_root)
 
 
+def test_claims_shared_inputs_keep_the_runs_apart(monkeypatch, tmp_path):
+    """--inputs WORK2: the inputs (and their fingerprint) come from WORK2, the runs go under
+    --work, so another run setting on the same inputs never reuses WORK2's finished runs."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("claims", None)
+    import claims
+
+    seen = {}
+    monkeypatch.setattr(claims, "prepare", lambda root, d, *a: seen.setdefault("prepare",
+                                                                               (root, d)))
+    monkeypatch.setattr(claims, "reference_scores", lambda base: {
+        name: {"recall@20": 0.1, "ndcg@20": 0.05} for name in ("true-utility", "pop")})
+    monkeypatch.setattr(claims, "inputs_fingerprint", lambda p: seen.setdefault("print", p))
+    monkeypatch.setattr(claims, "run_one",
+                        lambda base, work, d, model, seed, arm: seen.setdefault("run", work))
+    monkeypatch.setattr(claims, "load_runs", lambda *a: {})
+    monkeypatch.setattr(claims, "plot", lambda *a: None)
+    monkeypatch.setattr(claims, "write_result", lambda out, name, r: seen.setdefault("out", r))
+    work, shared = tmp_path / "w", tmp_path / "shared"
+    monkeypatch.setattr(sys, "argv", ["claims.py", "stage2.text_lr=0.0005", "--work", str(work),
+                                      "--inputs", str(shared), "--data-seeds", "1", "--arms",
+                                      "frozen", "--inits", "0", "--models", "vbpr"])
+    assert claims.main() == 0
+    assert seen["prepare"] == (shared, 1) and seen["print"] == shared / "data1" / "inputs"
+    assert seen["run"] == work and seen["out"]["inputs"] == str(shared)
+    monkeypatch.setattr(sys, "argv", ["claims.py", "--work", str(work), "--inputs", str(work)])
+    with pytest.raises(SystemExit) as exc:
+        claims.main()
+    assert exc.value.code == 2
+
+
 def test_claims_reference_rankings(monkeypatch, demo):
     """bench/claims.py's no-training rankings on a synthetic set: ranking by each user's true
     utility beats training popularity, and both are proper metrics."""
