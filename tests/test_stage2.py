@@ -639,3 +639,65 @@ def test_set_group_lr_survives_a_warm_up_schedule():
     assert opt.param_groups[1]["lr"] == pytest.approx(0.002)
     set_group_lr(SimpleNamespace(optimizer=opt, lr_scheduler=None), 0, 0.5)
     assert opt.param_groups[0]["lr"] == 0.5
+
+
+def test_graph_refresh_rebuilds_freedoms_item_graph_from_the_bank(demo, tmp_path):
+    """stage2.graph_refresh_every N: every N optimizer steps FREEDOM's item-item kNN graph is
+    rebuilt from the feature bank as it is (the rows written since the re-extraction); without
+    it the graph stays the re-extraction's until the epoch ends. The epoch logs its rebuilds; a
+    mid-epoch resume at a rebuild step is exact; vbpr (nothing derived) refuses the key."""
+    import shutil
+
+    from ptmrec_dist import dist
+    from ptmrec_dist.train.stage2 import Stage2Run
+    out, _ = demo
+    teacher = tmp_path / "t"
+    assert main(["stage1", "--config", str(out / "stage1" / "config.yaml"), "--out",
+                 str(teacher), "--model", "freedom", "stage1.epochs=1",
+                 "recommender.freedom.knn_k=5"]) == 0
+    extra = [f"stage2.teacher={teacher}", "recommender.name=freedom",
+             "recommender.freedom.knn_k=5", "stage2.lr=0.05"]
+
+    def dense(student):
+        return student.mm_adj.to_dense()
+
+    def bank_graph(student):
+        adj, _ = student._mm_graph({m: getattr(student, f"{m}_embedding")
+                                    for m in student.modalities})
+        return adj.to_dense()
+
+    graphs = {}
+    for every in (0, 1):
+        cfg = stage2_cfg(out, *extra, f"stage2.graph_refresh_every={every}")
+        env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, DistEnv())
+        run = Stage2Run(cfg, tmp_path / f"g{every}", env, _quiet)
+        run.refresh_bank(first=True)
+        start = dense(run.student)
+        record, _ = run.train_epoch(0)
+        graphs[every] = (start, dense(run.student), bank_graph(run.student))
+        if every:
+            assert record["graph_refreshes"] == int(run.engine.global_steps) > 0
+        else:
+            assert "graph_refreshes" not in record
+    start, kept, now = graphs[0]
+    assert torch.equal(kept, start) and not torch.equal(now, start)   # the bank moved the kNN
+    _, rebuilt, now = graphs[1]
+    assert torch.equal(rebuilt, now)
+
+    over = [*extra, "stage2.epochs=1", "stage2.graph_refresh_every=2",
+            "stage2.checkpoint_every=2", "stage2.keep_checkpoints=50"]
+    ref = tmp_path / "ref"
+    run_stage2(stage2_cfg(out, *over), ref, log=_quiet)
+    mid = [s for _, s in checkpoint_states(ref) if not s["epoch_done"] and s["epoch"] == 0]
+    assert mid and read_log(ref)[1]["graph_refreshes"] > 1
+    resumed = tmp_path / "resumed"
+    shutil.copytree(ref, resumed)
+    (resumed / "metrics.json").unlink()
+    for path, s in checkpoint_states(resumed):
+        if s["step"] > mid[0]["step"]:
+            shutil.rmtree(path)
+    run_stage2(stage2_cfg(out, *over), resumed, log=_quiet, resume=True)
+    assert_same_run(ref, resumed)
+
+    with pytest.raises(ConfigError, match="graph_refresh_every.*vbpr"):
+        run_stage2(stage2_cfg(out, "stage2.graph_refresh_every=2"), tmp_path / "v", log=_quiet)

@@ -185,6 +185,9 @@ class Stage2Config:
     #                                     the backbone and the recommender (0: never; ZeRO <= 2)
     passes_per_epoch: int = 1           # item-stream passes per epoch (a stage-2 epoch is one
     #                                     pass over the items by default)
+    graph_refresh_every: int = 0        # optimizer steps between rebuilds of what the model
+    #                                     derives from the features (freedom's item graph) from
+    #                                     the feature bank; 0: at re-extractions only (epoch ends)
     rec_warmup_epochs: int = 0          # first epochs with the recommender frozen (rec lr 0):
     #                                     a prompt-only warm-up
     users_per_item: int = 8             # training users drawn per streamed item (rows of the loss)
@@ -226,6 +229,8 @@ class Stage2Config:
             ("num_workers", self.num_workers >= 0, "must be >= 0"),
             ("users_per_item", self.users_per_item >= 1, "must be >= 1"),
             ("passes_per_epoch", self.passes_per_epoch >= 1, "must be >= 1"),
+            ("graph_refresh_every", self.graph_refresh_every >= 0,
+             "must be >= 0 (0: at epoch ends only)"),
             ("rec_warmup_epochs", self.rec_warmup_epochs >= 0, "must be >= 0"),
             ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
             ("grad_clip", self.grad_clip >= 0, "must be >= 0 (0 = off)"),

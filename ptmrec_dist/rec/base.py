@@ -33,6 +33,9 @@ class Recommender(nn.Module):
     # these, train/sparse_adam.py); empty: the model reads its tables whole (graph models)
     row_tables: tuple[str, ...] = ()
     sparse_rows = False         # set by stage 1: rows() gives sparse gradients
+    # derives structure from the modal features (FREEDOM's item-item kNN graph): stage 2 can
+    # rebuild it from the feature bank between re-extractions (stage2.graph_refresh_every)
+    derives_from_features = False
 
     def __init__(self, n_users: int, n_items: int, features, config, train: sp.csr_matrix):
         super().__init__()
@@ -83,6 +86,12 @@ class Recommender(nn.Module):
         """Replace the per-item modal inputs by ``tables`` (stage 2's feature bank: the adapted
         backbone's features of every item); graph models rebuild what they derive from them."""
         raise NotImplementedError(f"{self.name} has no modal inputs for stage 2")
+
+    def rebuild_derived(self) -> None:
+        """Rebuild what the model derives from its modal inputs (the feature bank as it is now:
+        the rows written since the last re-extraction, the rest as re-extracted); only for
+        models with :attr:`derives_from_features`."""
+        raise NotImplementedError(f"{self.name} derives nothing from its modal inputs")
 
     def update_modal_inputs(self, items: torch.Tensor, modal: dict[str, torch.Tensor]) -> None:
         """Write a batch's (detached) adapted features into the feature bank. ``items`` and

@@ -16,6 +16,7 @@ from ptmrec_dist.rec.base import (Recommender, bpr_loss, modal_tables, tables_to
 class FREEDOM(Recommender):
     name = "freedom"
     needs_features = True
+    derives_from_features = True     # the item-item kNN graph
 
     def __init__(self, n_users, n_items, features, config, train):
         super().__init__(n_users, n_items, features, config, train)
@@ -77,6 +78,10 @@ class FREEDOM(Recommender):
         """Stage 2: the feature tables become the (untrained) feature bank, and the item-item
         graph is rebuilt from it, so the adapted features reach the ranking through the graph."""
         tables_to_bank(self, self.modalities, tables)
+        self.rebuild_derived()
+
+    def rebuild_derived(self):
+        """The item-item kNN graph from the feature bank as it is now."""
         device = self.mm_adj.device
         self.mm_adj, self.mm_adj_t = (a.to(device) for a in self._mm_graph(
             {m: getattr(self, f"{m}_embedding") for m in self.modalities}))

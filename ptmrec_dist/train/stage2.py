@@ -87,6 +87,10 @@ class Stage2Run:
         self.teacher = load_teacher(cfg)
         # the frozen features only seed the student and the prompt init: not kept for the run
         self.student, frozen_features = build_student(cfg, self.inter, self.teacher, self.device)
+        if stage.graph_refresh_every and not self.student.derives_from_features:
+            raise ConfigError(f"config key 'stage2.graph_refresh_every' rebuilds what a model "
+                              f"derives from the features (freedom's item graph); "
+                              f"{self.student.name} reads its features directly: set it to 0")
         self.backbone, self.backbone_hash, self.knowledge_guided = build_backbone(
             cfg, frozen_features, self.teacher, self.device)
         self.shards = cfg.data.shards          # a folder, URL, brace list or pipe:
@@ -173,6 +177,14 @@ class Stage2Run:
         self.state.restore(saved, epochs_run=saved["epochs_run"])
         self.bank.restore(self.resume.checkpointer, path, saved["bank_keys"],
                           rank_state["written"])
+        every = self.cfg.stage2.graph_refresh_every
+        if every and not saved["epoch_done"]:
+            if saved["step"] % every == 0:     # the graph was rebuilt at this very step
+                self.student.rebuild_derived()
+            else:
+                self.say(f"resumed at optimizer step {saved['step']}, not a multiple of "
+                         f"stage2.graph_refresh_every ({every}): the item graph is the "
+                         "epoch start's until the next rebuild (not bit-exact)")
         where = "done" if saved["epoch_done"] else f"after micro step {saved['next_step']}"
         self.say(f"resumed from {path}: epoch {saved['epoch']} {where}, optimizer "
                  f"step {saved['step']}")
@@ -220,7 +232,7 @@ class Stage2Run:
             set_group_lr(engine, -1, 0.0 if epoch < stage.rec_warmup_epochs else stage.rec_lr)
         self.student.pre_epoch(epoch, torch.Generator().manual_seed(
             seeds.epoch_seed(self.cfg.seed, epoch)))
-        steps = first
+        steps, refreshes = first, 0
         probe = GradNormProbe(self.model, stage.grad_norms_every)
         batches = item_batches(self.loader, self.sampler, epoch, env.rank, engine.device,
                                stage.popularity_weighting, stage.users_per_item,
@@ -241,6 +253,10 @@ class Stage2Run:
             items_seen += len(batch["items"]) if batch["weight"] else 0
             if steps % stage.grad_accum:
                 continue                      # mid-accumulation: nothing can be saved here
+            if stage.graph_refresh_every and \
+                    engine.global_steps % stage.graph_refresh_every == 0:
+                self.student.rebuild_derived()      # from the bank, batch rows written
+                refreshes += 1
             if stop is not None and stop.due(steps // stage.grad_accum, env.world_size,
                                              stage.stop_check_every) and stop.requested():
                 path = self.checkpoint(epoch, steps, False, sums, items_seen)
@@ -256,6 +272,8 @@ class Stage2Run:
                                 f"(terms: {record}); lower stage2.lr / stage2.rec_lr")
         train_s = time.perf_counter() - t0
         self.state.times["train"].append(train_s)
+        if stage.graph_refresh_every:
+            record["graph_refreshes"] = refreshes
         return {**record, **probe.record(), "train_s": round(train_s, 3),
                 "items": int(values[-1]), "items_per_s": round(values[-1] / train_s, 1)}, steps
 
