@@ -701,3 +701,27 @@ def test_graph_refresh_rebuilds_freedoms_item_graph_from_the_bank(demo, tmp_path
 
     with pytest.raises(ConfigError, match="graph_refresh_every.*vbpr"):
         run_stage2(stage2_cfg(out, "stage2.graph_refresh_every=2"), tmp_path / "v", log=_quiet)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_a_signal_to_the_whole_process_group_still_checkpoints(demo, tmp_path, sig):
+    """SLURM (time limit, scancel, preemption) and `kill -- -PGID` signal every process of the
+    job, the data loader's workers too: the workers must outlive the signal so that the trainer
+    can still read its batches, checkpoint and exit 3."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out, _ = demo
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ptmrec_dist", "stage2", "--config",
+           str(out / "stage2" / "config.yaml"), "--out", str(run), "stage2.num_workers=2",
+           "stage2.checkpoint_every=2", "stage2.epochs=3"]
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    _, first = _wait_for_checkpoint(run, proc)
+    os.killpg(proc.pid, getattr(signal, sig))
+    text, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 3 and f"stopped by {sig}" in text, text[-3000:]
+    assert [s for _, s in checkpoint_states(run) if s["step"] > first["step"]], text[-3000:]

@@ -43,7 +43,8 @@ from ptmrec_dist.eval.evaluate import Evaluator
 from ptmrec_dist.logs import get_logger, progress as progress_bar
 from ptmrec_dist.run import provenance
 from ptmrec_dist.train.bank import FeatureBank
-from ptmrec_dist.train.checkpoint import StopSignals, check_finite, own_handlers
+from ptmrec_dist.train.checkpoint import (StopSignals, check_finite, ignore_stop_signals,
+                                          own_handlers)
 from ptmrec_dist.train.engine import (build_engine, describe_engine, set_group_lr,
                                       stage_ds_config, warmup_schedule, zero_stage)
 from ptmrec_dist.train.outputs import representations, save_stage2_best
@@ -166,6 +167,7 @@ class Stage2Run:
         return DataLoader(reader, batch_size=micro,
                           num_workers=stage.num_workers, collate_fn=Preprocess(self.backbone),
                           persistent_workers=stage.num_workers > 0,
+                          worker_init_fn=ignore_stop_signals,
                           pin_memory=self.device.type == "cuda")
 
     # ------------------------------------------------------------------ checkpoints
