@@ -396,8 +396,8 @@ class StopSignals:
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
     """A data loader worker's ``worker_init_fn``: the stop signals are the trainer's to handle.
-    SLURM (time limit, scancel, preemption) and ``kill -- -PGID`` signal every process of the
-    job; a worker that died of one would fail the trainer's next batch and the checkpoint it is
+    SLURM (time limit, scancel, preemption; every process its proctrack plugin tracks) and
+    ``kill -- -PGID`` signal the workers too; a worker that died of one would fail the trainer's next batch and the checkpoint it is
     about to write (exit 1 instead of 3, so no requeue). The main process ends its workers."""
     import signal
     for name in StopSignals.SIGNALS:
