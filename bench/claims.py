@@ -22,11 +22,14 @@ paired bootstrap intervals, a paired test per claim with Holm's correction.
   the headroom table puts ptmrec - frozen next to it (share of the gap closed), and reports
   (without correction, not claims) what each part of stage 2 does alone: frozen-backbone-kt -
   frozen (the recommender trained on), prompts-only - frozen (the adapted features, the
-  recommender frozen), stage1-on-adapted - frozen (stage 1 on the adapted features). Each arm's
-  row has the standard error of one run's test Recall@20 over its users, relative to the
-  value (``se_rel_pct``; the power target is at most 3 %). Two rankings that need no training
-  bound every arm, per data seed (``references``): each user's true utility from truth.json
-  (the ceiling) and training popularity (the floor).
+  recommender frozen), stage1-on-adapted - frozen (stage 1 on the adapted features), and the
+  controls' own comparisons: two-stage-full-kt - frozen and ptmrec - two-stage-full-kt (full
+  fine-tuning in PTMRec's two stages, against frozen and against prompts), joint-frozen -
+  frozen (one-stage training itself) and joint-full - joint-frozen (what fine-tuning adds to
+  one stage). Each arm's row has the standard error of one run's test Recall@20 over its
+  users, relative to the value (``se_rel_pct``; the power target is at most 3 %). Two
+  rankings that need no training bound every arm, per data seed (``references``): each user's
+  true utility from truth.json (the ceiling) and training popularity (the floor).
 * **Seeds.** Data seed ``d`` generates the synthetic set (``synthetic.seed=d``; its own split,
   ``data.split_seed=2026+d``), shards it and pretrains its demo backbone; init seed ``s`` is the
   run's ``seed`` (initialisation, sampling). The headline pair (``frozen``, ``ptmrec``) runs
@@ -322,6 +325,12 @@ HEADROOM_ROWS = [  # (A, B, what A - B measures); reported, not claims: no corre
     ("frozen-backbone-kt", "frozen", "stage 2 with nothing in the backbone trained: the "
                                      "recommender trained on"),
     ("prompts-only", "frozen", "stage 2 with the recommender frozen: the adapted features alone"),
+    ("two-stage-full-kt", "frozen", "stage 2 with the whole backbone fine-tuned instead of "
+                                    "prompts"),
+    ("ptmrec", "two-stage-full-kt", "prompts against full fine-tuning in the same two stages"),
+    ("joint-frozen", "frozen", "one stage with nothing in the backbone trained against stage 1: "
+                               "one-stage training itself"),
+    ("joint-full", "joint-frozen", "what fine-tuning the backbone adds to one stage"),
     ("ptmrec", "frozen", "PTMRec's gain (claim 1), as a share of the gap"),       # keep last
 ]
 
