@@ -322,6 +322,7 @@ def test_claims_headroom_rows_and_standard_error(monkeypatch):
     assert rows[("prompts-only", "frozen")]["mean_diff"] == pytest.approx(0.01, abs=0.003)
     assert rows[("frozen-backbone-kt", "frozen")]["n_runs"] == 0          # not run: no figure
     assert rows[("ptmrec", "two-stage-full-kt")]["n_runs"] == 0
+    assert rows[("two-stage-full-kt", "frozen-backbone-kt")]["n_runs"] == 0
     assert list(rows)[-1] == ("ptmrec", "frozen")                      # the gain's row: last
     table = claims.arm_table(runs)
     pu = runs[("vbpr", "frozen")][(0, 0)][1]["recall@20"]
