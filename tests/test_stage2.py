@@ -725,3 +725,98 @@ def test_a_signal_to_the_whole_process_group_still_checkpoints(demo, tmp_path, s
     text, _ = proc.communicate(timeout=240)
     assert proc.returncode == 3 and f"stopped by {sig}" in text, text[-3000:]
     assert [s for _, s in checkpoint_states(run) if s["step"] > first["step"]], text[-3000:]
+
+
+# Run as a child: stage 2 whose first end-of-epoch re-extraction is hit by a SIGTERM to the
+# whole process group, sent from one of the extraction loader's workers after its second item.
+_SIGNAL_DURING_EXTRACTION = """
+import os, signal, sys
+from pathlib import Path
+import ptmrec_dist.train.stage2 as stage2
+from ptmrec_dist.cli import main
+from ptmrec_dist.data.readers import ExactlyOnceItems
+
+armed, calls = Path(sys.argv[1]), []
+real_extract, real_iter = stage2.extract_all, ExactlyOnceItems.__iter__
+
+def extract_all(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:              # the set-up's extraction is the first
+        armed.touch()
+    return real_extract(*args, **kwargs)
+
+def items(self):
+    for i, item in enumerate(real_iter(self)):
+        if i == 1:
+            try:                     # once, whichever worker gets there first
+                os.rename(armed, str(armed) + ".fired")
+            except FileNotFoundError:
+                pass
+            else:
+                os.killpg(os.getpgrp(), signal.SIGTERM)
+        yield item
+
+stage2.extract_all, ExactlyOnceItems.__iter__ = extract_all, items
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_signal_to_the_process_group_during_the_re_extraction_still_checkpoints(demo,
+                                                                                   tmp_path):
+    """The end-of-epoch re-extraction reads the shards through its own loader: its workers
+    must outlive a group-wide SIGTERM too (they died of it, the run exited 1 without a
+    checkpoint, and then hung at exit on the training loader's workers)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out, _ = demo
+    run, script = tmp_path / "run", tmp_path / "signal_during_extraction.py"
+    script.write_text(_SIGNAL_DURING_EXTRACTION)
+    cmd = [sys.executable, str(script), str(tmp_path / "armed"), "stage2", "--config",
+           str(out / "stage2" / "config.yaml"), "--out", str(run), "stage2.num_workers=2",
+           "extract.num_workers=2", "stage2.epochs=3"]
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        text, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert (tmp_path / "armed.fired").exists(), text[-3000:]          # the signal was sent
+    assert proc.returncode == 3 and "stopped by SIGTERM" in text, text[-3000:]
+    assert checkpoint_states(run), text[-3000:]
+
+
+_FAIL_WITH_A_LIVE_LOADER = """
+import sys
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+from ptmrec_dist.train.checkpoint import loader_worker_options
+
+class Endless(IterableDataset):
+    def __iter__(self):
+        while True:
+            yield torch.zeros(4)
+
+batches = iter(DataLoader(Endless(), batch_size=2, num_workers=2, **loader_worker_options()))
+next(batches)
+raise RuntimeError("a run failed while its loader's workers were alive")
+"""
+
+
+def test_a_run_that_fails_with_live_loader_workers_still_exits(tmp_path):
+    """Loader workers ignore SIGTERM (the trainer handles the stop signals), and
+    multiprocessing's exit handler ends daemonic children with SIGTERM and then waits: without
+    ``end_daemon_children`` at exit a failed run hung there forever instead of exiting 1."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fail.py"
+    script.write_text(_FAIL_WITH_A_LIVE_LOADER)
+    proc = subprocess.run([sys.executable, str(script)], env=child_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "a run failed while its loader's workers were alive" in proc.stderr
+    assert "killed by signal" not in proc.stderr          # no second, misleading error

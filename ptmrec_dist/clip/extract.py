@@ -469,13 +469,16 @@ def in_step(loader, backbone, env: DistEnv, encode):
 
 def extract_all(backbone, shards: str | Path, cfg: Config, env: DistEnv, device: torch.device,
                 verify: bool = True, show_progress: bool = False,
-                modalities: tuple[str, ...] = ("image", "text")) -> dict[str, np.ndarray]:
+                modalities: tuple[str, ...] = ("image", "text"),
+                loader_options: dict | None = None) -> dict[str, np.ndarray]:
     """Features of every item in memory, on every rank: each rank encodes its share of the
     items (as ``ptmrec extract`` deals them), then the tables are summed over the ranks (the
     shares are disjoint). Stage 2 re-extracts with its adapted backbone every epoch this way.
     Returns ``{m: float32 [n_items, d] for m in modalities, "present": bool [n_items]}``; a
     tower whose modality is not asked for does not run. ``show_progress``: a bar on the main
-    rank (where :func:`~ptmrec_dist.logs.progress` shows bars)."""
+    rank (where :func:`~ptmrec_dist.logs.progress` shows bars). ``loader_options``: more
+    ``DataLoader`` arguments (stage 2: its workers ignore the stop signals the trainer handles,
+    :func:`~ptmrec_dist.train.checkpoint.loader_worker_options`)."""
     from torch.utils.data import DataLoader
 
     from ptmrec_dist.dist import allreduce_tensor
@@ -487,7 +490,7 @@ def extract_all(backbone, shards: str | Path, cfg: Config, env: DistEnv, device:
                               on_bad_sample=cfg.data.on_bad_sample, verify=verify)
     loader = DataLoader(reader, batch_size=cfg.extract.batch_size, num_workers=workers,
                         collate_fn=Preprocess(backbone),
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", **(loader_options or {}))
     n = manifest["n_items"]
     tables: dict[str, torch.Tensor] = {}
     seen = torch.zeros(n)

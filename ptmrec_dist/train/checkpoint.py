@@ -396,12 +396,60 @@ class StopSignals:
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
     """A data loader worker's ``worker_init_fn``: the stop signals are the trainer's to handle.
-    SLURM (time limit, scancel, preemption; every process its proctrack plugin tracks) and
-    ``kill -- -PGID`` signal the workers too; a worker that died of one would fail the trainer's next batch and the checkpoint it is
-    about to write (exit 1 instead of 3, so no requeue). The main process ends its workers."""
+    SLURM (time limit, scancel, preemption; the processes its proctrack plugin tracks) and
+    ``kill -- -PGID`` signal the workers too; a worker that died of one would fail the trainer's
+    next batch and the checkpoint it is about to write (exit 1 instead of 3, so no requeue).
+    The main process ends its workers; use :func:`loader_worker_options`, which also makes sure
+    it does at exit."""
     import signal
     for name in StopSignals.SIGNALS:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+_KILL_AT_EXIT = False
+
+
+def loader_worker_options() -> dict:
+    """``DataLoader`` keyword arguments for a loader read while the trainer handles the stop
+    signals (the training stream, the re-extraction): its workers ignore them
+    (:func:`ignore_stop_signals`), and workers still alive when the process exits are killed
+    (:func:`end_daemon_children`, registered once). Without that, a run that failed with a
+    loader's iterator still referenced (by the traceback, a persistent loader) hangs at exit:
+    multiprocessing's exit handler ends daemonic children with SIGTERM, which these ignore,
+    then waits for them forever."""
+    global _KILL_AT_EXIT
+    if not _KILL_AT_EXIT:
+        import atexit
+        atexit.register(end_daemon_children)      # runs before multiprocessing's (LIFO)
+        _KILL_AT_EXIT = True
+    return {"worker_init_fn": ignore_stop_signals}
+
+
+def end_daemon_children(grace_s: float = 2.0) -> list[int]:
+    """What multiprocessing's exit handler does for this process's daemonic children (data
+    loader workers among them): SIGTERM, then wait; but those still alive after ``grace_s``
+    (loader workers ignore SIGTERM, :func:`ignore_stop_signals`) get SIGKILL instead of an
+    endless wait. Returns the pids killed. Non-daemonic children are left alone."""
+    import multiprocessing
+    import signal
+    import threading
+    import time
+
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    if children and threading.current_thread() is threading.main_thread():
+        # torch's SIGCHLD handler would report each worker ended here as a failure
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for proc in children:
+        proc.terminate()
+    deadline = time.monotonic() + grace_s
+    killed = []
+    for proc in children:
+        proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=10)
+            killed.append(proc.pid)
+    return killed
 
 
 def own_handlers(stop: StopSignals | None):

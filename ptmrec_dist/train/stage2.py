@@ -43,7 +43,7 @@ from ptmrec_dist.eval.evaluate import Evaluator
 from ptmrec_dist.logs import get_logger, progress as progress_bar
 from ptmrec_dist.run import provenance
 from ptmrec_dist.train.bank import FeatureBank
-from ptmrec_dist.train.checkpoint import (StopSignals, check_finite, ignore_stop_signals,
+from ptmrec_dist.train.checkpoint import (StopSignals, check_finite, loader_worker_options,
                                           own_handlers)
 from ptmrec_dist.train.engine import (build_engine, describe_engine, set_group_lr,
                                       stage_ds_config, warmup_schedule, zero_stage)
@@ -167,7 +167,7 @@ class Stage2Run:
         return DataLoader(reader, batch_size=micro,
                           num_workers=stage.num_workers, collate_fn=Preprocess(self.backbone),
                           persistent_workers=stage.num_workers > 0,
-                          worker_init_fn=ignore_stop_signals,
+                          **loader_worker_options(),
                           pin_memory=self.device.type == "cuda")
 
     # ------------------------------------------------------------------ checkpoints
@@ -286,7 +286,8 @@ class Stage2Run:
         self.engine.module.eval()
         features = extract_all(self.backbone, self.shards, self.cfg, self.env, self.device,
                                verify=first, show_progress=True,
-                               modalities=tuple(self.student.modalities))
+                               modalities=tuple(self.student.modalities),
+                               loader_options=loader_worker_options())
         if first:
             check_dims(self.student, features)
         if self.model.gate is not None:
