@@ -134,7 +134,10 @@ class RunDir:
 
 @lru_cache(maxsize=1)
 def _commit() -> dict:
-    """The package's git commit and whether its tree had changes (None outside a checkout)."""
+    """The package's git commit and whether its tree had changes (None outside a checkout), as
+    they were when this module was imported (it asks then, below, and keeps the answer): the
+    code a process runs is the code it loaded, so a commit made while it trains (a long bench)
+    must not be recorded as its runs'."""
     root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
@@ -147,6 +150,9 @@ def _commit() -> dict:
         return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
+
+
+_commit()        # at import: the commit of the code this process loaded
 
 
 def machine_provenance() -> dict:

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from run_fixtures import child_env
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 
@@ -86,6 +88,25 @@ def test_results_carry_provenance_and_the_readme_lists_every_figure(bench_module
     assert "flag" not in text                          # booleans are not figures
     assert "| broken | unreadable:" in text
     assert "[scaling.png](scaling.png)" in text
+
+
+def test_the_recorded_commit_is_the_one_the_process_loaded():
+    """Provenance asks git when ``ptmrec_dist.run`` is imported, not when a run ends: a bench
+    that trains for an hour while commits land must record the code it runs (it recorded the
+    commit of the moment its first run ended). The child breaks ``subprocess.run`` after the
+    import: the commit must still be there."""
+    import subprocess
+
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    code = ("import subprocess, ptmrec_dist.run as run\n"
+            "subprocess.run = None   # any git call from now on fails\n"
+            "print(run.machine_provenance()['commit'])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=str(ROOT), env=child_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = head.stdout.strip() if head.returncode == 0 else "None"
+    assert proc.stdout.strip().splitlines()[-1] == expected
 
 
 def test_empty_results_say_how_to_make_them(bench_modules, tmp_path):
